@@ -1,0 +1,108 @@
+"""Finite-difference gradient checking, as in CS231n, used by the tests and the lessons.
+
+The recipe: compute in float64, pick a *random* upstream gradient ``dout`` so that the
+scalar ``f = sum(forward(x) * dout)`` has ``df/dout-input = backward(dout)``, perturb one
+entry at a time by ±h (central differences) and compare with the analytic gradient using
+the relative error ``max_i |a_i - n_i| / max(floor, |a_i| + |n_i|)``.
+
+A correct float64 backward gives errors around 1e-9 or smaller; a wrong factor of two gives
+1/3, a transposed index or a missing term gives errors of order one.
+"""
+import numpy as np
+
+from .backend import to_cpu
+
+
+def rel_error(analytic, numeric, floor=1e-12):
+    """CS231n relative error ``max_i |a_i - n_i| / max(floor, |a_i| + |n_i|)``.
+
+    ``floor`` keeps entries whose true gradient is (nearly) zero from dividing rounding
+    noise by zero; tests may raise it to a small fraction of the gradient's scale.
+    Returns ``(error, index_of_worst_element)``.
+    """
+    a = np.asarray(to_cpu(analytic), dtype=np.float64)
+    n = np.asarray(to_cpu(numeric), dtype=np.float64)
+    if a.shape != n.shape:
+        raise ValueError(f"analytic gradient has shape {a.shape}, numeric has {n.shape}")
+    if a.size == 0:
+        return 0.0, ()
+    err = np.abs(a - n) / np.maximum(floor, np.abs(a) + np.abs(n))
+    worst = np.unravel_index(int(np.argmax(err)), err.shape)
+    return float(err[worst]), tuple(int(i) for i in worst)
+
+
+def numerical_gradient(f, x, h=1e-5):
+    """Central-difference gradient of the scalar function ``f()`` w.r.t. array ``x``.
+
+    ``x`` is perturbed *in place* (one entry at a time) and restored, so ``f`` may read it
+    from wherever it lives (a layer's ``params`` dict, say).  x: any shape, float64.
+    Returns an array of x's shape on x's device.
+    """
+    if x.dtype != np.float64:
+        raise ValueError(f"gradient checks need float64 arrays, got {x.dtype}")
+    grad = np.zeros(x.shape, dtype=np.float64)
+    flat = x.reshape(-1)  # a view: writing to it perturbs x
+    if flat.base is None and flat is not x and x.size > 1:
+        raise ValueError("numerical_gradient needs a contiguous array it can perturb in place")
+    gflat = grad.reshape(-1)
+    for i in range(flat.size):
+        old = float(flat[i])
+        flat[i] = old + h
+        fp = float(f())
+        flat[i] = old - h
+        fm = float(f())
+        flat[i] = old
+        gflat[i] = (fp - fm) / (2.0 * h)
+    if not isinstance(x, np.ndarray):
+        from .backend import to_device
+        return to_device(grad, "gpu")
+    return grad
+
+
+class GradientCheckError(AssertionError):
+    """A gradient check failed; the message names the array, its shape and worst element."""
+
+
+def assert_gradients_close(name, analytic, numeric, tol=1e-7, floor=1e-12):
+    """Raise ``GradientCheckError`` if ``rel_error(analytic, numeric) > tol``."""
+    err, worst = rel_error(analytic, numeric, floor)
+    if not err <= tol:  # also catches NaN
+        a = to_cpu(analytic)[worst] if np.ndim(analytic) else to_cpu(analytic)
+        n = to_cpu(numeric)[worst] if np.ndim(numeric) else to_cpu(numeric)
+        raise GradientCheckError(
+            f"gradient of {name} (shape {tuple(np.shape(analytic))}) has relative error "
+            f"{err:.3e} > {tol:.0e}; worst element {worst}: analytic {a!r}, numeric {n!r}")
+    return err
+
+
+def check_layer(layer, x, dout=None, tol=1e-7, h=1e-5, floor=1e-12, seed=0, check_input=True):
+    """Gradient-check a layer's ``backward`` against central differences.
+
+    layer: an object with ``forward(x)``, ``backward(dout)``, ``params`` and ``grads`` (all
+    arrays float64). x: the layer's input, float64. dout: upstream gradient of the output's
+    shape (random normal when omitted). Checks dL/dx and every parameter gradient, raising
+    ``GradientCheckError`` naming the first one that fails. Returns ``{name: rel_error}``.
+    """
+    out = layer.forward(x)
+    if dout is None:
+        rng = np.random.default_rng(seed)
+        dout = rng.standard_normal(out.shape)
+        if not isinstance(out, np.ndarray):
+            from .backend import to_device
+            dout = to_device(dout, "gpu")
+    dout_copy = dout.copy()
+    dx = layer.backward(dout)
+    if not bool((dout == dout_copy).all()):
+        raise GradientCheckError(f"{type(layer).__name__}.backward modified dout in place")
+    analytic = {"x": dx} if check_input else {}
+    analytic.update({k: g.copy() for k, g in layer.grads.items()})
+
+    def f():
+        return (layer.forward(x) * dout).sum()
+
+    errors = {}
+    for name, a in analytic.items():
+        target = x if name == "x" else layer.params[name]
+        n = numerical_gradient(f, target, h)
+        errors[name] = assert_gradients_close(f"{type(layer).__name__}.{name}", a, n, tol, floor)
+    return errors
