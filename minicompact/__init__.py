@@ -1,0 +1,9 @@
+"""minicompact: CompactNets (Lobel, Vidal & Soto, 2019) from scratch on NumPy and CuPy.
+
+The house, from the bottom up (each a small module):
+
+    backend → im2col → layers → model, regularizers, objective → optim → data → training → run.py
+
+Every layer has a hand-written forward and backward; ``gradcheck`` proves them.
+"""
+__version__ = "0.1.0"

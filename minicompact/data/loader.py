@@ -1,0 +1,280 @@
+"""Batches of cropped uint8 images, decoded by a pool of worker processes ahead of the model.
+
+    with BatchLoader(train, 256, resize=256, crop=224, mode="train", workers=8) as loader:
+        for images, labels in loader.epoch(epoch, start_batch):
+            x = normalize(images, mean, std, xp)    # (N, 3, 224, 224) float32 on the device
+            ...
+            checkpoint["start_batch"] = loader.next_batch
+
+Modes: ``"train"`` shuffles and takes one random crop + flip per image (paper sec. 5.1);
+``"center"`` and ``"tencrop"`` keep dataset order and take the centre crop or the ten test
+crops.  Batches are ``(images, labels)``: uint8 NCHW ``(N, 3, crop, crop)`` — or
+``(N, 10, 3, crop, crop)`` for tencrop — and int64 ``(N,)``.
+
+Determinism (so a resumed run is bit-identical): the shuffle is a pure function of
+(seed, epoch) and each image's crop and flip a pure function of (seed, epoch, sample index)
+(``hashed_crop_params``), so batches do not depend on the number of workers or on
+``start_batch``, which skips whole batches without decoding them.
+
+Unreadable images are skipped with one warning per file and listed in ``loader.skipped``
+(reset each epoch); their batch is shorter, and a batch with no readable image is not
+yielded at all — which is why a trainer should resume from ``loader.next_batch`` (the index
+of the batch after the one just yielded), not from a count of yielded batches.
+
+``workers > 0`` decodes in a process pool ("fork" where available, else "spawn") with at
+most ``max(prefetch, workers)`` batches in flight; ``workers = 0`` decodes inline.
+"""
+import collections
+import multiprocessing
+import signal
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+import numpy as np
+
+from .cache import ImageCache, _dataset_key, open_cache
+from .images import BadImageError, load_rgb
+from .transforms import center_crop, crop_flip, hashed_crop_params, ten_crop
+
+MODES = ("train", "center", "tencrop")
+
+
+class UnreadableImageWarning(UserWarning):
+    """An image file was skipped because it could not be decoded."""
+
+
+def _ignore_sigint():
+    """Worker initializer: Ctrl-C is the main process's to handle (it then stops the pool)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+_open_maps = {}  # per process: cache .npy path -> memmap, opened once
+
+
+def _cached_rows(npy_path, indices):
+    if npy_path not in _open_maps:
+        _open_maps[npy_path] = np.load(npy_path, mmap_mode="r")
+    return _open_maps[npy_path][indices]  # (N, R, R, 3) copy of the rows
+
+
+def make_batch(job):
+    """Decode (or read from the cache) and crop one batch.  Runs in a worker or inline.
+
+    Args:
+        job: dict with mode, crop, resize, seed, epoch, indices ((N,) int64 dataset
+            indices), paths (N file paths, used without a cache) and cache (the cache's .npy
+            path or None).
+    Returns:
+        (images, ok, reasons): images uint8 NCHW of the readable ones (None if none is);
+        ok (N,) bool; reasons {position in batch: why it failed}.
+    """
+    indices, resize, crop = job["indices"], job["resize"], job["crop"]
+    n = len(indices)
+    ok = np.ones(n, dtype=bool)
+    reasons = {}
+    if job["cache"] is not None:
+        decoded = _cached_rows(job["cache"], indices)
+    else:
+        decoded = np.empty((n, resize, resize, 3), dtype=np.uint8)
+        for i, path in enumerate(job["paths"]):  # one file at a time: decoding is per file
+            try:
+                decoded[i] = load_rgb(path, resize)
+            except BadImageError as exc:
+                ok[i], reasons[i] = False, exc.reason
+        if not ok.all():
+            decoded = decoded[ok]
+    if not ok.any():
+        return None, ok, reasons
+    mode = job["mode"]
+    if mode == "train":
+        params = hashed_crop_params(job["seed"], job["epoch"], indices[ok], (resize, resize),
+                                    crop)
+        images = crop_flip(decoded, crop, *params)
+    elif mode == "center":
+        images = center_crop(decoded, crop)
+    else:
+        images = ten_crop(decoded, crop)
+    return images, ok, reasons
+
+
+class BatchLoader:
+    """Epochs of (uint8 NCHW images, int64 labels) batches from an ImageFolder.
+
+    Args:
+        dataset: ImageFolder (anything with ``.samples``: list of (path, label)).
+        batch_size: images per batch.
+        resize, crop: images are downsized to resize x resize, then cropped to crop x crop
+            (paper: 256 and 224; see ``scaled_sizes``).
+        mode: "train" (shuffled, random crop + flip), "center" or "tencrop" (dataset order).
+        workers: decoding processes; 0 decodes inline.
+        seed: seeds the shuffle and the crops.
+        prefetch: batches decoded ahead (at least one per worker).
+        cache: None, an ``ImageCache`` of this dataset at ``resize``, or a path (``.npy``
+            file or folder) where one is reused or built with this loader's workers.
+        drop_last: drop a final batch shorter than ``batch_size``.
+    """
+
+    def __init__(self, dataset, batch_size, resize, crop, mode, workers=0, seed=0,
+                 prefetch=4, cache=None, drop_last=False):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if batch_size < 1 or workers < 0 or prefetch < 1:
+            raise ValueError(f"need batch_size >= 1, workers >= 0, prefetch >= 1; got "
+                             f"{batch_size}, {workers}, {prefetch}")
+        if crop > resize:
+            raise ValueError(f"crop ({crop}) must not exceed resize ({resize})")
+        self.dataset, self.mode = dataset, mode
+        self.batch_size, self.resize, self.crop = int(batch_size), int(resize), int(crop)
+        self.workers, self.seed, self.prefetch = int(workers), int(seed), int(prefetch)
+        self.drop_last = bool(drop_last)
+        self.paths = [p for p, _ in dataset.samples]
+        self.labels = np.array([label for _, label in dataset.samples], dtype=np.int64)
+        if len(self.paths) == 0:
+            raise ValueError("BatchLoader: the dataset has no samples")
+        self.skipped = []
+        self.next_batch = 0
+        self._warned = set()
+        self._executor = None
+        if cache is not None and not isinstance(cache, ImageCache):
+            cache = open_cache(dataset, self.resize, cache, executor=self._pool())
+        if cache is not None and (cache.resize != self.resize or len(cache) != len(self.paths)
+                                  or cache.key != _dataset_key(dataset, self.resize)):
+            raise ValueError(f"cache {cache.npy_path} was built for another dataset or size "
+                             f"({len(cache)} images at {cache.resize} px; this loader has "
+                             f"{len(self.paths)} at {self.resize} px)")
+        self.cache = cache
+
+    def __len__(self):
+        n, b = len(self.paths), self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def order(self, epoch):
+        """(N,) int64 dataset indices of ``epoch``: a pure function of (seed, epoch)."""
+        n = len(self.paths)
+        if self.mode != "train":
+            return np.arange(n, dtype=np.int64)
+        return np.random.default_rng([self.seed, int(epoch)]).permutation(n).astype(np.int64)
+
+    def _pool(self):
+        """The worker pool, started on first use (None when ``workers == 0``)."""
+        if self.workers == 0:
+            return None
+        if self._executor is None:
+            methods = multiprocessing.get_all_start_methods()
+            ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+            self._executor = ProcessPoolExecutor(self.workers, mp_context=ctx,
+                                                 initializer=_ignore_sigint)
+        return self._executor
+
+    def _job(self, epoch, order, b):
+        """The job of batch ``b``; cached failures are dropped here and reported at once."""
+        idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+        bad = []
+        if self.cache is not None and self.cache.failed:
+            keep = np.array([i not in self.cache.failed for i in idx.tolist()], dtype=bool)
+            bad = [(int(i), self.cache.failed[int(i)]) for i in idx[~keep]]
+            idx = idx[keep]
+        job = {"mode": self.mode, "crop": self.crop, "resize": self.resize, "seed": self.seed,
+               "epoch": int(epoch), "indices": idx,
+               "paths": None if self.cache is not None else [self.paths[i] for i in idx],
+               "cache": None if self.cache is None else self.cache.npy_path}
+        return job, bad
+
+    def _skip(self, index, reason):
+        path = self.paths[index]
+        self.skipped.append(path)
+        if path not in self._warned:
+            self._warned.add(path)
+            warnings.warn(f"skipping unreadable image {path} ({reason})",
+                          UnreadableImageWarning, stacklevel=4)
+
+    def _finish(self, job, bad, result):
+        """Record skipped files; return (images, labels) or None for an all-bad batch."""
+        for index, reason in bad:
+            self._skip(index, reason)
+        images, ok, reasons = result
+        for pos, reason in reasons.items():
+            self._skip(int(job["indices"][pos]), reason)
+        if images is None:
+            return None
+        return images, self.labels[job["indices"][ok]]
+
+    def epoch(self, epoch, start_batch=0):
+        """Iterate over the batches of ``epoch`` from batch ``start_batch`` on.
+
+        Yields:
+            (images, labels): uint8 (N, 3, crop, crop) — (N, 10, 3, crop, crop) for
+            tencrop — and int64 (N,), N <= batch_size.
+        """
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch must be in [0, {len(self)}], got {start_batch}")
+        return self._batches(epoch, start_batch)  # checked now, not at the first next()
+
+    def _batches(self, epoch, start_batch):
+        self.skipped = []
+        self.next_batch = start_batch
+        order = self.order(epoch)
+        batches = range(start_batch, len(self))
+        pool = self._pool()
+        if pool is None:
+            for b in batches:
+                job, bad = self._job(epoch, order, b)
+                out = self._finish(job, bad, make_batch(job))
+                self.next_batch = b + 1
+                if out is not None:
+                    yield out
+            return
+        pending = collections.deque()  # (batch index, job, bad, future), in batch order
+        todo = iter(batches)
+        in_flight = max(self.prefetch, self.workers)
+        try:
+            while True:
+                while len(pending) < in_flight:
+                    b = next(todo, None)
+                    if b is None:
+                        break
+                    job, bad = self._job(epoch, order, b)
+                    pending.append((b, job, bad, pool.submit(make_batch, job)))
+                if not pending:
+                    return
+                b, job, bad, future = pending.popleft()
+                try:
+                    result = future.result()
+                except BrokenProcessPool as exc:
+                    self.close()
+                    raise RuntimeError("a data-loading worker process died (out of memory? "
+                                       "try fewer workers or a smaller prefetch)") from exc
+                out = self._finish(job, bad, result)
+                self.next_batch = b + 1
+                if out is not None:
+                    yield out
+        finally:
+            for *_, future in pending:
+                future.cancel()  # an abandoned epoch stops queueing work
+
+    def close(self):
+        """Stop the worker processes now (also on errors and Ctrl-C, via ``with``)."""
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        # The executor keeps its processes in a private dict; reading it lets us stop a worker
+        # in the middle of a batch instead of waiting for it.  The executor's own thread then
+        # sees them gone and reaps them, and shutdown(wait=True) waits for that thread.
+        for p in list((getattr(executor, "_processes", None) or {}).values()):
+            if p.is_alive():
+                p.terminate()
+        executor.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass

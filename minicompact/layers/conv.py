@@ -1,0 +1,150 @@
+"""The convolution of a feature extraction layer (paper sec. 3.1), as im2col + one GEMM.
+
+Layer l convolves its K^{l-1} input maps with K^l filters of size S = kh·kw (7×7 in the
+first layer, 3×3 after).  Its dictionary Θ^l (K^l × K^{l-1} × S) is stored as
+``W`` of shape (K^l, K^{l-1}, kh, kw), so ``W[k, c]`` is the group Θ^l_{k,c,·} on which the
+regularizers of sec. 4 act.  There is no bias: batch-normalization follows.
+
+``conv2d_forward`` / ``conv2d_backward`` are the pure function pair; ``Conv2D`` wraps them
+with the parameter bookkeeping of ``Layer``.
+"""
+import numpy as np
+
+from ..backend import device_of, get_array_module
+from ..im2col import col2im, im2col, output_size
+from .base import Layer, check_input
+
+
+def conv2d_forward(x, W, stride=1, padding=0, workspace=None):
+    """y[n, k] = Σ_c x[n, c] ⋆ Θ[k, c]  (cross-correlation, zero padding), as one GEMM.
+
+    x: (N, C, H, W); W: (K, C, kh, kw), same dtype and device; workspace: optional
+    (C·kh·kw, N·Ho·Wo) buffer for the columns (see ``im2col``).
+    Returns (out, cols): out (N, K, Ho, Wo) contiguous, x's dtype; cols (C·kh·kw, N·Ho·Wo)
+    the column matrix that ``conv2d_backward`` needs.
+    """
+    xp = get_array_module(x)
+    n = x.shape[0]
+    k, _, kh, kw = W.shape
+    ho = output_size(x.shape[2], kh, stride, padding)
+    wo = output_size(x.shape[3], kw, stride, padding)
+    cols = im2col(x, kh, kw, stride, padding, out=workspace)
+    y = W.reshape(k, -1) @ cols                       # (K, N·Ho·Wo): the one big GEMM
+    out = xp.ascontiguousarray(y.reshape(k, n, ho, wo).transpose(1, 0, 2, 3))
+    return out, cols
+
+
+def conv2d_backward(dout, cols, W, x_shape, stride=1, padding=0, overwrite_cols=False):
+    """Gradients of ``conv2d_forward``: dx = col2im(W2ᵀ · dout2), dW = dout2 · colsᵀ.
+
+    dout: (N, K, Ho, Wo), dL/dout (not modified); cols: (C·kh·kw, N·Ho·Wo) from forward;
+    W: (K, C, kh, kw); x_shape: (N, C, H, W).  overwrite_cols: write dL/dcols into ``cols``
+    instead of a fresh array of the same (large) size; cols is garbage afterwards.
+    Returns (dx (N, C, H, W), dW (K, C, kh, kw)), both dout's dtype.
+    """
+    xp = get_array_module(dout)
+    k, _, kh, kw = W.shape
+    # (K, N·Ho·Wo): the one transpose of backward, on an array kh·kw times smaller than cols
+    dout2 = xp.ascontiguousarray(dout.transpose(1, 0, 2, 3)).reshape(k, -1)
+    dW = (dout2 @ cols.T).reshape(W.shape)             # cols.T is a view: BLAS reads it transposed
+    W2 = W.reshape(k, -1)
+    dcols = xp.matmul(W2.T, dout2, out=cols if overwrite_cols else None)
+    dx = col2im(dcols, x_shape, kh, kw, stride, padding)
+    return dx, dW
+
+
+def _pair(v, name):
+    """An int or a pair of ints → a pair of positive ints."""
+    pair = (v, v) if np.isscalar(v) else tuple(v)
+    if len(pair) != 2 or not all(isinstance(a, (int, np.integer)) and a >= 1 for a in pair):
+        raise ValueError(f"{name} must be a positive int or a pair of them, got {v!r}")
+    return int(pair[0]), int(pair[1])
+
+
+class Conv2D(Layer):
+    """A bias-free 2-D convolution with filters Θ^l (paper sec. 3.1), He-initialised.
+
+    in_channels: K^{l-1}; out_channels: K^l; kernel_size: int or (kh, kw); stride, padding:
+    ints (zero padding); dtype: of W; rng: ``numpy.random.Generator`` for the init (a fresh
+    one when None).
+
+    params: ``W`` (K^l, K^{l-1}, kh, kw) ~ N(0, 2 / (S·K^{l-1})), S = kh·kw (He et al. 2015,
+    paper sec. 5.1).
+
+    Memory: forward keeps the column matrix for backward, C·kh·kw·N·Ho·Wo elements — kh·kw /
+    stride² times the input (231 MB in float32 for N=64, 128 channels, 28×28, 3×3).  The layer
+    keeps that buffer and reuses it: the next forward of the same shape writes its columns into
+    it, and backward writes dL/dcols into it once dW is computed (so backward may run once per
+    forward).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
+                 dtype=np.float32, rng=None):
+        super().__init__()
+        if in_channels < 1 or out_channels < 1:
+            raise ValueError(f"Conv2D needs in_channels and out_channels >= 1, got "
+                             f"({in_channels}, {out_channels})")
+        if int(stride) != stride or stride < 1 or int(padding) != padding or padding < 0:
+            raise ValueError(f"Conv2D needs an int stride >= 1 and padding >= 0, got "
+                             f"stride={stride!r}, padding={padding!r}")
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride, self.padding = int(stride), int(padding)
+        kh, kw = self.kernel_size
+        rng = np.random.default_rng() if rng is None else rng
+        std = np.sqrt(2.0 / (kh * kw * in_channels))
+        W = rng.standard_normal((out_channels, in_channels, kh, kw)) * std
+        self.params = {"W": W.astype(dtype)}
+        self.zero_grad()
+        self._workspace = None  # the reused column buffer
+
+    def forward(self, x):
+        """x: (N, K^{l-1}, H, W), W's dtype and device → (N, K^l, Ho, Wo), same dtype."""
+        kh, kw = self.kernel_size
+        p = self.padding
+        check_input(self, x, 4, channels=self.in_channels,
+                    min_hw=(max(1, kh - 2 * p), max(1, kw - 2 * p)))
+        W = self.params["W"]
+        if device_of(x) != device_of(W):
+            raise ValueError(f"Conv2D has its parameters on the {device_of(W)} but got an input "
+                             f"of shape {tuple(x.shape)} on the {device_of(x)}; use layer.to()")
+        n, _, h, w = x.shape
+        shape = (self.in_channels * kh * kw,
+                 n * output_size(h, kh, self.stride, p) * output_size(w, kw, self.stride, p))
+        ws = self._workspace
+        if ws is None or ws.shape != shape or ws.dtype != x.dtype or device_of(ws) != device_of(x):
+            ws = None  # a new shape, dtype or device: im2col allocates a fresh buffer
+        out, cols = conv2d_forward(x, W, self.stride, p, workspace=ws)
+        self._workspace = cols
+        self.cache = (x.shape, cols)
+        return out
+
+    def backward(self, dout):
+        """dout: (N, K^l, Ho, Wo) → dx (N, K^{l-1}, H, W); fills ``grads["W"]``."""
+        if self.cache is None:
+            raise RuntimeError("Conv2D.backward needs a forward first (once per forward: it "
+                               "reuses the cached columns as scratch)")
+        x_shape, cols = self.cache
+        n, _, h, w = x_shape
+        (kh, kw), st, p = self.kernel_size, self.stride, self.padding
+        want = (n, self.out_channels, output_size(h, kh, st, p), output_size(w, kw, st, p))
+        if tuple(dout.shape) != want or dout.dtype != cols.dtype:
+            raise ValueError(f"Conv2D.backward expects dout of shape {want} and dtype "
+                             f"{cols.dtype}, got shape {tuple(dout.shape)} and dtype {dout.dtype}")
+        self.cache = None  # cols is overwritten below
+        dx, self.grads["W"] = conv2d_backward(dout, cols, self.params["W"], x_shape,
+                                              self.stride, self.padding, overwrite_cols=True)
+        return dx
+
+    def to(self, device):
+        self._workspace = None
+        return super().to(device)
+
+    def astype(self, dtype):
+        self._workspace = None
+        return super().astype(dtype)
+
+    def __repr__(self):
+        kh, kw = self.kernel_size
+        return (f"Conv2D({self.in_channels}, {self.out_channels}, kernel_size=({kh}, {kw}), "
+                f"stride={self.stride}, padding={self.padding})")

@@ -1,0 +1,258 @@
+"""The CompactNet: L-1 feature extraction layers and one classification layer (paper sec. 3).
+
+An L-layer network (``depth`` = L) is::
+
+    [Conv2D → BatchNorm2D → ReLU → MaxPool2D 3×3] × (L-1)  →  SpatialPyramidPool  →  SoftmaxClassifier
+
+* The first conv is 7×7 (S = 49), the others 3×3 (S = 9); convs are padded to keep the size.
+* Dictionary sizes grow with depth (sec. 5.3.1): the L-1 feature layers are split into three
+  near-equal groups of 128, 256 and 512 filters (see ``dictionary_sizes``).
+* Max-pool stride is 2 exactly where the number of filters doubles, 1 elsewhere (sec. 3.1).
+* The *stem* (first layer's conv and pool strides) brings the image down: ``"imagenet"`` uses
+  conv stride 2 and pool stride 2 (224 px → 56 px); ``"small"`` uses strides 1 (32-px images).
+* Weights are initialised as in sec. 5.1: conv Θ^l ~ N(0, 2/(S·K^{l-1})), classifier
+  W ~ N(0, 2/(R·K^{L-1})).
+
+The same model class serves SimpleNet, CompressedNet and CompactNet: they differ only in the
+regularizer they are trained with (``minicompact.regularizers.variant``).
+"""
+import json
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .backend import to_cpu, to_device
+from .layers import BatchNorm2D, Conv2D, MaxPool2D, ReLU, SoftmaxClassifier, SpatialPyramidPool
+
+STEMS = {"imagenet": (2, 2), "small": (1, 1)}  # stem name -> (first conv stride, first pool stride)
+
+
+def dictionary_sizes(depth, widths=(128, 256, 512), width_mult=1.0):
+    """Number of filters K^l of each feature layer l = 1..L-1 (sec. 5.3.1).
+
+    The n = L-1 feature layers form three groups using ``widths`` (128, 256, 512 filters).
+    For n >= 3 each group gets n // 3 layers and the remaining n % 3 layers go to the
+    *deepest* groups (deeper layers need more patterns, sec. 5.2.2): n = 11 (depth 12) gives
+    3 × 128, 4 × 256, 4 × 512.  For n < 3 there is one layer per width,
+    starting at 128 (depth 2: [128]; depth 3: [128, 256]).  ``width_mult`` scales every size
+    (rounded, at least 1) for small machines.
+
+    Returns a list of n ints.
+    """
+    if not isinstance(depth, (int, np.integer)) or depth < 2:
+        raise ValueError(f"depth must be an integer >= 2, got {depth!r}")
+    if width_mult <= 0:
+        raise ValueError(f"width_mult must be > 0, got {width_mult!r}")
+    n = depth - 1
+    if n < 3:
+        counts = [1] * n + [0] * (3 - n)
+    else:
+        counts = [n // 3] * 3
+        for g in range(n % 3):
+            counts[2 - g] += 1
+    sizes = []
+    for width, count in zip(widths, counts):
+        sizes += [max(1, int(round(width * width_mult)))] * count
+    return sizes
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a CompactNet (saved inside every checkpoint)."""
+
+    depth: int = 12
+    num_classes: int = 1000
+    in_channels: int = 3
+    widths: tuple = (128, 256, 512)
+    width_mult: float = 1.0
+    stem: str = "imagenet"
+    levels: tuple = (1, 2, 4)
+    classes: list = field(default_factory=list)  # class names, for predictions and checkpoints
+
+    def validate(self):
+        dictionary_sizes(self.depth, self.widths, self.width_mult)
+        if self.stem not in STEMS:
+            raise ValueError(f"stem must be one of {sorted(STEMS)}, got {self.stem!r}")
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
+        if not self.levels or min(self.levels) < 1:
+            raise ValueError(f"pyramid levels must be positive integers, got {self.levels}")
+        return self
+
+    def to_json(self):
+        d = asdict(self)
+        d["widths"], d["levels"] = list(self.widths), list(self.levels)
+        return json.dumps(d)
+
+    @classmethod
+    def from_json(cls, text):
+        d = json.loads(text)
+        d["widths"], d["levels"] = tuple(d["widths"]), tuple(d["levels"])
+        return cls(**d)
+
+
+class CompactNet:
+    """An L-layer CompactNet: ``forward(x) -> scores``, ``backward(dscores) -> dx``.
+
+    x: (N, in_channels, H, W) float array (NumPy or CuPy); scores: (N, num_classes).
+    ``layers`` is the flat list the data flows through; ``convs``, ``bns`` and
+    ``classifier`` name the parameterised layers (Θ^1..Θ^{L-1}, their batch norms, W).
+    """
+
+    def __init__(self, config=None, seed=0, dtype=np.float32, **kwargs):
+        self.config = (config or ModelConfig(**kwargs)).validate()
+        cfg = self.config
+        rng = np.random.default_rng(seed)
+        sizes = dictionary_sizes(cfg.depth, cfg.widths, cfg.width_mult)
+        conv_stride, pool_stride = STEMS[cfg.stem]
+        self.convs, self.bns, self.pools, self.layers = [], [], [], []
+        channels = cfg.in_channels
+        for l, k in enumerate(sizes):
+            first = l == 0
+            ksize = 7 if first else 3
+            if first:
+                stride_c, stride_p = conv_stride, pool_stride
+            else:
+                stride_c, stride_p = 1, (2 if k > sizes[l - 1] else 1)
+            conv = Conv2D(channels, k, ksize, stride=stride_c, padding=ksize // 2, dtype=dtype, rng=rng)
+            bn = BatchNorm2D(k, dtype=dtype)
+            pool = MaxPool2D(3, stride=stride_p, padding=1)
+            self.convs.append(conv)
+            self.bns.append(bn)
+            self.pools.append(pool)
+            self.layers += [conv, bn, ReLU(), pool]
+            channels = k
+        self.spp = SpatialPyramidPool(cfg.levels)
+        self.classifier = SoftmaxClassifier(channels, self.spp.num_regions, cfg.num_classes,
+                                            dtype=dtype, rng=rng)
+        self.layers += [self.spp, self.classifier]
+        self.training = True
+
+    # -- the data path -------------------------------------------------------------------
+    def forward(self, x):
+        """x: (N, C, H, W) → scores (N, Y). Keeps in each layer what backward needs."""
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, dscores):
+        """dscores: (N, Y) = dL/dscores → dL/dx (N, C, H, W); fills every layer's ``grads``."""
+        d = dscores
+        for layer in reversed(self.layers):
+            d = layer.backward(d)
+        return d
+
+    def predict(self, x):
+        """Class scores in evaluation mode (running BN statistics); restores the mode after."""
+        was = self.training
+        self.eval()
+        try:
+            return self.forward(x)
+        finally:
+            self.train(was)
+
+    # -- modes, devices, dtypes ----------------------------------------------------------
+    def train(self, mode=True):
+        self.training = bool(mode)
+        for layer in self.layers:
+            layer.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def to(self, device):
+        for layer in self.layers:
+            layer.to(device)
+        return self
+
+    def astype(self, dtype):
+        for layer in self.layers:
+            layer.astype(dtype)
+        return self
+
+    def zero_grad(self):
+        for layer in self.layers:
+            layer.zero_grad()
+
+    def release_caches(self):
+        """Drop what forward kept for backward (frees memory between evaluation batches)."""
+        for layer in self.layers:
+            layer.cache = None
+
+    # -- parameters ----------------------------------------------------------------------
+    @property
+    def param_layers(self):
+        """The layers that own parameters, in data order (names match ``named_params``)."""
+        return [layer for layer in self.layers if layer.params]
+
+    def named_layers(self):
+        """Yield (name, layer) for every parameterised layer: conv1, bn1, ..., classifier."""
+        for l, (conv, bn) in enumerate(zip(self.convs, self.bns), start=1):
+            yield f"conv{l}", conv
+            yield f"bn{l}", bn
+        yield "classifier", self.classifier
+
+    def thetas(self):
+        """The dictionaries Θ^1..Θ^{L-1}, each (K^l, K^{l-1}, kh, kw) (views, not copies)."""
+        return [conv.params["W"] for conv in self.convs]
+
+    def parameter_count(self):
+        """Total number of trainable parameters (convs, batch norms, classifier W and b)."""
+        return int(sum(p.size for layer in self.layers for p in layer.params.values()))
+
+    def summary(self):
+        """A short text table: one line per feature layer, then the classifier."""
+        lines = []
+        for l, (conv, pool) in enumerate(zip(self.convs, self.pools), start=1):
+            W = conv.params["W"]
+            lines.append(f"layer {l:2d}: conv {W.shape[2]}x{W.shape[3]} {W.shape[1]:4d}->{W.shape[0]:4d}"
+                         f" stride {conv.stride}, max-pool 3x3 stride {pool.stride}")
+        W = self.classifier.params["W"]
+        lines.append(f"classifier: pyramid {tuple(self.config.levels)} (R={W.shape[2]}), "
+                     f"W {tuple(W.shape)} + b")
+        lines.append(f"parameters: {self.parameter_count():,}")
+        return "\n".join(lines)
+
+    # -- save / load ---------------------------------------------------------------------
+    def state_arrays(self):
+        """Every parameter and buffer as NumPy arrays keyed ``"<layer>.<name>"``."""
+        out = {}
+        for name, layer in self.named_layers():
+            for k, v in layer.params.items():
+                out[f"{name}.{k}"] = to_cpu(v)
+            for k, v in layer.buffers.items():
+                out[f"{name}.{k}"] = to_cpu(v)
+        return out
+
+    def load_state_arrays(self, arrays):
+        """Inverse of ``state_arrays``; shapes must match (ValueError naming both otherwise)."""
+        for name, layer in self.named_layers():
+            for store in (layer.params, layer.buffers):
+                for k, v in store.items():
+                    key = f"{name}.{k}"
+                    if key not in arrays:
+                        raise ValueError(f"saved state has no {key!r}")
+                    a = np.asarray(arrays[key])
+                    if a.shape != v.shape:
+                        raise ValueError(f"{key}: expected shape {tuple(v.shape)}, saved {a.shape}")
+                    device = "gpu" if not isinstance(v, np.ndarray) else "cpu"
+                    store[k] = to_device(a.astype(v.dtype), device)
+        return self
+
+    def save(self, path):
+        """Write config, weights and BN running statistics to one ``.npz`` (atomically)."""
+        from .checkpoint import atomic_savez
+        arrays = self.state_arrays()
+        arrays["__config__"] = np.array(self.config.to_json())
+        atomic_savez(path, arrays)
+
+    @classmethod
+    def load(cls, path, dtype=np.float32):
+        """Rebuild a model saved with ``save`` (or from a training checkpoint)."""
+        from .checkpoint import read_npz
+        arrays = read_npz(path)
+        if "__config__" not in arrays:
+            raise ValueError(f"{path} holds no model configuration")
+        model = cls(ModelConfig.from_json(str(arrays["__config__"])), dtype=dtype)
+        return model.load_state_arrays(arrays)

@@ -1,0 +1,282 @@
+"""The training loop: epochs of SGD on eq. 1, evaluation, checkpoints, logs and the final report.
+
+``Trainer`` ties together the pieces that live in their own modules — a ``CompactNet``, an
+``SGD`` optimizer with its ``StepLR`` schedule, a ``Regularizer`` hook (eq. 1), and
+``BatchLoader``s for the train and val splits — and adds what a long run needs:
+
+* a JSON-lines log (one object per epoch) and a progress bar per epoch;
+* ``last.npz`` written atomically after every epoch, ``best.npz`` for the best val top-1;
+* exact resume: the data order and crops are pure functions of (seed, epoch, index), the
+  learning rate a pure function of (epoch, step), and a checkpoint holds the weights, batch-norm
+  statistics, momentum buffers, position inside the epoch and the epoch's running sums, so a
+  resumed run ends bit-identical (on the CPU) to an uninterrupted one;
+* Ctrl-C finishes the current step, writes ``last.npz`` and stops; a second Ctrl-C stops at once;
+* a non-finite loss stops the run with a message, keeping the last good checkpoint.
+"""
+import json
+import math
+import os
+import signal
+import time
+
+import numpy as np
+
+from .backend import get_array_module, synchronize, to_cpu
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data.transforms import normalize
+from .losses import accuracy_topk, softmax
+
+try:
+    from tqdm.auto import tqdm
+except ImportError:  # pragma: no cover - tqdm is in requirements.txt
+    tqdm = None
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C arrived; a checkpoint was written at the current position."""
+
+
+class _SigintFlag:
+    """First Ctrl-C sets a flag (checked between steps); the second raises KeyboardInterrupt."""
+
+    def __init__(self):
+        self.raised = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not in the main thread: leave signals alone
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.raised:
+            raise KeyboardInterrupt
+        self.raised = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+class Trainer:
+    """Train ``model`` with ``optimizer``/``schedule`` on ``train_loader``; evaluate on ``val_loader``.
+
+    mean, std: per-channel normalisation (3,) floats; out_dir: where logs, checkpoints and
+    the report go (None: nowhere); regularizer: an ``objective.Regularizer`` already attached
+    to the optimizer (or None); loss_fn: e.g. ``losses.softmax_cross_entropy``.
+    """
+
+    def __init__(self, model, optimizer, schedule, regularizer, loss_fn, train_loader, val_loader,
+                 mean, std, epochs, out_dir=None, settings=None, progress=True, log=print):
+        self.model, self.optimizer, self.schedule = model, optimizer, schedule
+        self.regularizer, self.loss_fn = regularizer, loss_fn
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.mean, self.std = [float(v) for v in mean], [float(v) for v in std]
+        self.epochs, self.out_dir = epochs, out_dir
+        self.settings = dict(settings or {})
+        self.progress, self.log = progress, log
+        self.xp = get_array_module(model.classifier.params["W"])
+        self.state = {"epoch": 0, "step": 0, "best_top1": -1.0, "history": [], "partial": None}
+
+    # -- one step, one epoch -------------------------------------------------------------
+    def _to_model(self, images_u8, labels):
+        x = normalize(images_u8, self.mean, self.std, self.xp)
+        return x, self.xp.asarray(labels)
+
+    def train_epoch(self, epoch, start_step=0, sigint=None):
+        """One pass over the training data from batch ``start_step``; returns the epoch's stats."""
+        model, opt, xp = self.model, self.optimizer, self.xp
+        model.train()
+        steps = len(self.train_loader)
+        sums = self.state.get("partial") or {"loss": 0.0, "objective": 0.0, "top1": 0, "top5": 0,
+                                             "n": 0, "seconds": 0.0, "skipped": []}
+        bar = None
+        if self.progress and tqdm is not None:
+            bar = tqdm(total=steps, initial=start_step, desc=f"epoch {epoch + 1}/{self.epochs}",
+                       unit="batch", leave=False, dynamic_ncols=True)
+        t0 = time.perf_counter()
+        step = start_step
+        try:
+            for images, labels in self.train_loader.epoch(epoch, start_batch=start_step):
+                x, y = self._to_model(images, labels)
+                scores = model.forward(x)
+                loss, dscores = self.loss_fn(scores, y)
+                if not math.isfinite(loss):
+                    raise NonFiniteLoss(f"loss became {loss} at epoch {epoch + 1}, step {step + 1}; "
+                                        "lower --lr or raise --warmup; the last good checkpoint is kept")
+                model.backward(dscores)
+                # The loader's batch index, not a count of yielded batches: a batch whose
+                # images were all unreadable is never yielded, and resume must not drift.
+                step = self.train_loader.next_batch
+                opt.lr = self.schedule.lr_at(epoch, step - 1, steps)
+                opt.step()  # the regularizer's hook adds its subgradient first
+                c1, c5 = accuracy_topk(scores, y, ks=(1, 5))
+                n = int(labels.shape[0])
+                sums["loss"] += loss * n
+                sums["objective"] += (loss + (self.regularizer.last_value if self.regularizer else 0.0)) * n
+                sums["top1"] += int(c1)
+                sums["top5"] += int(c5)
+                sums["n"] += n
+                if bar is not None:
+                    elapsed = sums["seconds"] + time.perf_counter() - t0
+                    bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.3f}",
+                                    acc=f"{100 * sums['top1'] / sums['n']:.1f}%",
+                                    img_s=f"{sums['n'] / max(elapsed, 1e-9):.0f}", refresh=False)
+                    bar.update(step - bar.n)
+                if sigint is not None and sigint.raised and step < steps:
+                    sums["seconds"] += time.perf_counter() - t0
+                    sums["skipped"] = sums["skipped"] + list(self.train_loader.skipped)
+                    self.state.update(epoch=epoch, step=step, partial=sums)
+                    raise Interrupted(f"interrupted at epoch {epoch + 1}, step {step}")
+        finally:
+            if bar is not None:
+                bar.close()
+        synchronize()
+        sums["seconds"] += time.perf_counter() - t0
+        sums["skipped"] = sums["skipped"] + list(self.train_loader.skipped)
+        n = max(sums["n"], 1)
+        return {"loss": sums["loss"] / n, "objective": sums["objective"] / n,
+                "train_top1": sums["top1"] / n, "train_top5": sums["top5"] / n,
+                "images_per_s": sums["n"] / max(sums["seconds"], 1e-9), "seconds": sums["seconds"],
+                "skipped": len(sums["skipped"]), "skipped_files": sums["skipped"][:20]}
+
+    def evaluate(self, loader=None, mode=None):
+        """Top-1/top-5 accuracy and mean loss over ``loader`` in evaluation mode.
+
+        For a ten-crop loader (batches (N, 10, 3, h, w)) the softmax probabilities of the ten
+        crops are averaged before ranking (sec. 5.1). Returns a dict.
+        """
+        loader = loader or self.val_loader
+        model, xp = self.model, self.xp
+        was = model.training
+        model.eval()
+        top1 = top5 = n = 0
+        loss_sum = 0.0
+        try:
+            for images, labels in loader.epoch(0):
+                y = xp.asarray(labels)
+                if images.ndim == 5:  # (N, 10, 3, h, w): average the crops' probabilities
+                    b, c = images.shape[:2]
+                    x = normalize(images.reshape((b * c,) + images.shape[2:]), self.mean, self.std, xp)
+                    probs = softmax(model.forward(x)).reshape(b, c, -1).mean(axis=1)
+                    scores = xp.log(xp.maximum(probs, 1e-30))
+                else:
+                    scores = model.forward(normalize(images, self.mean, self.std, xp))
+                loss, _ = self.loss_fn(scores, y)
+                c1, c5 = accuracy_topk(scores, y, ks=(1, 5))
+                k = int(labels.shape[0])
+                top1, top5, n, loss_sum = top1 + int(c1), top5 + int(c5), n + k, loss_sum + loss * k
+        finally:
+            model.release_caches()
+            model.train(was)
+        n_ = max(n, 1)
+        return {"top1": top1 / n_, "top5": top5 / n_, "loss": loss_sum / n_, "n": n,
+                "skipped": len(getattr(loader, "skipped", []))}
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def _train_state(self):
+        return dict(self.state, mean=self.mean, std=self.std, settings=self.settings)
+
+    def save(self, name):
+        if self.out_dir is None:
+            return None
+        path = os.path.join(self.out_dir, name)
+        save_checkpoint(path, self.model, self.optimizer, self._train_state())
+        return path
+
+    def resume(self, path):
+        """Load weights, momentum and position from a checkpoint written by ``save``."""
+        arrays, opt_state, state = load_checkpoint(path)
+        self.model.load_state_arrays(arrays)
+        if opt_state:
+            self.optimizer.load_state_dict(opt_state)
+        for key in ("epoch", "step", "best_top1", "history", "partial"):
+            if key in state:
+                self.state[key] = state[key]
+        return state
+
+    def _append_log(self, record):
+        if self.out_dir is None:
+            return
+        with open(os.path.join(self.out_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # -- the whole run ---------------------------------------------------------------------
+    def fit(self):
+        """Train from the current state to ``epochs``; returns the history (list of dicts).
+
+        Raises ``Interrupted`` (after writing last.npz) on Ctrl-C and ``NonFiniteLoss`` (without
+        writing) when the loss diverges.
+        """
+        if self.out_dir is not None:
+            os.makedirs(self.out_dir, exist_ok=True)
+        with _SigintFlag() as sigint:
+            while self.state["epoch"] < self.epochs:
+                epoch, step = self.state["epoch"], self.state["step"]
+                try:
+                    stats = self.train_epoch(epoch, step, sigint)
+                except Interrupted:
+                    self.save("last.npz")
+                    raise
+                val = self.evaluate()
+                record = {"epoch": epoch + 1, "lr": float(self.optimizer.lr), **stats,
+                          "val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"],
+                          "val_skipped": val["skipped"]}
+                self.state["history"].append(record)
+                self.state.update(epoch=epoch + 1, step=0, partial=None)
+                self._append_log(record)
+                self.log(f"epoch {epoch + 1:3d}/{self.epochs}  loss {stats['loss']:.4f}  "
+                         f"train top-1 {100 * stats['train_top1']:5.1f}%  "
+                         f"val top-1 {100 * val['top1']:5.1f}%  top-5 {100 * val['top5']:5.1f}%  "
+                         f"lr {self.optimizer.lr:.4g}  {stats['images_per_s']:.0f} img/s"
+                         + (f"  skipped {stats['skipped']}" if stats["skipped"] else ""))
+                if val["top1"] > self.state["best_top1"]:
+                    self.state["best_top1"] = val["top1"]
+                    self.save("best.npz")
+                self.save("last.npz")
+                if sigint.raised:
+                    raise Interrupted(f"interrupted after epoch {epoch + 1}")
+        return self.state["history"]
+
+
+def evaluation_crops_report(trainer, center_loader, tencrop_loader):
+    """Top-1/top-5 *errors* (in %) with a single centre crop and with ten crops (sec. 5.1)."""
+    single = trainer.evaluate(center_loader)
+    ten = trainer.evaluate(tencrop_loader) if tencrop_loader is not None else None
+    out = {"single_crop": {"top1_error": 100 * (1 - single["top1"]), "top5_error": 100 * (1 - single["top5"]),
+                           "images": single["n"]}}
+    if ten is not None:
+        out["ten_crop"] = {"top1_error": 100 * (1 - ten["top1"]), "top5_error": 100 * (1 - ten["top5"]),
+                           "images": ten["n"]}
+    return out
+
+
+def apply_threshold(model, threshold):
+    """Zero every conv/classifier weight with |w| < threshold in ``model`` (sec. 5.2.1), in place.
+
+    Returns the number of weights zeroed. BN parameters and biases are left alone.
+    """
+    from .metrics import threshold_
+    return threshold_(model.thetas() + [model.classifier.params["W"]], threshold)
+
+
+def to_python(obj):
+    """JSON-friendly copy: NumPy scalars and arrays become Python numbers and lists."""
+    if isinstance(obj, dict):
+        return {str(k): to_python(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_python(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if hasattr(obj, "shape") and hasattr(obj, "dtype"):
+        return to_python(to_cpu(obj).tolist())
+    return obj

@@ -1,0 +1,127 @@
+"""BatchNorm2D: gradient checks (train and eval), running statistics, dtype, input errors."""
+import numpy as np
+import pytest
+
+from minicompact.backend import to_cpu
+from minicompact.gradcheck import GradientCheckError, check_layer
+from minicompact.layers.batchnorm import BatchNorm2D
+
+
+def make_bn(channels, device, dtype=np.float64, seed=0):
+    """A BatchNorm2D with random gamma, beta and running statistics, on ``device``."""
+    rng = np.random.default_rng(seed)
+    bn = BatchNorm2D(channels, dtype=dtype)
+    bn.params["gamma"] = rng.uniform(0.5, 2.0, channels).astype(dtype)
+    bn.params["beta"] = rng.standard_normal(channels).astype(dtype)
+    bn.buffers["running_mean"] = rng.standard_normal(channels).astype(dtype)
+    bn.buffers["running_var"] = rng.uniform(0.5, 2.0, channels).astype(dtype)
+    return bn.to(device)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 4, 5), (4, 2, 3, 5), (3, 4, 1, 2)])
+def test_gradcheck_train(xp, device, shape):
+    bn = make_bn(shape[1], device)
+    x = xp.asarray(np.random.default_rng(1).standard_normal(shape) * 2 + 0.5)
+    errors = check_layer(bn, x, seed=2)
+    assert set(errors) == {"x", "gamma", "beta"}
+
+
+def test_gradcheck_eval(xp, device):
+    bn = make_bn(3, device).eval()
+    x = xp.asarray(np.random.default_rng(1).standard_normal((2, 3, 4, 5)))
+    check_layer(bn, x, seed=3)
+
+
+class _BNWithoutMeanTerm(BatchNorm2D):
+    """A classic mistake: treat the batch mean and variance as constants in backward."""
+
+    def backward(self, dout):
+        _, xhat, inv_std = self.cache
+        self.grads["gamma"] = (dout * xhat).sum(axis=(0, 2, 3))
+        self.grads["beta"] = dout.sum(axis=(0, 2, 3))
+        return dout * (self.params["gamma"] * inv_std).reshape(1, -1, 1, 1)
+
+
+def test_gradcheck_catches_wrong_backward(xp, device):
+    bn = _BNWithoutMeanTerm(3, dtype=np.float64).to(device)
+    x = xp.asarray(np.random.default_rng(1).standard_normal((2, 3, 4, 5)))
+    with pytest.raises(GradientCheckError, match="_BNWithoutMeanTerm.x"):
+        check_layer(bn, x)
+
+
+def test_running_statistics_follow_documented_formula(xp, device):
+    mom, eps = 0.3, 1e-5
+    bn = BatchNorm2D(2, eps=eps, momentum=mom, dtype=np.float64).to(device)
+    rng = np.random.default_rng(4)
+    rm, rv = np.zeros(2), np.ones(2)
+    for step in range(4):
+        x = rng.standard_normal((3, 2, 4, 5)) * (step + 1) + step
+        bn.forward(xp.asarray(x))
+        rm = (1 - mom) * rm + mom * x.mean(axis=(0, 2, 3))
+        rv = (1 - mom) * rv + mom * x.var(axis=(0, 2, 3), ddof=1)  # unbiased, as PyTorch
+    np.testing.assert_allclose(to_cpu(bn.buffers["running_mean"]), rm, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(to_cpu(bn.buffers["running_var"]), rv, rtol=1e-12, atol=1e-12)
+
+    # eval mode normalises with those running statistics, and leaves them alone
+    bn.eval()
+    x = rng.standard_normal((2, 2, 3, 3))
+    out = to_cpu(bn.forward(xp.asarray(x)))
+    expect = (x - rm[None, :, None, None]) / np.sqrt(rv[None, :, None, None] + eps)
+    np.testing.assert_allclose(out, expect, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(to_cpu(bn.buffers["running_mean"]), rm, rtol=0, atol=0)
+
+
+def test_train_output_is_standardised_float32(xp, device):
+    bn = BatchNorm2D(4).to(device)
+    rng = np.random.default_rng(5)
+    # offset 1e3: a one-pass E[x²] - E[x]² variance is off by 40% in float32 here
+    x = (rng.standard_normal((8, 4, 6, 7)) * np.array([1, 2, 0.5, 3])[None, :, None, None]
+         + 1e3).astype(np.float32)
+    out = bn.forward(xp.asarray(x))
+    assert out.dtype == np.float32
+    o = to_cpu(out).astype(np.float64)
+    np.testing.assert_allclose(o.mean(axis=(0, 2, 3)), 0, atol=1e-4)
+    np.testing.assert_allclose(o.var(axis=(0, 2, 3)), 1, atol=1e-4)
+    dx = bn.backward(xp.asarray(rng.standard_normal(x.shape).astype(np.float32)))
+    assert dx.dtype == np.float32
+    for arr in (*bn.grads.values(), *bn.buffers.values()):
+        assert arr.dtype == np.float32
+    bn.eval()
+    assert bn.forward(xp.asarray(x)).dtype == np.float32
+    assert bn.backward(xp.asarray(x)).dtype == np.float32
+
+
+def test_float32_backward_matches_float64(xp, device):
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((4, 3, 5, 5))
+    dout = rng.standard_normal(x.shape)
+    results = []
+    for dtype in (np.float32, np.float64):
+        bn = BatchNorm2D(3, dtype=dtype).to(device)
+        bn.forward(xp.asarray(x.astype(dtype)))
+        results.append(to_cpu(bn.backward(xp.asarray(dout.astype(dtype)))))
+    np.testing.assert_allclose(results[0], results[1], rtol=1e-4, atol=1e-5)
+
+
+def test_backward_leaves_dout_untouched(xp, device):
+    bn = BatchNorm2D(2, dtype=np.float64).to(device)
+    bn.forward(xp.asarray(np.random.default_rng(7).standard_normal((2, 2, 3, 3))))
+    dout = xp.asarray(np.random.default_rng(8).standard_normal((2, 2, 3, 3)))
+    keep = dout.copy()
+    bn.backward(dout)
+    assert bool((dout == keep).all())
+
+
+def test_bad_inputs_raise_clear_errors():
+    bn = BatchNorm2D(3)
+    with pytest.raises(ValueError, match=r"\(2, 4, 5, 5\)"):
+        bn.forward(np.zeros((2, 4, 5, 5), np.float32))
+    with pytest.raises(ValueError, match=r"\(2, 3, 5\)"):
+        bn.forward(np.zeros((2, 3, 5), np.float32))
+    with pytest.raises(ValueError, match="float64"):
+        bn.forward(np.zeros((2, 3, 5, 5), np.float64))
+    with pytest.raises(ValueError, match="more than one value"):
+        bn.forward(np.zeros((1, 3, 1, 1), np.float32))
+    bn.eval().forward(np.zeros((1, 3, 1, 1), np.float32))  # fine with running statistics
+    with pytest.raises(ValueError, match=r"\(1, 3, 1, 1\)"):
+        bn.backward(np.zeros((1, 3, 2, 1), np.float32))
