@@ -97,9 +97,12 @@ class CompactNet:
     x: (N, in_channels, H, W) float array (NumPy or CuPy); scores: (N, num_classes).
     ``layers`` is the flat list the data flows through; ``convs``, ``bns`` and
     ``classifier`` name the parameterised layers (Θ^1..Θ^{L-1}, their batch norms, W).
+    config: a ``ModelConfig`` (or its fields as keyword arguments); seed: of the initial
+    weights; dtype: float32 (training) or float64 (gradient checks); input_grad: whether
+    ``backward`` computes dL/dx (off by default: training never needs it).
     """
 
-    def __init__(self, config=None, seed=0, dtype=np.float32, **kwargs):
+    def __init__(self, config=None, seed=0, dtype=np.float32, input_grad=False, **kwargs):
         self.config = (config or ModelConfig(**kwargs)).validate()
         cfg = self.config
         rng = np.random.default_rng(seed)
@@ -114,7 +117,10 @@ class CompactNet:
                 stride_c, stride_p = conv_stride, pool_stride
             else:
                 stride_c, stride_p = 1, (2 if k > sizes[l - 1] else 1)
-            conv = Conv2D(channels, k, ksize, stride=stride_c, padding=ksize // 2, dtype=dtype, rng=rng)
+            # The first conv reads the image: its input gradient is rarely wanted and costs
+            # a third of that layer's backward (``input_grad=True`` asks for it).
+            conv = Conv2D(channels, k, ksize, stride=stride_c, padding=ksize // 2, dtype=dtype, rng=rng,
+                          need_input_grad=input_grad or not first)
             bn = BatchNorm2D(k, dtype=dtype)
             pool = MaxPool2D(3, stride=stride_p, padding=1)
             self.convs.append(conv)
@@ -136,7 +142,8 @@ class CompactNet:
         return x
 
     def backward(self, dscores):
-        """dscores: (N, Y) = dL/dscores → dL/dx (N, C, H, W); fills every layer's ``grads``."""
+        """dscores: (N, Y) = dL/dscores → dL/dx (N, C, H, W), or None unless built with
+        ``input_grad=True``; fills every layer's ``grads``."""
         d = dscores
         for layer in reversed(self.layers):
             d = layer.backward(d)

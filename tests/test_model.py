@@ -46,7 +46,10 @@ def test_every_depth_builds_and_runs(depth):
     x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
     scores = model.forward(x)
     assert scores.shape == (2, 5) and scores.dtype == np.float32
-    assert model.backward(np.ones_like(scores)).shape == x.shape
+    assert model.backward(np.ones_like(scores)) is None  # no input gradient unless asked for
+    with_dx = CompactNet(model.config, seed=1, input_grad=True)
+    with_dx.forward(x)
+    assert with_dx.backward(np.ones_like(scores)).shape == x.shape
     assert model.parameter_count() > 0
 
 
@@ -94,7 +97,7 @@ def test_save_and_load_give_identical_predictions(tmp_path):
 def test_whole_objective_gradient_check(name):
     """Eq. 1 (data loss + C_W Ω + C_Θ Σ Γ_l or Ψ_l) against central differences, float64."""
     model = CompactNet(ModelConfig(depth=3, num_classes=3, width_mult=1 / 64, stem="small"),
-                       seed=4).astype(np.float64)
+                       seed=8).astype(np.float64)
     rng = np.random.default_rng(5)
     x = rng.standard_normal((3, 3, 8, 8))
     y = np.array([0, 2, 1])
@@ -109,6 +112,5 @@ def test_whole_objective_gradient_check(name):
     analytic = {f"{n}.{k}": g.copy() for n, layer in model.named_layers() for k, g in layer.grads.items()}
     for n, layer in model.named_layers():
         for k, p in layer.params.items():
-            numeric = numerical_gradient(f, p, h=1e-5)
-            assert_gradients_close(f"{n}.{k}", analytic[f"{n}.{k}"], numeric, tol=1e-7,
-                                   floor=1e-7 * float(np.abs(numeric).max()))
+            numeric = numerical_gradient(f, p, h=1e-4, points=4)
+            assert_gradients_close(f"{n}.{k}", analytic[f"{n}.{k}"], numeric, tol=1e-7)
