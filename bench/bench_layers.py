@@ -37,6 +37,8 @@ def cases(n):
          conv_flops(128, 128, 3, 28, 28)),
         ("conv 7x7/2 3->64, 224x224", "conv", "Conv2D", (3, 64, 7, 2, 3), (n, 3, 224, 224),
          conv_flops(3, 64, 7, 112, 112)),
+        ("  same, need_input_grad=False", "conv", "Conv2D", (3, 64, 7, 2, 3, np.float32, None, False),
+         (n, 3, 224, 224), conv_flops(3, 64, 7, 112, 112)),
         ("batchnorm 128, 28x28", "batchnorm", "BatchNorm2D", (128,), (n, 128, 28, 28), None),
         ("relu 128, 28x28", "activations", "ReLU", (), (n, 128, 28, 28), None),
         ("maxpool 3x3/1 128, 28x28", "pooling", "MaxPool2D", (3, 1, 1), (n, 128, 28, 28), None),
@@ -90,8 +92,10 @@ def main(argv=None):
         both = median_ms(lambda: (layer.forward(x), layer.backward(dout)), args.repeats)
         bwd = both - fwd
         gf = (f"{flops / fwd / 1e6:9.1f} {2 * flops / bwd / 1e6:9.1f}" if flops else "")
+        if getattr(layer, "need_input_grad", True) is False:
+            gf = f"{flops / fwd / 1e6:9.1f} {flops / bwd / 1e6:9.1f}"   # backward: dW only
         print(f"{label:28s} {fwd:9.2f} {bwd:9.2f} {both:9.2f} {gf}")
-        del layer, x, out, dout
+        layer = x = out = dout = None  # free before the next case
 
 
 if __name__ == "__main__":

@@ -8,13 +8,14 @@ code runs unchanged on NumPy and CuPy (``xp``) and keeps the input's dtype.
 
 Column layout: ``cols`` has shape (C·kh·kw, N·Ho·Wo) — rows ordered (c, i, j) like
 ``W.reshape(K, -1)``, columns ordered (n, ho, wo).  With it, forward is one GEMM
-``W2 (K, C·kh·kw) @ cols → (K, N·Ho·Wo)`` and backward two, ``dW = dout2 @ cols.T`` and
-``dcols = W2.T @ dout2``; BLAS reads the ``.T`` views directly, so the big column matrix is
-never transposed; only the output and dout (kh·kw times smaller) are, between NCHW and
-(K, N·Ho·Wo).  Measured on 2 CPU cores, float32, N=64, 128→128 channels, 28×28, 3×3, pad 1
-(forward / backward, ms): this layout 285 / 535; per-image (N, C·kh·kw, Ho·Wo) with a
-batched matmul 332 / 628 (N small GEMMs, dW needs a sum over N); the 2-D
-(N·Ho·Wo, C·kh·kw) layout of DLFS 443 / 700 (it transposes the column matrix itself).
+``W2 (K, C·kh·kw) @ cols → (K, N·Ho·Wo)`` and backward two, ``dWᵀ = cols @ dout2.T`` and
+``dcols = W2.T @ dout2``, all large; BLAS reads the ``.T`` views directly, so the big column
+matrix is never transposed.  Only the output and dout are, between NCHW and (K, N·Ho·Wo);
+they are C·kh·kw/K times smaller (9 for a 3×3 layer with C = K).  Measured on 2 CPU cores,
+float32, N=64, 128→128 channels, 28×28, 3×3, pad 1 (forward / backward, ms): this layout
+285 / 535; per-image (N, C·kh·kw, Ho·Wo) with a batched matmul 332 / 628 (N smaller GEMMs,
+dW needs a sum over N); the 2-D (N·Ho·Wo, C·kh·kw) layout of DLFS 443 / 700 (it transposes
+the column matrix itself).
 """
 from .backend import get_array_module
 

@@ -92,7 +92,7 @@ class Trainer:
 
     def train_epoch(self, epoch, start_step=0, sigint=None):
         """One pass over the training data from batch ``start_step``; returns the epoch's stats."""
-        model, opt, xp = self.model, self.optimizer, self.xp
+        model, opt = self.model, self.optimizer
         model.train()
         steps = len(self.train_loader)
         sums = self.state.get("partial") or {"loss": 0.0, "objective": 0.0, "top1": 0, "top5": 0,

@@ -95,6 +95,9 @@ def test_reused_buffer_gives_fresh_results(device, xp):
     layer.backward(dout)
     with pytest.raises(RuntimeError, match="forward"):
         layer.backward(dout)   # backward consumes the cached columns
+    layer.cache = None         # frees the buffer; the next forward allocates a new one
+    np.testing.assert_allclose(to_cpu(layer.forward(xp.asarray(xs[0]))),
+                               conv2d_reference(xs[0], W, 1, 1), atol=1e-12)
 
 
 def test_backward_rejects_wrong_dout():
@@ -122,6 +125,19 @@ def test_bad_input_raises_clear_errors():
     for bad in [dict(kernel_size=0), dict(kernel_size=3, stride=0), dict(kernel_size=3, padding=-1)]:
         with pytest.raises(ValueError):
             Conv2D(3, 4, **bad)
+
+
+def test_first_layer_can_skip_the_input_gradient(device, xp):
+    layer, x = make(CONFIGS[5], device)
+    first = Conv2D(1, 2, 7, stride=2, padding=3, dtype=np.float64, need_input_grad=False).to(device)
+    first.params["W"] = layer.params["W"].copy()
+    x = xp.asarray(x)
+    dout = xp.asarray(np.random.default_rng(6).standard_normal(layer.forward(x).shape))
+    layer.backward(dout)
+    first.forward(x)
+    assert first.backward(dout) is None
+    np.testing.assert_allclose(to_cpu(first.grads["W"]), to_cpu(layer.grads["W"]), rtol=1e-12)
+    check_layer(first, x, h=H_STEP, check_input=False)
 
 
 class _DoubledDx(Conv2D):

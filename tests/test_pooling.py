@@ -93,6 +93,71 @@ def test_maxpool_errors():
         layer.backward(np.zeros((1, 1, 2, 3)))
 
 
+def _maxpool_loops(x, dout, kh, kw, s, p):
+    """Loop reference for any (kh, kw) kernel: out and dx, ties to the first max in row-major
+    window order (``maxpool2d_reference`` only takes square kernels)."""
+    xpad = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)), constant_values=-np.inf)
+    ho, wo = (xpad.shape[2] - kh) // s + 1, (xpad.shape[3] - kw) // s + 1
+    out = np.empty(x.shape[:2] + (ho, wo))
+    dpad = np.zeros(xpad.shape)
+    for n, c, y, xx in np.ndindex(*out.shape):
+        window = xpad[n, c, s * y:s * y + kh, s * xx:s * xx + kw]
+        i, j = np.unravel_index(np.argmax(window), window.shape)   # first max
+        out[n, c, y, xx] = window[i, j]
+        dpad[n, c, s * y + i, s * xx + j] += dout[n, c, y, xx]
+    return out, dpad[:, :, p:p + x.shape[2], p:p + x.shape[3]]
+
+
+@pytest.mark.parametrize("k, s, p, shape", [
+    ((3, 3), 3, 1, (1, 2, 8, 7)),   # stride = kernel
+    ((2, 2), 3, 1, (1, 2, 7, 8)),   # stride > kernel: some pixels are in no window
+    ((2, 3), 2, 1, (2, 1, 6, 9)),   # rectangular kernels
+    ((3, 1), 1, 0, (1, 2, 5, 4)),
+    ((1, 4), 2, 0, (1, 2, 3, 9)),
+    ((3, 3), 2, 1, (1, 1, 1, 1)),   # a 1×1 map: every window is mostly padding
+    ((4, 4), 2, 3, (1, 1, 2, 5)),
+])
+def test_maxpool_other_geometries_match_loops(k, s, p, shape, xp):
+    x = shuffled_linspace(shape)
+    layer = MaxPool2D(k, s, p)
+    out = layer.forward(xp.asarray(x))
+    dout = np.random.default_rng(1).standard_normal(out.shape)
+    want_out, want_dx = _maxpool_loops(x, dout, k[0], k[1], s, p)
+    np.testing.assert_array_equal(to_cpu(out), want_out)
+    np.testing.assert_allclose(to_cpu(layer.backward(xp.asarray(dout))), want_dx, atol=1e-14)
+
+
+@pytest.mark.parametrize("k, s, p", [(3, 1, 1), (3, 2, 1), (2, 2, 0), (3, 3, 1)])
+def test_maxpool_many_ties_match_reference(k, s, p, xp):
+    """Values in {-inf, 0, 1, 2}: most windows hold tied maxima, in different rows and
+    columns, some are all -inf (then the first pixel wins, even if it is padding)."""
+    rng = np.random.default_rng(4)
+    x = rng.integers(0, 3, (3, 2, 9, 8)).astype(float)
+    x[rng.random(x.shape) < 0.1] = -np.inf
+    x[0, 0, :3, :3] = -np.inf
+    layer = MaxPool2D(k, s, p)
+    out = layer.forward(xp.asarray(x))
+    np.testing.assert_array_equal(to_cpu(out), maxpool2d_reference(x, k, s, p))
+    dout = rng.standard_normal(out.shape)
+    dx = to_cpu(layer.backward(xp.asarray(dout)))
+    np.testing.assert_allclose(dx, maxpool2d_backward_reference(x, dout, k, s, p), atol=1e-14)
+
+
+def test_maxpool_non_contiguous_arrays(xp):
+    x = shuffled_linspace((2, 3, 7, 9))
+    dout = np.random.default_rng(5).standard_normal((2, 3, 4, 5))
+    want = MaxPool2D(3, 2, 1)
+    want_out = to_cpu(want.forward(xp.asarray(x)))
+    want_dx = to_cpu(want.backward(xp.asarray(dout)))
+    layer = MaxPool2D(3, 2, 1)
+    xt = xp.asarray(np.ascontiguousarray(x.transpose(3, 2, 1, 0))).transpose(3, 2, 1, 0)
+    dt = xp.asarray(np.asfortranarray(dout))
+    np.testing.assert_array_equal(to_cpu(layer.forward(xt)), want_out)
+    dx = layer.backward(dt)
+    assert dx.flags.c_contiguous
+    np.testing.assert_allclose(to_cpu(dx), want_dx, atol=1e-14)
+
+
 class _DoubledMaxPool(MaxPool2D):
     def backward(self, dout):
         return 2 * super().backward(dout)

@@ -34,19 +34,25 @@ def conv2d_forward(x, W, stride=1, padding=0, workspace=None):
     return out, cols
 
 
-def conv2d_backward(dout, cols, W, x_shape, stride=1, padding=0, overwrite_cols=False):
+def conv2d_backward(dout, cols, W, x_shape, stride=1, padding=0, overwrite_cols=False,
+                    input_grad=True):
     """Gradients of ``conv2d_forward``: dx = col2im(W2ᵀ · dout2), dW = dout2 · colsᵀ.
 
     dout: (N, K, Ho, Wo), dL/dout (not modified); cols: (C·kh·kw, N·Ho·Wo) from forward;
     W: (K, C, kh, kw); x_shape: (N, C, H, W).  overwrite_cols: write dL/dcols into ``cols``
     instead of a fresh array of the same (large) size; cols is garbage afterwards.
-    Returns (dx (N, C, H, W), dW (K, C, kh, kw)), both dout's dtype.
+    input_grad: False skips dx (its GEMM and the col2im) and returns None for it.
+    Returns (dx (N, C, H, W) or None, dW (K, C, kh, kw)), both dout's dtype.
     """
     xp = get_array_module(dout)
     k, _, kh, kw = W.shape
     # (K, N·Ho·Wo): the one transpose of backward, on an array kh·kw times smaller than cols
     dout2 = xp.ascontiguousarray(dout.transpose(1, 0, 2, 3)).reshape(k, -1)
-    dW = (dout2 @ cols.T).reshape(W.shape)             # cols.T is a view: BLAS reads it transposed
+    # dWᵀ = cols · dout2ᵀ (dout2ᵀ a view BLAS reads transposed).  The same product as
+    # dout2 · colsᵀ, but OpenBLAS splits this shape well; that one ran 2-30x slower on 2 busy cores.
+    dW = (cols @ dout2.T).T.reshape(W.shape)
+    if not input_grad:
+        return None, dW
     W2 = W.reshape(k, -1)
     dcols = xp.matmul(W2.T, dout2, out=cols if overwrite_cols else None)
     dx = col2im(dcols, x_shape, kh, kw, stride, padding)
@@ -66,20 +72,22 @@ class Conv2D(Layer):
 
     in_channels: K^{l-1}; out_channels: K^l; kernel_size: int or (kh, kw); stride, padding:
     ints (zero padding); dtype: of W; rng: ``numpy.random.Generator`` for the init (a fresh
-    one when None).
+    one when None).  need_input_grad: False for the first layer, whose input is the image:
+    backward then fills ``grads["W"]`` only and returns None, skipping dx's GEMM and col2im
+    (about a third of that layer's time).
 
     params: ``W`` (K^l, K^{l-1}, kh, kw) ~ N(0, 2 / (S·K^{l-1})), S = kh·kw (He et al. 2015,
     paper sec. 5.1).
 
-    Memory: forward keeps the column matrix for backward, C·kh·kw·N·Ho·Wo elements — kh·kw /
-    stride² times the input (231 MB in float32 for N=64, 128 channels, 28×28, 3×3).  The layer
-    keeps that buffer and reuses it: the next forward of the same shape writes its columns into
-    it, and backward writes dL/dcols into it once dW is computed (so backward may run once per
-    forward).
+    Memory: forward keeps the column matrix for backward in ``cache``, C·kh·kw·N·Ho·Wo
+    elements — kh·kw/stride² times the input (231 MB in float32 for N=64, 128 channels, 28×28,
+    3×3).  The buffer is reused: backward writes dL/dcols into it once dW is computed (so
+    backward runs once per forward), and the next forward of the same shape writes its columns
+    into it.  ``layer.cache = None`` frees it.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
-                 dtype=np.float32, rng=None):
+                 dtype=np.float32, rng=None, need_input_grad=True):
         super().__init__()
         if in_channels < 1 or out_channels < 1:
             raise ValueError(f"Conv2D needs in_channels and out_channels >= 1, got "
@@ -90,13 +98,13 @@ class Conv2D(Layer):
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.kernel_size = _pair(kernel_size, "kernel_size")
         self.stride, self.padding = int(stride), int(padding)
+        self.need_input_grad = bool(need_input_grad)
         kh, kw = self.kernel_size
         rng = np.random.default_rng() if rng is None else rng
         std = np.sqrt(2.0 / (kh * kw * in_channels))
         W = rng.standard_normal((out_channels, in_channels, kh, kw)) * std
         self.params = {"W": W.astype(dtype)}
         self.zero_grad()
-        self._workspace = None  # the reused column buffer
 
     def forward(self, x):
         """x: (N, K^{l-1}, H, W), W's dtype and device → (N, K^l, Ho, Wo), same dtype."""
@@ -111,38 +119,32 @@ class Conv2D(Layer):
         n, _, h, w = x.shape
         shape = (self.in_channels * kh * kw,
                  n * output_size(h, kh, self.stride, p) * output_size(w, kw, self.stride, p))
-        ws = self._workspace
-        if ws is None or ws.shape != shape or ws.dtype != x.dtype or device_of(ws) != device_of(x):
+        ws = None if self.cache is None else self.cache[1]   # the last forward's buffer
+        if ws is not None and (ws.shape != shape or ws.dtype != x.dtype
+                               or device_of(ws) != device_of(x)):
             ws = None  # a new shape, dtype or device: im2col allocates a fresh buffer
         out, cols = conv2d_forward(x, W, self.stride, p, workspace=ws)
-        self._workspace = cols
-        self.cache = (x.shape, cols)
+        self.cache = (x.shape, cols, True)   # True: cols holds this forward's columns
         return out
 
     def backward(self, dout):
-        """dout: (N, K^l, Ho, Wo) → dx (N, K^{l-1}, H, W); fills ``grads["W"]``."""
-        if self.cache is None:
+        """dout: (N, K^l, Ho, Wo) → dx (N, K^{l-1}, H, W) (None if not need_input_grad);
+        fills ``grads["W"]``."""
+        if self.cache is None or not self.cache[2]:
             raise RuntimeError("Conv2D.backward needs a forward first (once per forward: it "
                                "reuses the cached columns as scratch)")
-        x_shape, cols = self.cache
+        x_shape, cols, _ = self.cache
         n, _, h, w = x_shape
         (kh, kw), st, p = self.kernel_size, self.stride, self.padding
         want = (n, self.out_channels, output_size(h, kh, st, p), output_size(w, kw, st, p))
         if tuple(dout.shape) != want or dout.dtype != cols.dtype:
             raise ValueError(f"Conv2D.backward expects dout of shape {want} and dtype "
                              f"{cols.dtype}, got shape {tuple(dout.shape)} and dtype {dout.dtype}")
-        self.cache = None  # cols is overwritten below
+        self.cache = (x_shape, cols, False)  # cols is overwritten below; kept as a buffer
         dx, self.grads["W"] = conv2d_backward(dout, cols, self.params["W"], x_shape,
-                                              self.stride, self.padding, overwrite_cols=True)
+                                              self.stride, self.padding, overwrite_cols=True,
+                                              input_grad=self.need_input_grad)
         return dx
-
-    def to(self, device):
-        self._workspace = None
-        return super().to(device)
-
-    def astype(self, dtype):
-        self._workspace = None
-        return super().astype(dtype)
 
     def __repr__(self):
         kh, kw = self.kernel_size
