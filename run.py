@@ -263,7 +263,7 @@ def final_report(trainer, s, ten_loader):
     def sparsity():
         return sparsity_report(model.thetas(), model.classifier.params["W"], bias)
 
-    before = {"sparsity": sparsity(), "accuracy": evaluation_crops_report(trainer, trainer.val_loader, None)}
+    before = {"sparsity": sparsity(), "accuracy": evaluation_crops_report(trainer, trainer.val_loader, ten_loader)}
     zeroed = apply_threshold(model, s["threshold"])
     after = {"sparsity": sparsity(), "accuracy": evaluation_crops_report(trainer, trainer.val_loader, ten_loader),
              "weights_zeroed_by_threshold": zeroed}
