@@ -29,7 +29,7 @@ PRESET = dict(epochs=10, batch_size=32, lr=0.01, momentum=0.9, lr_step=8, warmup
 # Settings that change the arithmetic: a resumed run takes them from its checkpoint.
 MATH_KEYS = ("depth", "rho", "model", "batch_size", "lr", "momentum", "lr_step", "warmup", "cw",
              "ctheta", "image_size", "width_mult", "stem", "reg_update", "loss", "seed",
-             "compressed_beta", "data", "cache")
+             "compressed_beta", "cache")
 
 
 def build_parser():
@@ -100,6 +100,8 @@ def resolve_settings(args, parser):
                 s[k] = saved[k]
         if s.get("epochs") is None:
             s["epochs"] = saved.get("epochs")
+        if s.get("data") is None:  # the run's own data unless --data says where it is now
+            s["data"] = saved.get("data")
         s["_state"] = state
     defaults = PAPER if s.get("data") else PRESET
     for k, v in defaults.items():
@@ -232,7 +234,14 @@ def run(s, device, train_set, val_set):
           f"{len(train_set)} train / {len(val_set)} val images, {len(train_set.classes)} classes; "
           f"{resize}px resized, {crop}px crops; {model.parameter_count():,} parameters; out: {s['out']}")
     if s["resume"] or s["evaluate"]:
-        trainer.resume(s["resume"] or s["evaluate"])
+        from minicompact.checkpoint import CheckpointError, load_checkpoint
+        path = s["resume"] or s["evaluate"]
+        saved = ModelConfig.from_json(str(load_checkpoint(path)[0]["__config__"]))
+        if saved != config:
+            raise CheckpointError(f"{path} holds a model for {len(saved.classes)} classes "
+                                  f"({', '.join(saved.classes[:3])}, ...) at depth {saved.depth}; it does not "
+                                  f"match this data ({len(config.classes)} classes) and settings")
+        trainer.resume(path)
     try:
         with train_loader, val_loader, ten_loader:
             if not s["evaluate"]:
@@ -247,6 +256,9 @@ def run(s, device, train_set, val_set):
     except NonFiniteLoss as exc:
         print(f"\nrun.py: stopped: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside training
+        print("\nrun.py: aborted; the last checkpoint written is kept", file=sys.stderr)
+        return 130
     print_report(report)
     return 0
 

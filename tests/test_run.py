@@ -203,3 +203,11 @@ def test_help_explains_every_flag(capsys):
                  "--lr-step", "--cw", "--ctheta", "--threshold", "--image-size", "--width-mult",
                  "--reg-update", "--device", "--workers", "--seed", "--out", "--resume", "--evaluate"):
         assert flag in text
+
+
+def test_checkpoint_for_other_classes_is_a_one_line_error(data, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main("--data", data, "--epochs", 1, "--out", out, *TINY) == 0
+    other = write_folder(tmp_path / "other", classes=("a", "b", "c", "d"))
+    _expect_error(capsys, "--evaluate", out / "last.npz", "--data", other, "--workers", 0,
+                  match="does not match")
