@@ -10,7 +10,6 @@ and a small preset trains on it in a few minutes on a laptop CPU. With ``--data`
 are the paper's (sec. 5.1). Every flag given explicitly overrides the defaults of either.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -21,9 +20,9 @@ PAPER = dict(epochs=90, batch_size=256, lr=0.1, momentum=0.9, lr_step=30, warmup
              image_size=224, width_mult=1.0, stem="auto", workers=None)
 # The embedded default: a 2-core CPU must finish `python run.py --depth 12 --rho 0.03` in
 # under 5 minutes. Small images and widths (8/16/32 filters); batch 32 with the paper's rate
-# scaled linearly to it (0.1 · 32/256 ≈ 0.01) and two epochs of warmup: lr 0.1 from He init
-# diverges in the first steps at this scale, and even 0.02 without a long warmup leaves most
-# seeds stuck at chance for epochs (see README).
+# scaled linearly to it (0.1 · 32/256 ≈ 0.01) and two epochs of warmup. Measured on the demo
+# data: lr 0.1 without warmup is still at chance after one epoch, and 0.02 with one warmup
+# epoch stalled at chance on 3 of 4 seeds (see README).
 PRESET = dict(epochs=10, batch_size=32, lr=0.01, momentum=0.9, lr_step=8, warmup=2.0,
               image_size=32, width_mult=0.0625, stem="auto", workers=None)
 # Settings that change the arithmetic: a resumed run takes them from its checkpoint.
@@ -81,7 +80,8 @@ def fail(parser, message):
 def resolve_settings(args, parser):
     """Fill unset flags from the paper's settings (with --data) or the demo preset (without)."""
     s = vars(args).copy()
-    explicit = {k for k, v in s.items() if v is not None}
+    # Flags the user set to something other than their default (None for preset-dependent ones).
+    given = {k for k, v in s.items() if v is not None and v != parser.get_default(k)}
     if args.resume or args.evaluate:
         from minicompact.checkpoint import CheckpointError, load_checkpoint
         path = args.resume or args.evaluate
@@ -94,7 +94,7 @@ def resolve_settings(args, parser):
             fail(parser, f"{path} holds no run settings (was it written by run.py?)")
         for k in MATH_KEYS:
             if k in saved:
-                if k in explicit and s[k] != saved[k] and parser.get_default(k) != s[k]:
+                if k in given and s[k] != saved[k]:
                     print(f"run.py: note: --{k.replace('_', '-')} {s[k]} ignored; the checkpoint's "
                           f"value {saved[k]} is used", file=sys.stderr)
                 s[k] = saved[k]
@@ -150,9 +150,8 @@ def validate(s, parser):
     if side < 4:
         fail(parser, f"--image-size {size} leaves {side}x{side} feature maps before the spatial pyramid "
                      f"(needs >= 4x4); use a larger --image-size or --stem small")
-    for flag in ("data",):
-        if s.get(flag) and not os.path.isdir(s[flag]):
-            fail(parser, f"--data {s[flag]!r} is not a folder")
+    if s.get("data") and not os.path.isdir(s["data"]):
+        fail(parser, f"--data {s['data']!r} is not a folder")
 
 
 def main(argv=None):
@@ -202,6 +201,7 @@ def run(s, device, train_set, val_set):
     from minicompact.objective import Regularizer
     from minicompact.optim import SGD, StepLR
     from minicompact.regularizers import variant
+    from minicompact.report import format_report, write_report
     from minicompact.training import Interrupted, NonFiniteLoss, Trainer
 
     os.makedirs(s["out"], exist_ok=True)
@@ -248,7 +248,8 @@ def run(s, device, train_set, val_set):
                 t0 = time.time()
                 trainer.fit()
                 print(f"run.py: trained {s['epochs']} epochs in {time.time() - t0:.0f} s")
-            report = final_report(trainer, s, ten_loader)
+            report = write_report(trainer, ten_loader, s["out"], s["threshold"],
+                                  {k: s[k] for k in ("model", "depth", "rho")})
     except Interrupted as exc:
         print(f"\nrun.py: {exc}; checkpoint written: {os.path.join(s['out'], 'last.npz')} "
               f"(continue with --resume)")
@@ -259,58 +260,8 @@ def run(s, device, train_set, val_set):
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside training
         print("\nrun.py: aborted; the last checkpoint written is kept", file=sys.stderr)
         return 130
-    print_report(report)
+    print(format_report(report))
     return 0
-
-
-def final_report(trainer, s, ten_loader):
-    """report.json, model.npz and figures: accuracy and compactness before/after the threshold."""
-    from minicompact.metrics import sparsity_report
-    from minicompact.plots import plot_curves, plot_sparsity
-    from minicompact.training import apply_threshold, evaluation_crops_report, to_python
-
-    model = trainer.model
-    bias = model.classifier.params["b"].size
-
-    def sparsity():
-        return sparsity_report(model.thetas(), model.classifier.params["W"], bias)
-
-    before = {"sparsity": sparsity(), "accuracy": evaluation_crops_report(trainer, trainer.val_loader, ten_loader)}
-    zeroed = apply_threshold(model, s["threshold"])
-    after = {"sparsity": sparsity(), "accuracy": evaluation_crops_report(trainer, trainer.val_loader, ten_loader),
-             "weights_zeroed_by_threshold": zeroed}
-    model.save(os.path.join(s["out"], "model.npz"))
-    report = {"model": s["model"], "depth": s["depth"], "rho": s["rho"], "threshold": s["threshold"],
-              "epochs": len(trainer.state["history"]), "total_parameters": model.parameter_count(),
-              "before_threshold": before, "after_threshold": after,
-              "settings": {k: v for k, v in trainer.settings.items()}}
-    report = to_python(report)
-    path = os.path.join(s["out"], "report.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(path + ".tmp", path)
-    plot_curves(trainer.state["history"], os.path.join(s["out"], "curves.png"))
-    plot_sparsity(report["after_threshold"]["sparsity"]["layers"], os.path.join(s["out"], "sparsity.png"))
-    return report
-
-
-def print_report(report):
-    acc = report["after_threshold"]["accuracy"]
-    sp = report["after_threshold"]["sparsity"]
-    eff = sp["effective_parameters"]
-    print(f"\nresults ({report['model']}net, depth {report['depth']}, rho {report['rho']:g}, "
-          f"after zeroing |w| < {report['threshold']:g}):")
-    print(f"  top-1 error: {acc['single_crop']['top1_error']:.1f}% single crop, "
-          f"{acc['ten_crop']['top1_error']:.1f}% ten crops;  top-5 error: "
-          f"{acc['single_crop']['top5_error']:.1f}% / {acc['ten_crop']['top5_error']:.1f}%")
-    print(f"  parameters: {report['total_parameters']:,} total, {eff['nonzero']:,} nonzero, "
-          f"{eff['structural']:,} effective after removing dead structure; "
-          f"overall sparsity {100 * sp['overall_sparsity']:.1f}%")
-    print(f"  {'layer':<12}{'dict. sparsity':>16}{'avg. compactness':>18}{'layer sparsity':>16}")
-    for name, m in sp["layers"].items():
-        print(f"  {name:<12}{100 * m['dictionary_sparsity']:>15.1f}%{100 * m['average_compactness']:>17.1f}%"
-              f"{100 * m['layer_sparsity']:>15.1f}%")
-    print("  report: report.json, curves.png, sparsity.png in the output folder")
 
 
 if __name__ == "__main__":

@@ -190,7 +190,7 @@ class CompactNet:
     # -- parameters ----------------------------------------------------------------------
     @property
     def param_layers(self):
-        """The layers that own parameters, in data order (names match ``named_params``)."""
+        """The layers that own parameters, in data order (see ``named_layers`` for their names)."""
         return [layer for layer in self.layers if layer.params]
 
     def named_layers(self):

@@ -19,9 +19,7 @@ import os
 import signal
 import time
 
-import numpy as np
-
-from .backend import get_array_module, synchronize, to_cpu
+from .backend import get_array_module, synchronize
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data.transforms import normalize
 from .losses import accuracy_topk, softmax
@@ -244,39 +242,3 @@ class Trainer:
                 if sigint.raised:
                     raise Interrupted(f"interrupted after epoch {epoch + 1}")
         return self.state["history"]
-
-
-def evaluation_crops_report(trainer, center_loader, tencrop_loader):
-    """Top-1/top-5 *errors* (in %) with a single centre crop and with ten crops (sec. 5.1)."""
-    single = trainer.evaluate(center_loader)
-    ten = trainer.evaluate(tencrop_loader) if tencrop_loader is not None else None
-    out = {"single_crop": {"top1_error": 100 * (1 - single["top1"]), "top5_error": 100 * (1 - single["top5"]),
-                           "images": single["n"]}}
-    if ten is not None:
-        out["ten_crop"] = {"top1_error": 100 * (1 - ten["top1"]), "top5_error": 100 * (1 - ten["top5"]),
-                           "images": ten["n"]}
-    return out
-
-
-def apply_threshold(model, threshold):
-    """Zero every conv/classifier weight with |w| < threshold in ``model`` (sec. 5.2.1), in place.
-
-    Returns the number of weights zeroed. BN parameters and biases are left alone.
-    """
-    from .metrics import threshold_
-    return threshold_(model.thetas() + [model.classifier.params["W"]], threshold)
-
-
-def to_python(obj):
-    """JSON-friendly copy: NumPy scalars and arrays become Python numbers and lists."""
-    if isinstance(obj, dict):
-        return {str(k): to_python(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_python(v) for v in obj]
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    if hasattr(obj, "shape") and hasattr(obj, "dtype"):
-        return to_python(to_cpu(obj).tolist())
-    return obj

@@ -1,0 +1,105 @@
+"""The end-of-run report: accuracy and compactness before and after the threshold (sec. 5.2).
+
+``write_report`` evaluates the model with a single centre crop and with ten crops (sec. 5.1),
+computes the compactness metrics of sec. 5.2.2, zeroes every weight below the threshold
+(sec. 5.2.1), does both again, and writes ``report.json``, ``model.npz`` (the thresholded
+model) and the figures. ``format_report`` turns the report into the text ``run.py`` prints.
+"""
+import json
+import os
+
+import numpy as np
+
+from .backend import to_cpu
+from .metrics import sparsity_report, threshold_
+from .plots import plot_curves, plot_sparsity
+
+
+def crop_errors(trainer, center_loader, tencrop_loader=None):
+    """Top-1/top-5 *errors* (in %) with a single centre crop and, if given, ten crops."""
+    out = {}
+    for name, loader in (("single_crop", center_loader), ("ten_crop", tencrop_loader)):
+        if loader is not None:
+            r = trainer.evaluate(loader)
+            out[name] = {"top1_error": 100 * (1 - r["top1"]), "top5_error": 100 * (1 - r["top5"]),
+                         "images": r["n"]}
+    return out
+
+
+def apply_threshold(model, threshold):
+    """Zero, in place, every conv and classifier weight with |w| < threshold (sec. 5.2.1).
+
+    Returns the number of weights zeroed. BN parameters and biases are left alone.
+    """
+    return threshold_(model.thetas() + [model.classifier.params["W"]], threshold)
+
+
+def model_sparsity(model):
+    """``metrics.sparsity_report`` of a CompactNet's dictionaries Θ^l and classifier W."""
+    W = model.classifier.params["W"]
+    return sparsity_report(model.thetas(), W, model.classifier.params["b"].size)
+
+
+def to_python(obj):
+    """JSON-friendly copy: NumPy scalars and arrays become Python numbers and lists."""
+    if isinstance(obj, dict):
+        return {str(k): to_python(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_python(v) for v in obj]
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if hasattr(obj, "shape") and hasattr(obj, "dtype"):
+        return to_python(to_cpu(obj).tolist())
+    return obj
+
+
+def write_report(trainer, tencrop_loader, out_dir, threshold, header):
+    """Evaluate, threshold the model in place, evaluate again; write the files; return the dict.
+
+    trainer: a ``training.Trainer`` (its model, val loader and history are used);
+    tencrop_loader: a ten-crop ``BatchLoader`` of the val split; header: dict of fields put at
+    the top of the report (model, depth, rho).
+    """
+    model = trainer.model
+    before = {"sparsity": model_sparsity(model),
+              "accuracy": crop_errors(trainer, trainer.val_loader, tencrop_loader)}
+    zeroed = apply_threshold(model, threshold)
+    after = {"sparsity": model_sparsity(model),
+             "accuracy": crop_errors(trainer, trainer.val_loader, tencrop_loader),
+             "weights_zeroed_by_threshold": zeroed}
+    model.save(os.path.join(out_dir, "model.npz"))
+    report = to_python({**header, "threshold": threshold, "epochs": len(trainer.state["history"]),
+                        "total_parameters": model.parameter_count(),
+                        "before_threshold": before, "after_threshold": after,
+                        "settings": trainer.settings})
+    path = os.path.join(out_dir, "report.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(path + ".tmp", path)
+    plot_curves(trainer.state["history"], os.path.join(out_dir, "curves.png"))
+    plot_sparsity(report["after_threshold"]["sparsity"]["layers"], os.path.join(out_dir, "sparsity.png"))
+    return report
+
+
+def format_report(report):
+    """The report as the few lines ``run.py`` prints: errors, parameters, per-layer metrics."""
+    acc = report["after_threshold"]["accuracy"]
+    sp = report["after_threshold"]["sparsity"]
+    eff = sp["effective_parameters"]
+    lines = [
+        f"\nresults ({report['model']}net, depth {report['depth']}, rho {report['rho']:g}, "
+        f"after zeroing |w| < {report['threshold']:g}):",
+        f"  top-1 error: {acc['single_crop']['top1_error']:.1f}% single crop, "
+        f"{acc['ten_crop']['top1_error']:.1f}% ten crops;  top-5 error: "
+        f"{acc['single_crop']['top5_error']:.1f}% / {acc['ten_crop']['top5_error']:.1f}%",
+        f"  parameters: {report['total_parameters']:,} total, {eff['nonzero']:,} nonzero, "
+        f"{eff['structural']:,} effective after removing dead structure; "
+        f"overall sparsity {100 * sp['overall_sparsity']:.1f}%",
+        f"  {'layer':<12}{'dict. sparsity':>16}{'avg. compactness':>18}{'layer sparsity':>16}"]
+    for name, m in sp["layers"].items():
+        lines.append(f"  {name:<12}{100 * m['dictionary_sparsity']:>15.1f}%"
+                     f"{100 * m['average_compactness']:>17.1f}%{100 * m['layer_sparsity']:>15.1f}%")
+    lines.append("  report: report.json, curves.png, sparsity.png in the output folder")
+    return "\n".join(lines)
