@@ -212,7 +212,7 @@ def run(s, device, train_set, val_set):
     model = CompactNet(config, seed=s["seed"]).to(device)
     reg_config = variant(s["model"], s["depth"], s["rho"], compressed_beta=s["compressed_beta"])
     optimizer = SGD(model.param_layers, lr=s["lr"], momentum=s["momentum"])
-    regularizer = Regularizer(model, reg_config, s["cw"], s["ctheta"], s["reg_update"]).attach(optimizer)
+    regularizer = Regularizer(model, reg_config, s["cw"], s["ctheta"], s["reg_update"])
     schedule = StepLR(s["lr"], step_size=s["lr_step"], gamma=0.1, warmup_epochs=s["warmup"])
     cache_dir = os.path.join(s["out"], "cache") if s["cache"] else None  # one .npy per split
     common = dict(resize=resize, crop=crop, workers=s["workers"], seed=s["seed"])

@@ -8,21 +8,18 @@ Prints milliseconds per step and images per second (median of --repeats steps af
 warm-up step), and the share of the step spent in each kind of layer.
 """
 import argparse
-import os
-import sys
 import time
 from collections import defaultdict
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from minicompact.backend import array_module, resolve_device, synchronize  # noqa: E402
-from minicompact.losses import softmax_cross_entropy  # noqa: E402
-from minicompact.model import CompactNet, ModelConfig  # noqa: E402
-from minicompact.objective import Regularizer  # noqa: E402
-from minicompact.optim import SGD  # noqa: E402
-from minicompact.regularizers import variant  # noqa: E402
+from minicompact.backend import array_module, resolve_device, synchronize
+from minicompact.losses import softmax_cross_entropy
+from minicompact.model import CompactNet, ModelConfig
+from minicompact.objective import Regularizer
+from minicompact.optim import SGD
+from minicompact.regularizers import variant
 
 
 def main(argv=None):
@@ -41,7 +38,7 @@ def main(argv=None):
     cfg = ModelConfig(depth=args.depth, num_classes=args.classes, width_mult=args.width_mult, stem=args.stem)
     model = CompactNet(cfg, seed=0).to(device)
     opt = SGD(model.param_layers, lr=0.01, momentum=0.9)
-    Regularizer(model, variant("compact", args.depth, 0.03)).attach(opt)
+    reg = Regularizer(model, variant("compact", args.depth, 0.03))
     rng = np.random.default_rng(0)
     x = xp.asarray(rng.standard_normal((args.batch, 3, args.image_size, args.image_size), dtype=np.float32))
     y = xp.asarray(rng.integers(0, args.classes, args.batch))
@@ -63,7 +60,9 @@ def main(argv=None):
         for layer in reversed(model.layers):
             d = timed(layer, layer.backward, d)
         t0 = time.perf_counter()
+        reg.add_gradient()  # what objective.objective adds after the backward
         opt.step()
+        reg.after_step(opt.lr)
         synchronize()
         per_kind["SGD + regularizer"] += time.perf_counter() - t0
 

@@ -1,16 +1,18 @@
-"""The learning problem of eq. 1, wired to a model:
+"""The learning problem of eq. 1, wired to a model, and one SGD step on it:
 
     argmin_{W,Θ}  C_W Ω(W) + C_Θ Σ_l Γ_l(Θ^l) + (1/N) Σ_i L(x_i, y_i; W, Θ)        (1)
 
-The data term comes from the model's forward/backward and a loss; the regularization term
-from ``minicompact.regularizers``.  ``Regularizer`` adds the regularizer's subgradient to the
-gradients *just before* each optimizer step (an optimizer hook, as Chainer's ``Lasso``), or,
-with ``update="proximal"``, keeps only the smooth ℓ2 part there and applies group
-soft-thresholding *after* the step, which produces exact zeros during training.
+There is exactly one place where the regularizer's gradient joins the data gradient:
+``objective`` runs the model's forward and backward for the data term and then calls
+``Regularizer.add_gradient`` once.  ``train_step`` is ``objective`` followed by the SGD
+update and, for ``update="proximal"``, the group soft-thresholding after it.  The optimizer
+itself knows nothing about regularizers, so the term cannot be counted twice.
 
 Batch-norm parameters and the classifier bias are not regularized (the paper regularizes only
 Θ^l and W).
 """
+import math
+
 from .losses import multiclass_hinge_loss, softmax_cross_entropy
 from .regularizers import proximal_step, regularization
 
@@ -18,12 +20,18 @@ LOSSES = {"cross_entropy": softmax_cross_entropy, "hinge": multiclass_hinge_loss
 UPDATES = ("subgradient", "proximal")
 
 
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; no update was made with it."""
+
+
 class Regularizer:
-    """C_W Ω(W) + C_Θ Σ_l Γ_l(Θ^l) (or Ψ_l) for one model, as optimizer hooks.
+    """The regularization part of eq. 1, C_W Ω(W) + C_Θ Σ_l Γ_l(Θ^l) (or Ψ_l), for one model.
 
     model: a ``CompactNet``; config: a ``regularizers.RegConfig`` (which variant, α, β_l);
-    cw, ctheta: C_W and C_Θ of eq. 1 (paper: 1e-4); update: "subgradient" (paper, default)
-    or "proximal".
+    cw, ctheta: C_W and C_Θ of eq. 1 (paper: 1e-4); update: "subgradient" (the paper's
+    scheme, default: the whole (sub)gradient joins the data gradient) or "proximal" (only the
+    smooth ℓ2 part does; the group part is applied as a proximal step after the update,
+    which produces exact zeros during training).
     """
 
     def __init__(self, model, config, cw=1e-4, ctheta=1e-4, update="subgradient"):
@@ -35,8 +43,11 @@ class Regularizer:
         self.cw, self.ctheta, self.update = cw, ctheta, update
         self.last_value = 0.0
 
-    def add_subgradients(self, optimizer=None):
-        """Add the regularizer's (sub)gradient to W's and each Θ^l's gradient; return its value."""
+    def add_gradient(self):
+        """Add C_W·∂Ω to W's gradient and C_Θ·∂Γ_l to each Θ^l's; return the term's value.
+
+        Called by ``objective`` right after the model's backward has set the data gradients.
+        """
         m = self.model
         value, dW, dthetas = regularization(
             self.config, m.classifier.params["W"], m.thetas(), self.cw, self.ctheta,
@@ -47,30 +58,50 @@ class Regularizer:
         self.last_value = value
         return value
 
-    def proximal(self, optimizer):
-        """After a step: group soft-thresholding with step size lr·C (proximal mode only)."""
+    def after_step(self, lr):
+        """After an SGD step with learning rate ``lr``: the proximal step (proximal mode only)."""
         if self.update == "proximal":
             m = self.model
-            proximal_step(self.config, m.classifier.params["W"], m.thetas(), optimizer.lr,
+            proximal_step(self.config, m.classifier.params["W"], m.thetas(), lr,
                           self.cw, self.ctheta)
 
-    def attach(self, optimizer):
-        """Register as the optimizer's pre-update hook (and post-update hook for proximal)."""
-        optimizer.hooks.append(self.add_subgradients)
-        optimizer.post_hooks.append(self.proximal)
-        return self
+
+def _loss_function(loss):
+    """A loss name ("cross_entropy", "hinge") or a ``losses`` function → the function."""
+    if callable(loss):
+        return loss
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
+    return LOSSES[loss]
 
 
 def objective(model, x, labels, regularizer=None, loss="cross_entropy"):
-    """Value of eq. 1 on one batch; fills every parameter gradient of ``model``.
+    """Value of eq. 1 on one batch; sets every parameter gradient of ``model`` to its gradient.
 
-    x: (N, C, H, W) images; labels: (N,) integer classes. Returns (objective, data_loss,
-    scores) with scores (N, Y). With ``regularizer`` None this is the data term alone.
+    x: (N, C, H, W) images; labels: (N,) integer classes; regularizer: a ``Regularizer`` (None:
+    the data term alone); loss: "cross_entropy", "hinge" or a function of ``losses``.
+    Returns (objective, data_loss, scores) with scores (N, Y).
     """
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
     scores = model.forward(x)
-    data_loss, dscores = LOSSES[loss](scores, labels)
-    model.backward(dscores)
-    reg = regularizer.add_subgradients() if regularizer is not None else 0.0
+    data_loss, dscores = _loss_function(loss)(scores, labels)
+    model.backward(dscores)  # sets (does not accumulate) every gradient
+    reg = regularizer.add_gradient() if regularizer is not None else 0.0
     return data_loss + reg, data_loss, scores
+
+
+def train_step(model, optimizer, x, labels, regularizer=None, loss="cross_entropy", lr=None):
+    """One SGD step on eq. 1: ``objective``, the update, then ``Regularizer.after_step``.
+
+    lr: the learning rate of this step (None keeps ``optimizer.lr``).  Raises
+    ``NonFiniteLoss`` before updating anything when the data loss is NaN or infinite.
+    Returns (objective, data_loss, scores) as ``objective`` does.
+    """
+    value, data_loss, scores = objective(model, x, labels, regularizer, loss)
+    if not math.isfinite(data_loss):
+        raise NonFiniteLoss(f"the loss became {data_loss}")
+    if lr is not None:
+        optimizer.lr = lr
+    optimizer.step()
+    if regularizer is not None:
+        regularizer.after_step(optimizer.lr)
+    return value, data_loss, scores

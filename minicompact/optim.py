@@ -1,10 +1,10 @@
 """SGD with momentum and the step learning-rate schedule of the paper (sec. 5.1).
 
 The paper solves Eq. (1) with SGD, momentum 0.9, batches of 256, learning rate 0.1 divided
-by 10 every 30 epochs, for 90 epochs.  Regularizers enter through *hooks*, as in Chainer's
-``Lasso`` optimizer hook and DeZero's ``WeightDecay``: a hook adds its (sub)gradient to the
-parameters' gradients just before the update, and a post-hook may apply a proximal step
-just after it.
+by 10 every 30 epochs, for 90 epochs.  The optimizer only updates parameters from their
+gradients: the regularizer's (sub)gradient is already in them (``objective.objective``, the
+one place eq. 1 is put together), and its proximal step runs after the update
+(``objective.train_step``).
 """
 import numpy as np
 
@@ -23,12 +23,9 @@ class SGD:
     them to another device, cast them) between steps.  Updates happen in place, in each
     parameter's dtype, on its device.
 
-    ``hooks``: callables ``hook(optimizer)`` run just before each update (add a regularizer's
-    subgradient to the grads here); ``post_hooks``: callables run just after it (a proximal
-    step).  Both see the learning rate of the step in ``optimizer.lr``.
     """
 
-    def __init__(self, layers, lr=0.1, momentum=0.9, nesterov=False, hooks=None, post_hooks=None):
+    def __init__(self, layers, lr=0.1, momentum=0.9, nesterov=False):
         if lr < 0 or momentum < 0:
             raise ValueError(f"SGD needs lr >= 0 and momentum >= 0, got lr={lr}, momentum={momentum}")
         if nesterov and momentum == 0:
@@ -37,8 +34,6 @@ class SGD:
         self.lr = float(lr)
         self.momentum = float(momentum)
         self.nesterov = bool(nesterov)
-        self.hooks = list(hooks or [])
-        self.post_hooks = list(post_hooks or [])
         self.velocity = {}  # "<layer index>.<param name>" -> array like the parameter
 
     def parameters(self):
@@ -56,9 +51,7 @@ class SGD:
             layer.zero_grad()
 
     def step(self):
-        """Run the hooks, update every parameter in place, run the post-hooks."""
-        for hook in self.hooks:
-            hook(self)
+        """Update every parameter in place from its gradient, with ``self.lr``."""
         lr, mu = float(self.lr), self.momentum  # Python floats never promote float32 arrays
         for key, _, name, p, g in self.parameters():
             if g is None or g.shape != p.shape:
@@ -74,8 +67,6 @@ class SGD:
                 p -= lr * (g + mu * v)
             else:
                 p -= lr * v
-        for hook in self.post_hooks:
-            hook(self)
 
     def _buffer(self, key, p):
         """The momentum buffer of parameter ``key``, zeros at first, on p's device and dtype."""

@@ -1,7 +1,7 @@
 """The training loop: epochs of SGD on eq. 1, evaluation, checkpoints, logs and the final report.
 
 ``Trainer`` ties together the pieces that live in their own modules — a ``CompactNet``, an
-``SGD`` optimizer with its ``StepLR`` schedule, a ``Regularizer`` hook (eq. 1), and
+``SGD`` optimizer with its ``StepLR`` schedule, a ``Regularizer`` (eq. 1), and
 ``BatchLoader``s for the train and val splits — and adds what a long run needs:
 
 * a JSON-lines log (one object per epoch) and a progress bar per epoch;
@@ -14,7 +14,6 @@
 * a non-finite loss stops the run with a message, keeping the last good checkpoint.
 """
 import json
-import math
 import os
 import signal
 import time
@@ -23,15 +22,12 @@ from .backend import get_array_module, synchronize
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data.transforms import normalize
 from .losses import accuracy_topk, softmax
+from .objective import NonFiniteLoss, train_step
 
 try:
     from tqdm.auto import tqdm
 except ImportError:  # pragma: no cover - tqdm is in requirements.txt
     tqdm = None
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
 
 
 class Interrupted(Exception):
@@ -67,8 +63,8 @@ class Trainer:
     """Train ``model`` with ``optimizer``/``schedule`` on ``train_loader``; evaluate on ``val_loader``.
 
     mean, std: per-channel normalisation (3,) floats; out_dir: where logs, checkpoints and
-    the report go (None: nowhere); regularizer: an ``objective.Regularizer`` already attached
-    to the optimizer (or None); loss_fn: e.g. ``losses.softmax_cross_entropy``.
+    the report go (None: nowhere); regularizer: an ``objective.Regularizer`` (or None);
+    loss_fn: e.g. ``losses.softmax_cross_entropy``.  Each step is ``objective.train_step``.
     """
 
     def __init__(self, model, optimizer, schedule, regularizer, loss_fn, train_loader, val_loader,
@@ -104,21 +100,20 @@ class Trainer:
         try:
             for images, labels in self.train_loader.epoch(epoch, start_batch=start_step):
                 x, y = self._to_model(images, labels)
-                scores = model.forward(x)
-                loss, dscores = self.loss_fn(scores, y)
-                if not math.isfinite(loss):
-                    raise NonFiniteLoss(f"loss became {loss} at epoch {epoch + 1}, step {step + 1}; "
-                                        "lower --lr or raise --warmup; the last good checkpoint is kept")
-                model.backward(dscores)
                 # The loader's batch index, not a count of yielded batches: a batch whose
                 # images were all unreadable is never yielded, and resume must not drift.
                 step = self.train_loader.next_batch
-                opt.lr = self.schedule.lr_at(epoch, step - 1, steps)
-                opt.step()  # the regularizer's hook adds its subgradient first
+                lr = self.schedule.lr_at(epoch, step - 1, steps)
+                try:
+                    value, loss, scores = train_step(model, opt, x, y, self.regularizer,
+                                                     self.loss_fn, lr)
+                except NonFiniteLoss as exc:
+                    raise NonFiniteLoss(f"{exc} at epoch {epoch + 1}, step {step}; lower --lr or "
+                                        "raise --warmup; the last good checkpoint is kept") from None
                 c1, c5 = accuracy_topk(scores, y, ks=(1, 5))
                 n = int(labels.shape[0])
                 sums["loss"] += loss * n
-                sums["objective"] += (loss + (self.regularizer.last_value if self.regularizer else 0.0)) * n
+                sums["objective"] += value * n
                 sums["top1"] += int(c1)
                 sums["top5"] += int(c5)
                 sums["n"] += n
