@@ -8,15 +8,12 @@ importable yet is skipped with a note.
 """
 import argparse
 import importlib
-import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from minicompact.backend import array_module, resolve_device, synchronize  # noqa: E402
+from minicompact.backend import array_module, resolve_device, synchronize
 
 
 def _layer_class(module, name):

@@ -1,13 +1,11 @@
 """Shared fixtures: one parametrised backend instead of a second copy of every test."""
 import os
-import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from minicompact import backend  # noqa: E402
+from minicompact import backend
 
 
 @pytest.fixture(params=["cpu", "gpu"])

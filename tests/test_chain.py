@@ -4,7 +4,9 @@ conv 7x7 → BN → ReLU → max-pool/2 → conv 3x3 → BN → ReLU → max-poo
 
 Through two batch norms, a two-point difference small enough to be accurate drowns in
 rounding noise for the smallest input gradients, so this check uses the five-point stencil
-(error O(h⁴)) at h = 1e-4 and the plain 1e-7 tolerance.
+(error O(h⁴)) at h = 3e-4 and the plain 1e-7 tolerance.  (At h = 1e-4 rounding noise alone
+reached 1.1e-7 on one input entry with a tiny gradient, with OpenBLAS 0.3.31; at 3e-4 the
+worst entry is 3e-8, and h = 1e-3 already steps across max-pool kinks.)
 """
 import numpy as np
 
@@ -51,6 +53,6 @@ def test_whole_chain_gradient_check():
             targets[f"{i}:{type(layer).__name__}.{k}"] = p
     assert len(analytic) == len(targets) == 9  # x, 2 conv W, 2 × BN (gamma, beta), classifier W and b
     for name, target in targets.items():
-        numeric = numerical_gradient(lambda: loss()[0], target, h=1e-4, points=4)
+        numeric = numerical_gradient(lambda: loss()[0], target, h=3e-4, points=4)
         assert_gradients_close(name, analytic[name], numeric, tol=1e-7,
                                floor=1e-12)

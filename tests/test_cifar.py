@@ -6,14 +6,12 @@ carved-out validation split (the archive has none).
 """
 import json
 import os
-import sys
 import tarfile
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHIVE = os.path.join(ROOT, "..", "shared", "data", "cifar10-train.tar.gz")
-sys.path.insert(0, ROOT)
 
 pytestmark = pytest.mark.skipif(not os.path.isfile(ARCHIVE), reason="../shared/data is absent")
 

@@ -2,15 +2,12 @@
 import json
 import os
 import signal
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import run  # noqa: E402
+import run
 
 CLASSES = ("blue", "green", "red")
 TINY = ["--depth", "3", "--width-mult", "0.03", "--image-size", "16", "--batch-size", "8",
