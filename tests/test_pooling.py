@@ -20,6 +20,12 @@ def shuffled_linspace(shape, seed=0):
     return (np.random.default_rng(seed).permutation(size) - size / 2).reshape(shape) * GAP
 
 
+@pytest.fixture(params=["separable", "simple"])
+def impl(request):
+    """Every max-pool test runs on the readable version and on the fast one."""
+    return request.param
+
+
 POOL_CASES = [  # (kernel, stride, padding, input shape)
     (3, 1, 1, (2, 3, 9, 7)),
     (3, 2, 1, (2, 3, 9, 7)),
@@ -30,9 +36,9 @@ POOL_CASES = [  # (kernel, stride, padding, input shape)
 
 
 @pytest.mark.parametrize("k, s, p, shape", POOL_CASES)
-def test_maxpool_matches_reference(k, s, p, shape, xp):
+def test_maxpool_matches_reference(k, s, p, shape, xp, impl):
     x = shuffled_linspace(shape)
-    layer = MaxPool2D(k, s, p)
+    layer = MaxPool2D(k, s, p, impl=impl)
     out = layer.forward(xp.asarray(x))
     np.testing.assert_array_equal(to_cpu(out), maxpool2d_reference(x, k, s, p))
     dout = np.random.default_rng(1).standard_normal(out.shape)
@@ -41,26 +47,26 @@ def test_maxpool_matches_reference(k, s, p, shape, xp):
 
 
 @pytest.mark.parametrize("k, s, p, shape", [POOL_CASES[0], POOL_CASES[1], POOL_CASES[3]])
-def test_maxpool_gradients(k, s, p, shape, xp):
-    check_layer(MaxPool2D(k, s, p), xp.asarray(shuffled_linspace(shape)), tol=1e-7, h=H_STEP)
+def test_maxpool_gradients(k, s, p, shape, xp, impl):
+    check_layer(MaxPool2D(k, s, p, impl=impl), xp.asarray(shuffled_linspace(shape)), tol=1e-7, h=H_STEP)
 
 
-def test_maxpool_stride_1_keeps_and_stride_2_halves_the_size():
+def test_maxpool_stride_1_keeps_and_stride_2_halves_the_size(impl):
     x = np.zeros((1, 2, 28, 28), np.float32)
-    assert MaxPool2D(3, 1, 1).forward(x).shape == (1, 2, 28, 28)
-    assert MaxPool2D(3, 2, 1).forward(x).shape == (1, 2, 14, 14)
+    assert MaxPool2D(3, 1, 1, impl=impl).forward(x).shape == (1, 2, 28, 28)
+    assert MaxPool2D(3, 2, 1, impl=impl).forward(x).shape == (1, 2, 14, 14)
 
 
-def test_maxpool_ties_go_to_the_first_offset_in_row_major_order(xp):
+def test_maxpool_ties_go_to_the_first_offset_in_row_major_order(xp, impl):
     """Constant 3x3 map, 3x3 windows, pad 1: every window's gradient goes to its top-left real pixel."""
-    layer = MaxPool2D(3, 1, 1)
+    layer = MaxPool2D(3, 1, 1, impl=impl)
     x = xp.full((1, 1, 3, 3), 2.0)
     out = layer.forward(x)
     dx = to_cpu(layer.backward(xp.ones_like(out)))[0, 0]
     np.testing.assert_array_equal(dx, [[4, 2, 0], [2, 1, 0], [0, 0, 0]])
     # the same on a batch, random dout, stride 2: one winner per window
     x = np.full((2, 3, 7, 6), -3.0)   # all negative: padding (-inf) still never wins
-    layer = MaxPool2D(3, 2, 1)
+    layer = MaxPool2D(3, 2, 1, impl=impl)
     out = layer.forward(xp.asarray(x))
     assert bool((out == -3.0).all())
     dout = np.random.default_rng(2).standard_normal(out.shape)
@@ -69,17 +75,17 @@ def test_maxpool_ties_go_to_the_first_offset_in_row_major_order(xp):
     assert np.isclose(dx.sum(), dout.sum())
 
 
-def test_maxpool_float32_stays_float32(xp):
+def test_maxpool_float32_stays_float32(xp, impl):
     x = shuffled_linspace((2, 3, 8, 7)).astype(np.float32)
-    layer = MaxPool2D(3, 2, 1)
+    layer = MaxPool2D(3, 2, 1, impl=impl)
     out = layer.forward(xp.asarray(x))
     assert out.dtype == xp.float32
     np.testing.assert_array_equal(to_cpu(out), maxpool2d_reference(x.astype(np.float64), 3, 2, 1))
     assert layer.backward(xp.ones_like(out)).dtype == xp.float32
 
 
-def test_maxpool_errors():
-    layer = MaxPool2D(3, 1, 0)
+def test_maxpool_errors(impl):
+    layer = MaxPool2D(3, 1, 0, impl=impl)
     with pytest.raises(ValueError, match=r"got shape \(4, 4\)"):
         layer.forward(np.zeros((4, 4)))
     with pytest.raises(ValueError, match="int32"):
@@ -87,7 +93,7 @@ def test_maxpool_errors():
     with pytest.raises(ValueError, match=r"H >= 3 and W >= 3, got shape \(1, 1, 2, 4\)"):
         layer.forward(np.zeros((1, 1, 2, 4)))
     with pytest.raises(ValueError, match="padding"):
-        MaxPool2D(3, 1, 3)
+        MaxPool2D(3, 1, 3, impl=impl)
     layer.forward(np.zeros((1, 1, 4, 4)))
     with pytest.raises(ValueError, match=r"\(1, 1, 2, 2\).*\(1, 1, 2, 3\)"):
         layer.backward(np.zeros((1, 1, 2, 3)))
@@ -117,9 +123,9 @@ def _maxpool_loops(x, dout, kh, kw, s, p):
     ((3, 3), 2, 1, (1, 1, 1, 1)),   # a 1×1 map: every window is mostly padding
     ((4, 4), 2, 3, (1, 1, 2, 5)),
 ])
-def test_maxpool_other_geometries_match_loops(k, s, p, shape, xp):
+def test_maxpool_other_geometries_match_loops(k, s, p, shape, xp, impl):
     x = shuffled_linspace(shape)
-    layer = MaxPool2D(k, s, p)
+    layer = MaxPool2D(k, s, p, impl=impl)
     out = layer.forward(xp.asarray(x))
     dout = np.random.default_rng(1).standard_normal(out.shape)
     want_out, want_dx = _maxpool_loops(x, dout, k[0], k[1], s, p)
@@ -128,14 +134,14 @@ def test_maxpool_other_geometries_match_loops(k, s, p, shape, xp):
 
 
 @pytest.mark.parametrize("k, s, p", [(3, 1, 1), (3, 2, 1), (2, 2, 0), (3, 3, 1)])
-def test_maxpool_many_ties_match_reference(k, s, p, xp):
+def test_maxpool_many_ties_match_reference(k, s, p, xp, impl):
     """Values in {-inf, 0, 1, 2}: most windows hold tied maxima, in different rows and
     columns, some are all -inf (then the first pixel wins, even if it is padding)."""
     rng = np.random.default_rng(4)
     x = rng.integers(0, 3, (3, 2, 9, 8)).astype(float)
     x[rng.random(x.shape) < 0.1] = -np.inf
     x[0, 0, :3, :3] = -np.inf
-    layer = MaxPool2D(k, s, p)
+    layer = MaxPool2D(k, s, p, impl=impl)
     out = layer.forward(xp.asarray(x))
     np.testing.assert_array_equal(to_cpu(out), maxpool2d_reference(x, k, s, p))
     dout = rng.standard_normal(out.shape)
@@ -143,13 +149,13 @@ def test_maxpool_many_ties_match_reference(k, s, p, xp):
     np.testing.assert_allclose(dx, maxpool2d_backward_reference(x, dout, k, s, p), atol=1e-14)
 
 
-def test_maxpool_non_contiguous_arrays(xp):
+def test_maxpool_non_contiguous_arrays(xp, impl):
     x = shuffled_linspace((2, 3, 7, 9))
     dout = np.random.default_rng(5).standard_normal((2, 3, 4, 5))
-    want = MaxPool2D(3, 2, 1)
+    want = MaxPool2D(3, 2, 1, impl=impl)
     want_out = to_cpu(want.forward(xp.asarray(x)))
     want_dx = to_cpu(want.backward(xp.asarray(dout)))
-    layer = MaxPool2D(3, 2, 1)
+    layer = MaxPool2D(3, 2, 1, impl=impl)
     xt = xp.asarray(np.ascontiguousarray(x.transpose(3, 2, 1, 0))).transpose(3, 2, 1, 0)
     dt = xp.asarray(np.asfortranarray(dout))
     np.testing.assert_array_equal(to_cpu(layer.forward(xt)), want_out)
@@ -163,9 +169,9 @@ class _DoubledMaxPool(MaxPool2D):
         return 2 * super().backward(dout)
 
 
-def test_maxpool_gradient_check_can_fail():
+def test_maxpool_gradient_check_can_fail(impl):
     with pytest.raises(GradientCheckError):
-        check_layer(_DoubledMaxPool(3, 2, 1), shuffled_linspace((1, 2, 6, 5)), h=H_STEP)
+        check_layer(_DoubledMaxPool(3, 2, 1, impl=impl), shuffled_linspace((1, 2, 6, 5)), h=H_STEP)
 
 
 # ---- spatial pyramid pooling -------------------------------------------------------------

@@ -1,5 +1,8 @@
 """Max-pooling (paper sec. 3.1) and spatial pyramid pooling (paper sec. 3.2).
 
+``max_pool_forward`` / ``max_pool_backward`` are the max-pool to read: a loop over the
+kh·kw window offsets.  ``MaxPool2D`` runs, by default, the faster separable version of
+``maxpool_separable`` with the same results (tested against each other and the loops).
 Both route each output's gradient to the single input that won its max.  Ties go to the
 *first* candidate in row-major order (top row first, left to right), so on a constant input
 every window sends its whole gradient to its top-left real pixel.
@@ -10,87 +13,70 @@ from ..backend import get_array_module
 from ..im2col import output_size
 from .base import Layer, check_input
 from .conv import _pair
+from .maxpool_separable import separable_max_pool_backward, separable_max_pool_forward
 
 
-def _first_max(taps, out=None):
-    """Elementwise max over a list of same-shape arrays, and which one reached it first.
+def max_pool_forward(x, kernel_size, stride, padding):
+    """The max over every kh×kw window, as a running max over the kh·kw window offsets.
 
-    taps: k arrays of one shape S; out: optional buffer of shape S for the max → m (S),
-    the taps' dtype, and arg (S) uint8 (wider for k > 256): the smallest t with taps[t] == m.
+    Tap (i, j) is one strided slice holding pixel (i, j) of every window at once; the loop
+    runs over the kh·kw taps only (9 for 3×3), never over pixels.  A tap replaces the running
+    max only where it is *strictly* greater, so on a tie the earlier tap in row-major order
+    keeps it: the first-maximum rule.
+
+    x: (N, C, H, W); kernel_size: (kh, kw); stride, padding: ints (padding is -inf, so it
+    never wins).  Returns (out, cache): out (N, C, Ho, Wo), x's dtype; cache = (x.shape,
+    arg) with arg (N, C, Ho, Wo) (uint8 up to 256 taps) the winning tap t = i·kw + j of every window.
     """
-    xp = get_array_module(taps[0])
-    if len(taps) == 1:   # a kernel one pixel wide
-        out = xp.empty_like(taps[0]) if out is None else out
-        out[...] = taps[0]
-        return out, xp.zeros(out.shape, dtype=np.uint8)
-    # Strictly greater: on a tie the earlier tap keeps the max (the tie rule).  A bool array
-    # is a 0/1 byte array, so tap 1's comparison already is the argmax of taps {0, 1}.
-    arg = xp.greater(taps[1], taps[0]).view(np.uint8)
-    arg = arg.astype(np.min_scalar_type(len(taps) - 1), copy=False)
-    m = xp.maximum(taps[0], taps[1], out=out)
-    better = xp.empty(m.shape, dtype=bool)
-    code = xp.empty(m.shape, dtype=arg.dtype)
-    for t, tap in enumerate(taps[2:], start=2):
-        xp.greater(tap, m, out=better)
-        xp.maximum(m, tap, out=m)
-        # Taps only grow, so "arg = t where better" is arg = max(arg, better·t), which
-        # avoids slow masked copies.
-        xp.multiply(better, arg.dtype.type(t), out=code)
-        xp.maximum(arg, code, out=arg)
-    return m, arg
+    (kh, kw), s, p = kernel_size, stride, padding
+    xp = get_array_module(x)
+    n, c, h, w = x.shape
+    ho, wo = output_size(h, kh, s, p), output_size(w, kw, s, p)
+    xpad = xp.full((n, c, h + 2 * p, w + 2 * p), -np.inf, dtype=x.dtype)
+    xpad[:, :, p:p + h, p:p + w] = x
+    out = xp.full((n, c, ho, wo), -np.inf, dtype=x.dtype)
+    arg = xp.zeros((n, c, ho, wo), dtype=np.min_scalar_type(kh * kw - 1))
+    for t, (i, j) in enumerate(np.ndindex(kh, kw)):
+        tap = xpad[:, :, i:i + s * ho:s, j:j + s * wo:s]   # pixel (i, j) of every window
+        better = tap > out            # strictly: on a tie the earlier tap keeps the max
+        arg[better] = t
+        xp.maximum(out, tap, out=out)
+    return out, (x.shape, arg)
 
 
-def _route_back(d, arg, dests, fresh):
-    """Backward of ``_first_max``: dests[t] += d where arg == t.
+def max_pool_backward(dout, cache, kernel_size, stride, padding):
+    """Backward of ``max_pool_forward``: each dout[n, c, y, x] goes to its window's winner.
 
-    d, arg: (S); dests: k views of shape S into one buffer.  The first ``fresh`` dests are
-    disjoint and nothing wrote them yet, so they are assigned instead (one pass less each).
+    dout: (N, C, Ho, Wo); cache: (x.shape, arg) from forward.  Returns dx (N, C, H, W).
+    Overlapping windows (stride < kernel) may share a winner: its gradients add up.
     """
-    xp = get_array_module(d)
-    won = xp.empty(d.shape, dtype=bool)
-    share = xp.empty_like(d)
-    for t, dest in enumerate(dests):
-        xp.equal(arg, t, out=won)
-        if t < fresh:
-            xp.multiply(d, won, out=dest)
-        else:
-            xp.multiply(d, won, out=share)
-            dest += share   # one view is injective: no repeated index within a +=
+    (kh, kw), s, p = kernel_size, stride, padding
+    x_shape, arg = cache
+    xp = get_array_module(dout)
+    n, c, h, w = x_shape
+    ho, wo = dout.shape[2:]
+    dxpad = xp.zeros((n, c, h + 2 * p, w + 2 * p), dtype=dout.dtype)
+    for t, (i, j) in enumerate(np.ndindex(kh, kw)):
+        # One tap's slice never repeats a pixel, so this += adds every window's share.
+        dxpad[:, :, i:i + s * ho:s, j:j + s * wo:s] += dout * (arg == t)
+    return xp.ascontiguousarray(dxpad[:, :, p:p + h, p:p + w])
 
 
-def _phase(size, p, s, a):
-    """Phase a of an axis padded by p and split by stride s: padded index s·y + a.
-
-    size: the unpadded length → (y0, y1, i0): phase entries y0:y1 are the input entries
-    i0, i0 + s, ... (< size); the entries before y0 and from y1 on are padding.
-    """
-    y0 = -((a - p) // s)   # ceil((p - a) / s): the first y with s·y + a >= p
-    i0 = s * y0 + a - p
-    return y0, y0 + len(range(i0, size, s)), i0
+# name -> (forward, backward): the readable version above and the fast one beside it.
+MAX_POOL_IMPLS = {"simple": (max_pool_forward, max_pool_backward),
+                  "separable": (separable_max_pool_forward, separable_max_pool_backward)}
 
 
 class MaxPool2D(Layer):
     """Max over kh×kw windows: 3×3, stride 1 keeps the size, stride 2 halves it (sec. 3.1).
 
     kernel_size: int or (kh, kw); stride: int; padding: int < kernel size.  Padding is -inf,
-    so it never wins.  Separable: a window's max is the max over its kh rows of each row's
-    max over kw columns, so forward is a running max over the kw column taps, then over the
-    kh row taps of those row maxima (kh + kw - 2 max steps instead of kh·kw - 1).  Each step
-    keeps its winning tap (a byte per element) and backward routes dout back through the row
-    taps, then the column taps (kh + kw masked additions instead of kh·kw).  Ties go to the
-    first tap at each step: the first row whose row max is the window max, then the first
-    column in that row, i.e. the first maximum in row-major window order.
-
-    Layout, for NumPy's sake: the padded input is split into s×s phase planes (plane (a, b)
-    holds padded pixels (s·y + a, s·x + b)), each flattened.  Column tap j is then plane
-    b = j mod s shifted by j // s, and row tap i is phase a = i mod s shifted by (i // s)
-    rows: every step is one contiguous slice, not a 4-D strided view that NumPy walks row by
-    row at several times the cost.  Windows that run over a row's or an image's end come out
-    as junk entries that are never read.  Memory kept for backward: the winning taps, one
-    byte each, about (H+2p)(W+2p)/s of them (column step) and /s² (row step) per map.
+    so it never wins.  Ties go to the first maximum in row-major window order.
+    impl: "separable" (default: the same results in fewer passes, ``maxpool_separable``) or
+    "simple" (``max_pool_forward`` / ``max_pool_backward`` above, the version to read).
     """
 
-    def __init__(self, kernel_size=3, stride=1, padding=1):
+    def __init__(self, kernel_size=3, stride=1, padding=1, impl="separable"):
         super().__init__()
         self.kernel_size = _pair(kernel_size, "kernel_size")
         if int(stride) != stride or stride < 1 or int(padding) != padding or padding < 0:
@@ -100,88 +86,37 @@ class MaxPool2D(Layer):
             raise ValueError(f"MaxPool2D padding must be smaller than the kernel "
                              f"{self.kernel_size} so that every window sees a real pixel, "
                              f"got padding={padding}")
-        self.stride, self.padding = int(stride), int(padding)
+        if impl not in MAX_POOL_IMPLS:
+            raise ValueError(f"impl must be one of {sorted(MAX_POOL_IMPLS)}, got {impl!r}")
+        self.stride, self.padding, self.impl = int(stride), int(padding), impl
 
     def _out_hw(self, h, w):
         (kh, kw), s, p = self.kernel_size, self.stride, self.padding
         return output_size(h, kh, s, p), output_size(w, kw, s, p)
 
-    def _geometry(self, h, w):
-        """Phase-plane sizes (hq, wq) and the phases: [(a, b, rows, cols)] of ``_phase``."""
-        s, p = self.stride, self.padding
-        hq, wq = -(-(h + 2 * p) // s), -(-(w + 2 * p) // s)
-        phases = [(a, b, _phase(h, p, s, a), _phase(w, p, s, b))
-                  for a in range(s) for b in range(s)]
-        return hq, wq, phases
-
-    def _taps(self, a, k, shift):
-        """The k taps of one pass over a (s, ..., L) phase-split flat array: tap t is phase
-        t mod s shifted by (t // s)·shift, each of length L - (k-1)//s · shift."""
-        s = self.stride
-        n = a.shape[-1] - (k - 1) // s * shift
-        return [a[t % s, ..., t // s * shift:t // s * shift + n] for t in range(k)]
-
     def forward(self, x):
         """x: (N, C, H, W), floating → (N, C, Ho, Wo), same dtype."""
-        (kh, kw), p, s = self.kernel_size, self.padding, self.stride
+        (kh, kw), p = self.kernel_size, self.padding
         check_input(self, x, 4, min_hw=(max(1, kh - 2 * p), max(1, kw - 2 * p)))
-        xp = get_array_module(x)
-        n, c, h, w = x.shape
-        ho, wo = self._out_hw(h, w)
-        hq, wq, phases = self._geometry(h, w)
-        planes = xp.empty((s, s, n, c, hq, wq), dtype=x.dtype)   # the -inf-padded input
-        for a, b, (y0, y1, i0), (x0, x1, j0) in phases:
-            plane = planes[a, b]
-            plane[:, :, y0:y1, x0:x1] = x[:, :, i0::s, j0::s]
-            for edge in (np.s_[:, :, :y0], np.s_[:, :, y1:], np.s_[:, :, y0:y1, :x0],
-                         np.s_[:, :, y0:y1, x1:]):
-                plane[edge] = -np.inf
-        # rowmax[a, q]: max over the columns of a window row; win[q]: max over its rows, for
-        # the window whose top-left padded pixel is the one at flat position q of plane (0, 0).
-        rowmax, col_arg = _first_max(self._taps(planes.reshape(s, s, -1).swapaxes(0, 1), kw, 1))
-        win = planes[0, 0]   # (N, C, hq, wq): free again, so reuse it
-        row_taps = self._taps(rowmax, kh, wq)
-        _, row_arg = _first_max(row_taps, out=win.reshape(-1)[:row_taps[0].shape[0]])
-        self.cache = (x.shape, col_arg, row_arg)
-        return xp.ascontiguousarray(win[:, :, :ho, :wo])
+        forward = MAX_POOL_IMPLS[self.impl][0]
+        out, self.cache = forward(x, self.kernel_size, self.stride, self.padding)
+        return out
 
     def backward(self, dout):
         """dout: (N, C, Ho, Wo) → dx (N, C, H, W): each dout goes to its window's first max."""
         if self.cache is None:
             raise RuntimeError("MaxPool2D.backward needs a forward first")
-        x_shape, col_arg, row_arg = self.cache
-        n, c, h, w = x_shape
+        n, c, h, w = self.cache[0]
         ho, wo = self._out_hw(h, w)
         if tuple(dout.shape) != (n, c, ho, wo):
             raise ValueError(f"MaxPool2D.backward expects dout of shape {(n, c, ho, wo)}, "
                              f"got {tuple(dout.shape)}")
-        xp = get_array_module(dout)
-        (kh, kw), s = self.kernel_size, self.stride
-        hq, wq, phases = self._geometry(h, w)
-        dwin = xp.empty((n, c, hq, wq), dtype=dout.dtype)
-        dwin[:, :, :ho, :wo] = dout
-        dwin[:, :, ho:] = dwin[:, :, :ho, wo:] = 0   # junk windows get no gradient
-        # Taps t < s are the s phases unshifted: they write their whole phase up to the
-        # taps' length; what no such tap reaches starts at zero.
-        drow = xp.empty(col_arg.shape, dtype=dout.dtype)
-        row_taps = self._taps(drow, kh, wq)
-        drow[min(s, kh):] = 0
-        drow[:, row_taps[0].shape[0]:] = 0
-        _route_back(dwin.reshape(-1)[:row_arg.shape[0]], row_arg, row_taps, fresh=s)
-        dplanes = xp.empty((s, s, n * c * hq * wq), dtype=dout.dtype)
-        col_taps = self._taps(dplanes.swapaxes(0, 1), kw, 1)
-        dplanes[:, min(s, kw):] = 0
-        dplanes[:, :, col_taps[0].shape[-1]:] = 0
-        _route_back(drow, col_arg, col_taps, fresh=s)
-        dx = xp.empty(x_shape, dtype=dout.dtype)
-        dplanes = dplanes.reshape(s, s, n, c, hq, wq)
-        for a, b, (y0, y1, i0), (x0, x1, j0) in phases:
-            dx[:, :, i0::s, j0::s] = dplanes[a, b, :, :, y0:y1, x0:x1]
-        return dx
+        backward = MAX_POOL_IMPLS[self.impl][1]
+        return backward(dout, self.cache, self.kernel_size, self.stride, self.padding)
 
     def __repr__(self):
         return (f"MaxPool2D(kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding})")
+                f"padding={self.padding}, impl={self.impl!r})")
 
 
 def pyramid_bins(size, n):
