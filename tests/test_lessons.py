@@ -1,0 +1,116 @@
+"""The lesson notebooks: each one runs top to bottom, checks what it claims, and copies nothing.
+
+Every ``lessons/NN_*.ipynb`` is picked up without editing this file.  Executing them is the
+slow part of the suite (a Jupyter kernel per notebook); the static checks are instant.
+"""
+import ast
+import glob
+import os
+
+import nbformat
+import pytest
+
+from lessons.execute import DEVICE_LINE, execute, lesson_paths
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOKS = lesson_paths()
+IDS = [os.path.basename(p)[:-6] for p in NOTEBOOKS]
+MAX_FOLDER_BYTES = 5 * 2**20     # outputs (figures included) are committed: keep them small
+
+
+def code_cells(nb):
+    """The code cells' sources, IPython magics and shell lines (%, !) blanked out."""
+    out = []
+    for cell in nb.cells:
+        if cell.cell_type == "code" and cell.source.strip():
+            lines = ["" if line.lstrip().startswith(("%", "!")) else line
+                     for line in cell.source.splitlines()]
+            out.append("\n".join(lines))
+    return out
+
+
+def _body_key(node):
+    """A def's body as a string, its docstring dropped: equal keys mean copied code."""
+    body = node.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
+            and isinstance(body[0].value.value, str):
+        body = body[1:]
+    return "\n".join(ast.dump(stmt) for stmt in body), sum(1 for _ in ast.walk(ast.Module(body, [])))
+
+
+def library_definitions():
+    """(top-level names, {body key: qualified name}) of every def and class in minicompact/."""
+    names, bodies = set(), {}
+    for path in glob.glob(os.path.join(ROOT, "minicompact", "**", "*.py"), recursive=True):
+        tree = ast.parse(open(path, encoding="utf-8").read())
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                names.add(node.name)
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                key, size = _body_key(node)
+                if size >= 12:  # one-line bodies ("return x") are not copies worth naming
+                    bodies[key] = f"{os.path.relpath(path, ROOT)}:{node.name}"
+    return names, bodies
+
+
+@pytest.fixture(scope="module")
+def library():
+    return library_definitions()
+
+
+def test_there_is_a_path_of_at_least_ten_lessons():
+    assert len(NOTEBOOKS) >= 10, [os.path.basename(p) for p in NOTEBOOKS]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_lesson_runs_top_to_bottom(path, device):
+    execute(path, device)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_lesson_checks_itself_and_imports_the_library(path, library):
+    nb = nbformat.read(path, as_version=4)
+    cells = code_cells(nb)
+    assert cells and DEVICE_LINE.search(cells[0]), 'the first code cell must set DEVICE = "cpu"'
+    trees = [ast.parse(src) for src in cells]
+    nodes = [n for tree in trees for n in ast.walk(tree)]
+    imports = [n for n in nodes if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert any((getattr(n, "module", None) or "").startswith("minicompact")
+               or any(a.name.startswith("minicompact") for a in n.names) for n in imports), \
+        "a lesson imports the library"
+    asserts = [n for n in nodes if isinstance(n, ast.Assert)
+               or (isinstance(n, ast.Call) and "assert" in ast.unparse(n.func).rsplit(".", 1)[-1])]
+    assert asserts, "a lesson asserts what it claims"
+    names, bodies = library
+    for node in nodes:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            assert node.name not in names, \
+                f"{node.name} shadows minicompact's {node.name}: import it instead"
+            key, _ = _body_key(node)
+            assert key not in bodies, f"{node.name} copies {bodies[key]}: import it instead"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_lesson_opens_with_its_aim_and_ends_with_exercises(path):
+    nb = nbformat.read(path, as_version=4)
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
+    last_md = [c for c in nb.cells if c.cell_type == "markdown"][-1]
+    assert "what to try next" in last_md.source.lower()
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_lesson_outputs_are_committed_from_one_clean_run(path):
+    """The saved outputs come from one top-to-bottom run (``python lessons/execute.py``)."""
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code" and c.source.strip()]
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1))
+    errors = [o for c in code for o in c.outputs if o.output_type == "error"]
+    assert not errors, errors[0]["ename"] if errors else None
+
+
+def test_lessons_folder_stays_small():
+    folder = os.path.join(ROOT, "lessons")
+    size = sum(os.path.getsize(os.path.join(top, f)) for top, _, files in os.walk(folder)
+               for f in files if ".ipynb_checkpoints" not in top)
+    assert size < MAX_FOLDER_BYTES, f"lessons/ holds {size / 2**20:.1f} MB"
