@@ -43,6 +43,25 @@ def set_device(nb, device):
     raise ValueError("the notebook has no 'DEVICE = \"cpu\"' line to switch")
 
 
+def coalesce_streams(nb):
+    """Join consecutive stdout (or stderr) outputs of a cell into one, as they read.
+
+    The kernel may split one ``print`` across several stream messages; joining them makes a
+    re-run save the same file when the printed text is the same.
+    """
+    for cell in nb.cells:
+        merged = []
+        for out in cell.get("outputs", []):
+            if (merged and out.output_type == "stream" and merged[-1].output_type == "stream"
+                    and merged[-1].name == out.name):
+                merged[-1].text += out.text
+            else:
+                merged.append(out)
+        if cell.cell_type == "code":
+            cell.outputs = merged
+    return nb
+
+
 def execute(path, device="cpu", timeout=300):
     """Execute the notebook at ``path`` in its own folder; return (notebook, seconds).
 
@@ -52,12 +71,12 @@ def execute(path, device="cpu", timeout=300):
     nb = nbformat.read(path, as_version=4)
     if device != "cpu":
         set_device(nb, device)
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
                             extra_arguments=["--IPKernelApp.log_level=ERROR"],
                             resources={"metadata": {"path": os.path.dirname(path)}})
     start = time.perf_counter()
     client.execute()
-    return nb, time.perf_counter() - start
+    return coalesce_streams(nb), time.perf_counter() - start
 
 
 def main(argv=None):
