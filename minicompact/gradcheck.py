@@ -85,12 +85,14 @@ def assert_gradients_close(name, analytic, numeric, tol=1e-7, floor=1e-12):
     return err
 
 
-def check_layer(layer, x, dout=None, tol=1e-7, h=1e-5, floor=1e-12, seed=0, check_input=True):
+def check_layer(layer, x, dout=None, tol=1e-7, h=1e-5, floor=1e-12, seed=0, check_input=True,
+                points=2):
     """Gradient-check a layer's ``backward`` against central differences.
 
     layer: an object with ``forward(x)``, ``backward(dout)``, ``params`` and ``grads`` (all
     arrays float64). x: the layer's input, float64. dout: upstream gradient of the output's
-    shape (random normal when omitted). Checks dL/dx and every parameter gradient, raising
+    shape (random normal when omitted). points: 2 or 4, the stencil of ``numerical_gradient``
+    (4 for layers such as batch-norm whose curvature makes a two-point difference noisy). Checks dL/dx and every parameter gradient, raising
     ``GradientCheckError`` naming the first one that fails. Returns ``{name: rel_error}``.
     """
     out = layer.forward(x)
@@ -113,6 +115,6 @@ def check_layer(layer, x, dout=None, tol=1e-7, h=1e-5, floor=1e-12, seed=0, chec
     errors = {}
     for name, a in analytic.items():
         target = x if name == "x" else layer.params[name]
-        n = numerical_gradient(f, target, h)
+        n = numerical_gradient(f, target, h, points)
         errors[name] = assert_gradients_close(f"{type(layer).__name__}.{name}", a, n, tol, floor)
     return errors
