@@ -108,7 +108,7 @@ def build_parser(given_only=False):
       "cache in OUT/cache (refreshed when files change)")
     a("--seed", type=int, default=0, help="seed of the initial weights, data order and crops")
     a("--out", metavar="DIR", help="output folder for log.jsonl, checkpoints, report.json and figures "
-      "(default: runs/<model>-d<depth>-rho<rho>, or -2, -3, ... when that holds an earlier run)")
+      "(default: runs/<model>-d<depth>-rho<rho>, or -2, -3, ... when that exists)")
     a("--overwrite", action="store_true", help="allow --out to replace the files of an earlier run there")
     a("--resume", metavar="CKPT", help="continue training from a checkpoint (e.g. OUT/last.npz), in its folder")
     a("--evaluate", metavar="CKPT", help="only evaluate a checkpoint (or a run's model.npz) on the val split; "
@@ -240,27 +240,32 @@ def check_checkpoint(s, checkpoint, train_set, parser):
 def choose_output(s, checkpoint, parser):
     """Decide the output folder (see ``minicompact.rundir``), refuse to overwrite, probe it."""
     from minicompact.checkpoint import CheckpointError, read_train_state
-    from minicompact.rundir import (EVAL_FILES, RUN_FILES, OutputError, check_writable, held_files,
-                                    next_free, remove_files)
+    from minicompact.rundir import (EVAL_FILES, RUN_FILES, OutputError, check_writable, claim_new_folder,
+                                    held_files, remove_files)
     path = s["resume"] or s["evaluate"]
     explicit = s["out"] is not None
-    if s["evaluate"]:
-        names = EVAL_FILES
-        base = os.path.join(os.path.dirname(os.path.abspath(path)),
-                            "eval-" + os.path.splitext(os.path.basename(path))[0])
-        out = s["out"] if explicit else next_free(base, names)
+    names = EVAL_FILES if s["evaluate"] else RUN_FILES
+    run_dir = os.path.dirname(os.path.abspath(path)) if path else None
+    if explicit:
+        out = s["out"]
     elif s["resume"]:
-        names = RUN_FILES
-        run_dir = os.path.dirname(os.path.abspath(path))
-        out = s["out"] if explicit else run_dir
+        out = run_dir
     else:
-        names = RUN_FILES
-        base = os.path.join("runs", f"{s['model']}-d{s['depth']}-rho{s['rho']:g}")
-        out = s["out"] if explicit else next_free(base, names)
-        if not explicit and out != base:
-            note(f"{base} holds an earlier run; this one goes to {out}")
+        base = (os.path.join(run_dir, "eval-" + os.path.splitext(os.path.basename(path))[0]) if s["evaluate"]
+                else os.path.join("runs", f"{s['model']}-d{s['depth']}-rho{s['rho']:g}"))
+        try:
+            out = claim_new_folder(base)
+        except OSError as exc:
+            fail(parser, f"cannot create the output folder {base} ({exc.strerror or exc}); give --out DIR")
+        s["_claimed"] = out
+        if out != base:
+            note(f"{base} exists; {'this evaluation' if s['evaluate'] else 'this run'} goes to {out}")
     out = os.path.abspath(out)
-    same_run = s["resume"] and os.path.isdir(out) and os.path.samefile(out, os.path.dirname(os.path.abspath(path)))
+    # The checkpoint's folder is its run's folder when it is the run's last/best.npz or holds
+    # a last.npz; a checkpoint kept anywhere else is treated like any --out.
+    same_run = (s["resume"] and os.path.isdir(out) and os.path.samefile(out, run_dir)
+                and (os.path.basename(path) in ("last.npz", "best.npz")
+                     or os.path.exists(os.path.join(run_dir, "last.npz"))))
     held = held_files(out, names) if os.path.isdir(out) else []
     if same_run:  # continuing a run in its own folder: its files are this run's
         state = checkpoint[2]
@@ -361,11 +366,17 @@ def _main(args, given, parser):
     if checkpoint is not None:
         check_checkpoint(s, checkpoint, train_set, parser)
     s["out"] = choose_output(s, checkpoint, parser)
+    code = None
     try:
-        return run(s, device, train_set, val_set, checkpoint)
+        code = run(s, device, train_set, val_set, checkpoint)
     except RunError as exc:
         print(f"run.py: error: {exc}", file=sys.stderr)
-        return exc.code
+        code = exc.code
+    finally:
+        if code != 0 and s.get("_claimed"):  # a new default folder left empty is not left behind
+            with contextlib.suppress(OSError):
+                os.rmdir(s["_claimed"])
+    return code
 
 
 def require_readable_classes(loader):

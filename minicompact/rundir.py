@@ -2,8 +2,9 @@
 
 The rule (README, "What a run writes"):
 
-* a *default* folder never holds an earlier run: when ``runs/<name>`` does, the run goes to
-  ``runs/<name>-2``, ``runs/<name>-3``, ... (the first that holds none of the files);
+* a *default* folder is always a new one: when ``runs/<name>`` exists, the run goes to
+  ``runs/<name>-2``, ``runs/<name>-3``, ... (the first name that does not exist, created at
+  once with ``mkdir``, so two runs started together never share one);
 * an *explicit* folder that holds files of an earlier run is refused (the caller says how to
   go on), unless the user asks for ``--overwrite``, which removes those files first;
 * files that belong to no run (anything else in the folder, the image cache) are left alone;
@@ -26,13 +27,22 @@ def held_files(folder, names):
     return [n for n in names if os.path.lexists(os.path.join(folder, n))]
 
 
-def next_free(base, names):
-    """``base`` if it holds none of ``names``, else the first free ``base-2``, ``base-3``, ..."""
+def claim_new_folder(base):
+    """Create and return ``base``, or ``base-2``, ``base-3``, ... : the first that did not exist.
+
+    ``mkdir`` is atomic, so of two runs started at once each gets its own folder.
+    """
+    parent = os.path.dirname(base)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
     folder, k = base, 1
-    while os.path.exists(folder) and (not os.path.isdir(folder) or held_files(folder, names)):
-        k += 1
-        folder = f"{base}-{k}"
-    return folder
+    while True:
+        try:
+            os.mkdir(folder)
+            return folder
+        except FileExistsError:
+            k += 1
+            folder = f"{base}-{k}"
 
 
 def remove_files(folder, names, keep=None):

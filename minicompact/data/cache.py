@@ -260,7 +260,8 @@ def refresh_cache(cache, dataset, executor=None, progress=False):
     _save_npy(rows_path, marked)
     failed = _decode_into(cache.npy_path, changed, [paths[i] for i in changed], cache.resize,
                           executor, progress)
-    failed.update({i: r for i, r in cache.failed.items() if i not in set(changed.tolist())})
+    redone = set(changed.tolist())
+    failed.update({i: r for i, r in cache.failed.items() if i not in redone})  # unchanged failures stay
     _save_npy(rows_path, _rows(stats, failed))
     _write_meta(cache.json_path, dataset, cache.resize, cache.count, failed)
     return int(changed.size)
