@@ -254,6 +254,19 @@ def test_case9_unusable_out_fails_in_one_line_before_any_training(data, tmp_path
         one_line_failure(capsys, "--data", data, *TINY, "--out", ro, match="is not writable")
 
 
+def test_case9_read_only_mount_is_found_before_training(data, tmp_path, monkeypatch, capsys):
+    """What a read-only mount does to the probe file (simulated: the tests may run as root)."""
+    import errno
+    from minicompact import rundir
+
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", path)
+    monkeypatch.setattr(rundir, "open", read_only, raising=False)
+    error = one_line_failure(capsys, "--data", data, *TINY, "--epochs", 1, "--out", tmp_path / "x",
+                             match="is not writable (Read-only file system)")
+    assert "epoch" not in error and not (tmp_path / "x" / "log.jsonl").exists()
+
+
 def test_case9_disk_failure_during_training_is_one_line(data, tmp_path, monkeypatch, capsys):
     from minicompact import checkpoint
 
@@ -335,6 +348,14 @@ def wait_for(predicate, seconds, proc):
     return False
 
 
+def reap(workers):
+    """The workers still alive after a few seconds; killed, so a failing test leaves none behind."""
+    survivors = wait_dead(workers)
+    for pid in survivors:
+        os.kill(pid, signal.SIGKILL)
+    return survivors
+
+
 LONG = ["--depth", "3", "--width-mult", "0.03", "--image-size", "16", "--batch-size", "2", "--epochs", "100000",
         "--workers", "2", "--no-progress", "--lr", "0.01"]
 
@@ -358,7 +379,7 @@ def test_case7_sigterm_checkpoints_and_stops_the_workers(data, tmp_path, target)
         log.close()
     text = (tmp_path / "run.log").read_text()
     assert "by SIGTERM; checkpoint written" in text and "Traceback" not in text, text
-    assert (out / "last.npz").exists() and wait_dead(workers) == []
+    assert (out / "last.npz").exists() and reap(workers) == []
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -375,4 +396,4 @@ def test_case7_kill_9_of_the_main_process_takes_the_workers_with_it(data, tmp_pa
         if proc.poll() is None:
             proc.kill()
         log.close()
-    assert wait_dead(workers) == [], "decoding workers outlived kill -9 of run.py"
+    assert reap(workers) == [], "decoding workers outlived kill -9 of run.py"
