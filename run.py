@@ -3,14 +3,24 @@
 
     python run.py --depth 12 --rho 0.03                      # the embedded default (no data needed)
     python run.py --data ~/imagenet --depth 12 --rho 0.03    # ROOT/train/<class>/*, ROOT/val/<class>/*
-    python run.py --evaluate runs/x/last.npz                 # evaluate a checkpoint only
+    python run.py --resume runs/x/last.npz                   # continue a run in its folder
+    python run.py --evaluate runs/x/best.npz                 # evaluate a checkpoint into runs/x/eval-best
 
 Without ``--data`` a small procedurally drawn image-folder dataset is generated once (cached)
 and a small preset trains on it in a few minutes on a laptop CPU. With ``--data`` the defaults
 are the paper's (sec. 5.1). Every flag given explicitly overrides the defaults of either.
+
+The flow: parse → resolve (a checkpoint is read once) → validate every flag → open the data and
+check the checkpoint against it → choose and probe the output folder → build, check that every
+class has a readable image → train → report.  Every failure a user can cause is one line and a
+non-zero exit status: 2 before any training, 1 for a failure during it, 128 + the signal's
+number after Ctrl-C (130) or SIGTERM (143).
 """
 import argparse
+import contextlib
+import math
 import os
+import signal
 import sys
 import time
 import warnings
@@ -29,14 +39,46 @@ PRESET = dict(epochs=10, batch_size=32, lr=0.01, momentum=0.9, lr_step=8, warmup
 MATH_KEYS = ("depth", "rho", "model", "batch_size", "lr", "momentum", "lr_step", "warmup", "cw",
              "ctheta", "image_size", "width_mult", "stem", "reg_update", "loss", "seed",
              "compressed_beta", "cache")
+FLOAT_FLAGS = ("rho", "lr", "momentum", "warmup", "cw", "ctheta", "compressed_beta", "threshold",
+               "width_mult")
 
 
-def build_parser():
-    p = argparse.ArgumentParser(
+class RunError(Exception):
+    """A failure the user can cause: printed as one line, exit status ``code``."""
+
+    def __init__(self, message, code=2):
+        super().__init__(message)
+        self.code = code
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" only where there is a default that the help does not already state."""
+
+    def _get_help_string(self, action):
+        if any(action.default is v for v in (None, False, argparse.SUPPRESS)) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors in one line like every other error of run.py (no usage block)."""
+
+    def error(self, message):
+        self.exit(2, f"run.py: error: {message} (run.py --help lists the flags)\n")
+
+
+def build_parser(given_only=False):
+    """The command line.  ``given_only``: no defaults at all, so parsing yields only the flags
+    the user typed (how ``main`` tells an explicit ``--rho 0.03`` from the default 0.03)."""
+    p = Parser(
         prog="run.py", description="Train and evaluate CompactNets (Lobel, Vidal & Soto 2019) on "
         "ImageNet-style folders ROOT/train/<class>/*, ROOT/val/<class>/*.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
+        formatter_class=HelpFormatter, argument_default=argparse.SUPPRESS if given_only else None)
+
+    def a(*flags, **kw):
+        if given_only:
+            kw.pop("default", None)
+        p.add_argument(*flags, **kw)
     a("--data", metavar="ROOT", help="dataset root with train/ and val/ class folders; "
       "omitted: a generated demo dataset and a small preset (see README)")
     a("--depth", type=int, default=12, help="number of layers L (L-1 feature layers + classifier); paper's best: 12")
@@ -48,7 +90,7 @@ def build_parser():
     a("--lr", type=float, help=f"initial learning rate (paper: {PAPER['lr']}; demo: {PRESET['lr']})")
     a("--momentum", type=float, help="SGD momentum (paper: 0.9)")
     a("--lr-step", type=int, help=f"multiply the rate by 0.1 every this many epochs (paper: {PAPER['lr_step']}; demo: {PRESET['lr_step']})")
-    a("--warmup", type=float, help="epochs of linear learning-rate warmup (paper: 0; demo: 2)")
+    a("--warmup", type=float, help="epochs of linear learning-rate warmup, at most --epochs (paper: 0; demo: 2)")
     a("--cw", type=float, default=1e-4, help="C_W, weight of Ω(W) in eq. 1 (paper: 1e-4)")
     a("--ctheta", type=float, default=1e-4, help="C_Θ, weight of Σ Γ_l(Θ^l) in eq. 1 (paper: 1e-4)")
     a("--compressed-beta", type=float, default=0.1, help="β of Ψ for --model compressed (paper: 0.1)")
@@ -62,13 +104,16 @@ def build_parser():
     a("--loss", choices=("cross_entropy", "hinge"), default="cross_entropy", help="data loss L of eq. 1")
     a("--device", choices=("auto", "cpu", "gpu"), default="auto", help="gpu uses CuPy; auto picks the GPU when present")
     a("--workers", type=int, help="image-decoding processes (default: CPU cores - 1, at most 8)")
-    a("--cache", action="store_true", help="decode and resize the dataset once into a uint8 memory-mapped cache")
+    a("--cache", action="store_true", help="decode and resize the dataset once into a uint8 memory-mapped "
+      "cache in OUT/cache (refreshed when files change)")
     a("--seed", type=int, default=0, help="seed of the initial weights, data order and crops")
     a("--out", metavar="DIR", help="output folder for log.jsonl, checkpoints, report.json and figures "
-      "(default: runs/<model>-d<depth>-rho<rho>)")
-    a("--resume", metavar="CKPT", help="continue training from a checkpoint (e.g. OUT/last.npz)")
-    a("--evaluate", metavar="CKPT", help="only evaluate a checkpoint on the val split, then report")
-    a("--no-progress", action="store_true", help="no progress bars (one line per epoch only)")
+      "(default: runs/<model>-d<depth>-rho<rho>, or -2, -3, ... when that exists)")
+    a("--overwrite", action="store_true", help="allow --out to replace the files of an earlier run there")
+    a("--resume", metavar="CKPT", help="continue training from a checkpoint (e.g. OUT/last.npz), in its folder")
+    a("--evaluate", metavar="CKPT", help="only evaluate a checkpoint (or a run's model.npz) on the val split; "
+      "writes to CKPT's folder/eval-<name> unless --out is given")
+    a("--no-progress", action="store_true", help="no progress bars (they are drawn only on a terminal anyway)")
     return p
 
 
@@ -77,32 +122,36 @@ def fail(parser, message):
     parser.exit(2, f"run.py: error: {message}\n")
 
 
-def resolve_settings(args, parser):
-    """Fill unset flags from the paper's settings (with --data) or the demo preset (without)."""
+def note(message):
+    print(f"run.py: note: {message}", file=sys.stderr)
+
+
+def _one_line_warning(message, category, filename, lineno, line=None):
+    return f"run.py: warning: {message}\n"
+
+
+def resolve_settings(args, given, parser, checkpoint=None):
+    """Fill unset flags from the checkpoint, then the paper's settings (with --data) or the
+    demo preset (without).  ``given``: names of the flags typed on the command line."""
     s = vars(args).copy()
-    # Flags the user set to something other than their default (None for preset-dependent ones).
-    given = {k for k, v in s.items() if v is not None and v != parser.get_default(k)}
-    if args.resume or args.evaluate:
-        from minicompact.checkpoint import CheckpointError, load_checkpoint
+    if checkpoint is not None:
         path = args.resume or args.evaluate
-        try:
-            _, _, state = load_checkpoint(path)
-        except CheckpointError as exc:
-            fail(parser, str(exc))
-        saved = state.get("settings") or {}
+        saved = checkpoint[2].get("settings") or {}
         if not saved:
-            fail(parser, f"{path} holds no run settings (was it written by run.py?)")
+            fail(parser, f"{path} holds a model without the run settings needed to "
+                         f"{'resume' if args.resume else 'evaluate'} it (saved by CompactNet.save or an "
+                         "older run.py?); use a file run.py wrote: last.npz, best.npz or model.npz")
         for k in MATH_KEYS:
             if k in saved:
                 if k in given and s[k] != saved[k]:
-                    print(f"run.py: note: --{k.replace('_', '-')} {s[k]} ignored; the checkpoint's "
-                          f"value {saved[k]} is used", file=sys.stderr)
+                    note(f"--{k.replace('_', '-')} {s[k]} ignored; the checkpoint's value {saved[k]} is used")
                 s[k] = saved[k]
         if s.get("epochs") is None:
             s["epochs"] = saved.get("epochs")
         if s.get("data") is None:  # the run's own data unless --data says where it is now
             s["data"] = saved.get("data")
-        s["_state"] = state
+            s["_data_from_checkpoint"] = True
+        s["_saved"] = saved
     defaults = PAPER if s.get("data") else PRESET
     for k, v in defaults.items():
         if s.get(k) is None:
@@ -111,12 +160,18 @@ def resolve_settings(args, parser):
         s["workers"] = max(0, min(8, (os.cpu_count() or 1) - 1))
     if s["stem"] == "auto":
         s["stem"] = "small" if s["image_size"] < 96 else "imagenet"
+    if s.get("data") and not s.get("_data_from_checkpoint"):
+        s["data"] = os.path.abspath(s["data"])  # so a resume from another folder finds it
+    s["_given"] = given
     return s
 
 
 def validate(s, parser):
     """Reject bad values with one line each, before any data is touched."""
-    from minicompact.model import STEMS, dictionary_sizes
+    from minicompact.model import ModelConfig
+    for k in FLOAT_FLAGS:
+        if not math.isfinite(s[k]):
+            fail(parser, f"--{k.replace('_', '-')} must be a finite number, got {s[k]}")
     checks = [
         (s["depth"] >= 2, f"--depth must be >= 2 (an L-layer net has L-1 feature layers), got {s['depth']}"),
         (s["depth"] <= 30, f"--depth must be <= 30, got {s['depth']}"),
@@ -130,41 +185,161 @@ def validate(s, parser):
         (s["cw"] >= 0 and s["ctheta"] >= 0, f"--cw and --ctheta must be >= 0, got {s['cw']} and {s['ctheta']}"),
         (0.0 <= s["compressed_beta"] <= 1.0, f"--compressed-beta must be in [0, 1], got {s['compressed_beta']}"),
         (s["threshold"] >= 0, f"--threshold must be >= 0, got {s['threshold']}"),
-        (s["width_mult"] > 0, f"--width-mult must be > 0, got {s['width_mult']}"),
+        (0 < s["width_mult"] <= 64, f"--width-mult must be in (0, 64], got {s['width_mult']}"),
         (s["workers"] >= 0, f"--workers must be >= 0, got {s['workers']}"),
+        (0 <= s["seed"] < 2**63, f"--seed must be in [0, 2**63), got {s['seed']}"),
+        (s["image_size"] >= 8, f"--image-size must be >= 8, got {s['image_size']}"),
     ]
     for ok, message in checks:
         if not ok:
             fail(parser, message)
-    # The feature maps reaching the pyramid must be at least 4×4 (the finest level).
-    conv_stride, pool_stride = STEMS[s["stem"]]
-    size = s["image_size"]
-    if size < 8:
-        fail(parser, f"--image-size must be >= 8, got {size}")
-    side = -(-size // conv_stride)
-    side = -(-side // pool_stride)
-    sizes = dictionary_sizes(s["depth"], width_mult=s["width_mult"])
-    for prev, k in zip(sizes, sizes[1:]):
-        if k > prev:
-            side = -(-side // 2)
-    if side < 4:
-        fail(parser, f"--image-size {size} leaves {side}x{side} feature maps before the spatial pyramid "
-                     f"(needs >= 4x4); use a larger --image-size or --stem small")
+    if s["warmup"] > s["epochs"]:
+        message = (f"--warmup {s['warmup']:g} is longer than the run (--epochs {s['epochs']}): the learning "
+                   f"rate would never reach --lr {s['lr']:g}")
+        if "warmup" in s["_given"]:
+            fail(parser, message)
+        note(message + " (the preset's warmup; set --warmup to change it)")
+    config = ModelConfig(depth=s["depth"], width_mult=s["width_mult"], stem=s["stem"])
+    try:
+        config.check_image_size(s["image_size"])
+    except ValueError as exc:
+        fail(parser, f"--image-size: {exc}; use a larger --image-size or --stem small")
     if s.get("data") and not os.path.isdir(s["data"]):
-        fail(parser, f"--data {s['data']!r} is not a folder")
+        where = "the checkpoint's data folder" if s.get("_data_from_checkpoint") else "--data"
+        hint = "; point --data at where the data is now" if s.get("_data_from_checkpoint") else ""
+        fail(parser, f"{where} {s['data']!r} is not a folder{hint}")
+
+
+def check_checkpoint(s, checkpoint, train_set, parser):
+    """The checkpoint fits this data and this kind of run (one line otherwise)."""
+    from minicompact.model import ModelConfig
+    path = s["resume"] or s["evaluate"]
+    arrays, opt_state, state = checkpoint
+    saved = ModelConfig.from_json(str(arrays["__config__"]))
+    if saved.classes != list(train_set.classes) or saved.num_classes != len(train_set.classes):
+        fail(parser, f"{path} holds a model for {len(saved.classes)} classes "
+                     f"({', '.join(saved.classes[:3])}, ...); it does not match this data "
+                     f"({len(train_set.classes)} classes: {', '.join(train_set.classes[:3])}, ...)")
+    if not s["resume"]:
+        return
+    if state.get("final"):
+        fail(parser, f"{path} is a run's final model, not a training checkpoint; resume from the "
+                     "run's last.npz (or evaluate this file with --evaluate)")
+    was, now = s["_saved"].get("train_key"), s["train_key"]
+    if was is not None and was != now:
+        before = s["_saved"].get("train_images")
+        if state.get("step", 0) > 0:
+            fail(parser, f"{path} stopped at step {state['step']} of epoch {state['epoch'] + 1} on a training "
+                         f"set of {before} images; this one has {len(train_set)}"
+                         f"{' (other files)' if before == len(train_set) else ''}: a run cannot continue "
+                         "mid-epoch on other data; resume on the data it was trained on")
+        note(f"the training set changed since {path} ({before} -> {len(train_set)} images); the run "
+             "continues on this data, so it will differ from an uninterrupted run")
+
+
+def choose_output(s, checkpoint, parser):
+    """Decide the output folder (see ``minicompact.rundir``), refuse to overwrite, probe it."""
+    from minicompact.checkpoint import CheckpointError, read_train_state
+    from minicompact.rundir import (EVAL_FILES, RUN_FILES, OutputError, check_writable, claim_new_folder,
+                                    held_files, remove_files)
+    path = s["resume"] or s["evaluate"]
+    explicit = s["out"] is not None
+    names = EVAL_FILES if s["evaluate"] else RUN_FILES
+    run_dir = os.path.dirname(os.path.abspath(path)) if path else None
+    if explicit:
+        out = s["out"]
+    elif s["resume"]:
+        out = run_dir
+    else:
+        base = (os.path.join(run_dir, "eval-" + os.path.splitext(os.path.basename(path))[0]) if s["evaluate"]
+                else os.path.join("runs", f"{s['model']}-d{s['depth']}-rho{s['rho']:g}"))
+        try:
+            out = claim_new_folder(base)
+        except OSError as exc:
+            fail(parser, f"cannot create the output folder {base} ({exc.strerror or exc}); give --out DIR")
+        s["_claimed"] = out
+        if out != base:
+            note(f"{base} exists; {'this evaluation' if s['evaluate'] else 'this run'} goes to {out}")
+    out = os.path.abspath(out)
+    # The checkpoint's folder is its run's folder when it is the run's last/best.npz or holds
+    # a last.npz; a checkpoint kept anywhere else is treated like any --out.
+    same_run = (s["resume"] and os.path.isdir(out) and os.path.samefile(out, run_dir)
+                and (os.path.basename(path) in ("last.npz", "best.npz")
+                     or os.path.exists(os.path.join(run_dir, "last.npz"))))
+    held = held_files(out, names) if os.path.isdir(out) else []
+    if same_run:  # continuing a run in its own folder: its files are this run's
+        state = checkpoint[2]
+        last = os.path.join(out, "last.npz")
+        branch = os.path.exists(last) and not os.path.samefile(last, path)
+        if branch and not s["overwrite"]:
+            try:
+                later = read_train_state(last)
+            except CheckpointError:
+                later = {}
+            here, there = (state.get("epoch", 0), state.get("step", 0)), (later.get("epoch", 0), later.get("step", 0))
+            if there > here:
+                fail(parser, f"{last} is further along (epoch {there[0]}, step {there[1]}) than {path} "
+                             f"(epoch {here[0]}, step {here[1]}); resuming here would overwrite it: give "
+                             "another --out to branch off, or add --overwrite")
+        finished = state.get("epoch", 0) >= s["epochs"] and not state.get("partial")
+        if finished and held_files(out, ("report.json", "model.npz")) and not s["overwrite"]:
+            fail(parser, f"{path} has already trained {state.get('epoch', 0)} epochs (--epochs {s['epochs']}) "
+                         f"and {out} holds its report; raise --epochs to train longer, or use --evaluate")
+        if branch and s["overwrite"]:
+            remove_files(out, names, keep=path)  # the branch replaces the later state
+    elif held:
+        if not s["overwrite"]:
+            hint = (f"continue it with --resume {os.path.join(out, 'last.npz')}, "
+                    if "last.npz" in held and not s["evaluate"] else "")
+            what = "an evaluation" if s["evaluate"] else "a run"
+            fail(parser, f"--out {out} already holds {what} ({', '.join(held[:3])}"
+                         f"{', ...' if len(held) > 3 else ''}): {hint}choose another --out, or add "
+                         "--overwrite to replace it")
+        remove_files(out, names, keep=path)
+    try:
+        check_writable(out)
+    except OutputError as exc:
+        fail(parser, f"{exc}{'' if explicit else '; give --out DIR to write elsewhere'}")
+    return out
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     parser = build_parser()
     args = parser.parse_args(argv)
+    given = set(vars(build_parser(given_only=True).parse_args(argv)))
+    from minicompact.training import StopSignals
+    old_format = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning
+    try:
+        with StopSignals(graceful=False) as stop:
+            try:
+                return _main(args, given, parser)
+            except KeyboardInterrupt:  # a signal outside training, or a second one inside it
+                signum = stop.signum or StopSignals.last_signum or signal.SIGINT
+                print(f"\nrun.py: stopped by {signal.Signals(signum).name}; any checkpoint already "
+                      "written is kept", file=sys.stderr)
+                return 128 + signum
+    finally:
+        warnings.formatwarning = old_format
+
+
+def _main(args, given, parser):
     if args.resume and args.evaluate:
         fail(parser, "use either --resume or --evaluate, not both")
-    s = resolve_settings(args, parser)
+    from minicompact.checkpoint import CheckpointError, load_checkpoint
+    checkpoint = None
+    if args.resume or args.evaluate:
+        try:  # the only time the checkpoint is read
+            checkpoint = load_checkpoint(args.resume or args.evaluate)
+        except CheckpointError as exc:
+            fail(parser, str(exc))
+    s = resolve_settings(args, given, parser, checkpoint)
     validate(s, parser)
 
     # Everything below may be slow; every cheap check has passed.
     from minicompact import backend
-    from minicompact.checkpoint import CheckpointError
+    from minicompact.data.cache import cache_key
     from minicompact.data.folders import DatasetError, open_dataset
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -173,28 +348,66 @@ def main(argv=None):
     except backend.BackendError as exc:
         fail(parser, str(exc))
     for w in caught:  # "auto" fell back to the CPU: say so once, in one line
-        print(f"run.py: note: {w.message}", file=sys.stderr)
+        note(str(w.message))
     if s["data"] is None:
         from minicompact.data.synthetic import ensure_synthetic_dataset
         print("run.py: no --data given: using the generated demo dataset (see README)")
         s["data"] = str(ensure_synthetic_dataset())
     try:
-        train_set, val_set = open_dataset(s["data"])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train_set, val_set = open_dataset(s["data"])
     except DatasetError as exc:
         fail(parser, str(exc))
-    out = s["out"] or (os.path.dirname(os.path.abspath(s["resume"] or s["evaluate"]))
-                       if (s["resume"] or s["evaluate"])
-                       else os.path.join("runs", f"{s['model']}-d{s['depth']}-rho{s['rho']:g}"))
-    s["out"] = out
+    for w in caught:
+        print(f"run.py: warning: {w.message}", file=sys.stderr)
+    s["train_images"] = len(train_set)
+    s["train_key"] = cache_key(train_set.samples, 0, train_set.root)
+    if checkpoint is not None:
+        check_checkpoint(s, checkpoint, train_set, parser)
+    s["out"] = choose_output(s, checkpoint, parser)
+    code = None
     try:
-        return run(s, device, train_set, val_set)
-    except CheckpointError as exc:
-        fail(parser, str(exc))
+        code = run(s, device, train_set, val_set, checkpoint)
+    except RunError as exc:
+        print(f"run.py: error: {exc}", file=sys.stderr)
+        code = exc.code
+    finally:
+        if code != 0 and s.get("_claimed"):  # a new default folder left empty is not left behind
+            with contextlib.suppress(OSError):
+                os.rmdir(s["_claimed"])
+    return code
 
 
-def run(s, device, train_set, val_set):
-    """Build everything from the resolved settings ``s`` and train and/or evaluate."""
-    from minicompact.data.loader import BatchLoader
+def require_readable_classes(loader):
+    """``RunError`` naming the classes of ``loader``'s split none of whose images can be read.
+
+    Training without a class, or reporting an error measured on no image, would be silently
+    wrong; so the run stops before training (one decode per class when the data is healthy).
+    """
+    from minicompact.data.images import BadImageError, load_rgb
+    dataset = loader.dataset
+    missing = loader.classes_without_images()
+    if not missing:
+        return
+    names = [dataset.classes[c] for c in missing]
+    first = next(p for p, label in dataset.samples if label == missing[0])
+    try:
+        load_rgb(first, loader.resize)
+        why = ""
+    except BadImageError as exc:
+        why = f"; e.g. {os.path.relpath(first, dataset.root)}: {exc.reason}"
+    raise RunError(f"{dataset.root}: none of the images of {len(names)} of {len(dataset.classes)} classes can "
+                   f"be read ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}){why}; fix or remove "
+                   "those class folders in train/ and val/")
+
+
+def run(s, device, train_set, val_set, checkpoint=None):
+    """Build everything from the resolved settings ``s`` and train and/or evaluate.
+
+    Returns the exit status; raises ``RunError`` for a failure the user can cause.
+    """
+    from minicompact.data.loader import BatchLoader, WorkerError
     from minicompact.data.transforms import estimate_mean_std, scaled_sizes
     from minicompact.losses import multiclass_hinge_loss, softmax_cross_entropy
     from minicompact.model import CompactNet, ModelConfig
@@ -202,11 +415,10 @@ def run(s, device, train_set, val_set):
     from minicompact.optim import SGD, StepLR
     from minicompact.regularizers import variant
     from minicompact.report import format_report, write_report
-    from minicompact.training import Interrupted, NonFiniteLoss, Trainer
+    from minicompact.training import Interrupted, NoImages, NonFiniteLoss, Trainer
 
-    os.makedirs(s["out"], exist_ok=True)
     resize, crop = scaled_sizes(s["image_size"])
-    state = s.pop("_state", None)
+    state = checkpoint[2] if checkpoint else None
     config = ModelConfig(depth=s["depth"], num_classes=len(train_set.classes), width_mult=s["width_mult"],
                          stem=s["stem"], classes=list(train_set.classes))
     model = CompactNet(config, seed=s["seed"]).to(device)
@@ -214,36 +426,42 @@ def run(s, device, train_set, val_set):
     optimizer = SGD(model.param_layers, lr=s["lr"], momentum=s["momentum"])
     regularizer = Regularizer(model, reg_config, s["cw"], s["ctheta"], s["reg_update"])
     schedule = StepLR(s["lr"], step_size=s["lr_step"], gamma=0.1, warmup_epochs=s["warmup"])
-    cache_dir = os.path.join(s["out"], "cache") if s["cache"] else None  # one .npy per split
-    common = dict(resize=resize, crop=crop, workers=s["workers"], seed=s["seed"])
-    train_loader = BatchLoader(train_set, s["batch_size"], mode="train", drop_last=False,
-                               cache=cache_dir, **common)
-    val_loader = BatchLoader(val_set, s["batch_size"], mode="center", cache=cache_dir, **common)
-    ten_loader = BatchLoader(val_set, max(1, s["batch_size"] // 10), mode="tencrop",
-                             cache=cache_dir, **common)
-    if state and "mean" in state:
-        mean, std = state["mean"], state["std"]
-    else:
-        mean, std = estimate_mean_std(train_set, resize, seed=s["seed"], cache=train_loader.cache)
-    loss_fn = softmax_cross_entropy if s["loss"] == "cross_entropy" else multiclass_hinge_loss
-    settings = {k: v for k, v in s.items() if not k.startswith("_") and k not in ("resume", "evaluate")}
-    trainer = Trainer(model, optimizer, schedule, regularizer, loss_fn, train_loader, val_loader, mean, std,
-                      epochs=s["epochs"], out_dir=s["out"], settings=settings,
-                      progress=not s["no_progress"])
     print(f"run.py: {s['model']}net depth {s['depth']} rho {s['rho']:g} on {device}; "
           f"{len(train_set)} train / {len(val_set)} val images, {len(train_set.classes)} classes; "
           f"{resize}px resized, {crop}px crops; {model.parameter_count():,} parameters; out: {s['out']}")
-    if s["resume"] or s["evaluate"]:
-        from minicompact.checkpoint import CheckpointError, load_checkpoint
-        path = s["resume"] or s["evaluate"]
-        saved = ModelConfig.from_json(str(load_checkpoint(path)[0]["__config__"]))
-        if saved != config:
-            raise CheckpointError(f"{path} holds a model for {len(saved.classes)} classes "
-                                  f"({', '.join(saved.classes[:3])}, ...) at depth {saved.depth}; it does not "
-                                  f"match this data ({len(config.classes)} classes) and settings")
-        trainer.resume(path)
+    cache_dir = os.path.join(s["out"], "cache") if s["cache"] else None  # one .npy per split
+    progress = not s["no_progress"] and sys.stderr.isatty()  # no \r updates into pipes and logs
+    common = dict(resize=resize, crop=crop, workers=s["workers"], seed=s["seed"])
+    settings = {k: v for k, v in s.items()
+                if not k.startswith("_") and k not in ("resume", "evaluate", "overwrite")}
+    loss_fn = softmax_cross_entropy if s["loss"] == "cross_entropy" else multiclass_hinge_loss
     try:
-        with train_loader, val_loader, ten_loader:
+        with contextlib.ExitStack() as loaders:  # every worker pool stops on the way out
+            try:
+                # An evaluation reads no training image: its loader stays idle and uncached.
+                train_loader = loaders.enter_context(BatchLoader(
+                    train_set, s["batch_size"], mode="train", drop_last=False,
+                    cache=None if s["evaluate"] else cache_dir, **common))
+                val_loader = loaders.enter_context(BatchLoader(val_set, s["batch_size"], mode="center",
+                                                               cache=cache_dir, **common))
+                ten_loader = loaders.enter_context(BatchLoader(val_set, max(1, s["batch_size"] // 10),
+                                                               mode="tencrop", cache=val_loader.cache, **common))
+            except OSError as exc:
+                raise RunError(f"cannot build the image cache in {cache_dir}: {exc.strerror or exc}", 1) from None
+            for loader in [val_loader] + ([] if s["evaluate"] else [train_loader]):
+                require_readable_classes(loader)
+            if state and "mean" in state:
+                mean, std = state["mean"], state["std"]
+            else:
+                try:
+                    mean, std = estimate_mean_std(train_set, resize, seed=s["seed"], cache=train_loader.cache)
+                except ValueError as exc:  # every sampled image failed to decode
+                    raise RunError(str(exc)) from None
+            trainer = Trainer(model, optimizer, schedule, regularizer, loss_fn, train_loader, val_loader,
+                              mean, std, epochs=s["epochs"], out_dir=s["out"], settings=settings,
+                              progress=progress)
+            if checkpoint is not None:
+                trainer.load_state(*checkpoint)
             if not s["evaluate"]:
                 t0 = time.time()
                 trainer.fit()
@@ -251,16 +469,19 @@ def run(s, device, train_set, val_set):
             report = write_report(trainer, ten_loader, s["out"], s["threshold"],
                                   {k: s[k] for k in ("model", "depth", "rho")})
     except Interrupted as exc:
-        print(f"\nrun.py: {exc}; checkpoint written: {os.path.join(s['out'], 'last.npz')} "
-              f"(continue with --resume)")
-        return 130
+        print(f"\nrun.py: {exc} by {signal.Signals(exc.signum).name}; checkpoint written: "
+              f"{os.path.join(s['out'], 'last.npz')} (continue with --resume)", file=sys.stderr)
+        return 128 + exc.signum
     except NonFiniteLoss as exc:
         print(f"\nrun.py: stopped: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # a second Ctrl-C, or one outside training
-        print("\nrun.py: aborted; the last checkpoint written is kept", file=sys.stderr)
-        return 130
-    print(format_report(report))
+    except (NoImages, WorkerError) as exc:
+        raise RunError(f"stopped: {exc}", 1) from None
+    except OSError as exc:  # a full disk, a folder made read-only during the run
+        where = f" {exc.filename}" if exc.filename else ""
+        raise RunError(f"cannot write{where}: {exc.strerror or exc}; the last checkpoint written is kept",
+                       1) from None
+    print(format_report(report, s["out"]))
     return 0
 
 

@@ -12,7 +12,8 @@ Layout of a training checkpoint (all NumPy arrays, no pickles):
 """
 import json
 import os
-import tempfile
+import secrets
+import zipfile
 
 import numpy as np
 
@@ -21,12 +22,27 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable or not one of ours (one-line message)."""
 
 
+def _create_temp(folder, suffix):
+    """A new, empty temporary file in ``folder``: (fd, path).
+
+    Unlike ``tempfile.mkstemp`` (always mode 0600) it is created with 0666 minus the umask,
+    so the renamed result has the same permissions as every other file a run writes.
+    """
+    for _ in range(100):
+        path = os.path.join(folder, f".tmp-{os.getpid()}-{secrets.token_hex(4)}{suffix}")
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file in {folder}")
+
+
 def atomic_savez(path, arrays):
     """Write ``arrays`` (dict name -> array) to ``path`` as an uncompressed ``.npz``, atomically."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
+    fd, tmp = _create_temp(folder, ".npz")
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
@@ -39,15 +55,42 @@ def atomic_savez(path, arrays):
         raise
 
 
-def read_npz(path):
-    """Load every array of an ``.npz`` into a dict; ``CheckpointError`` when it can't."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
+def _check_file(path):
+    """``CheckpointError`` unless ``path`` is an existing ``.npz`` (zip) archive."""
+    if os.path.isdir(path):
+        hint = (f"; did you mean {os.path.join(path, 'last.npz')}?"
+                if os.path.isfile(os.path.join(path, "last.npz")) else "")
+        raise CheckpointError(f"checkpoint {path!r} is a folder, not a checkpoint file{hint}")
+    if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} is not a regular file")
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path!r}: {exc.strerror or exc}") from None
+    if not is_zip:
+        raise CheckpointError(f"{path!r} is not a minicompact checkpoint (not an .npz archive)")
+
+
+def read_npz(path, keys=None):
+    """Load the arrays of an ``.npz`` (all, or only ``keys`` present) into a dict.
+
+    Raises ``CheckpointError`` (one line) for a folder, a missing file, a file that is not an
+    ``.npz`` archive, one that holds pickled objects (never loaded) or a damaged one.
+    """
+    path = os.fspath(path)
+    _check_file(path)
     try:
         with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except Exception as exc:
+            names = z.files if keys is None else [k for k in keys if k in z.files]
+            return {k: z[k] for k in names}
+    except ValueError as exc:
+        if "pickle" in str(exc):
+            raise CheckpointError(f"{path!r} holds pickled Python objects, which minicompact never "
+                                  "writes; not loaded (it is not one of our checkpoints)") from None
+        raise CheckpointError(f"cannot read checkpoint {path!r}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged zip raises many kinds of errors
         raise CheckpointError(f"cannot read checkpoint {path!r}: {type(exc).__name__}: {exc}") from None
 
 
@@ -62,6 +105,15 @@ def save_checkpoint(path, model, optimizer=None, train_state=None):
     atomic_savez(path, arrays)
 
 
+def _train_state(arrays, path):
+    if "__train__" not in arrays:
+        return {}
+    try:
+        return json.loads(str(arrays["__train__"]))
+    except ValueError:
+        raise CheckpointError(f"{path!r}: its training state is not valid JSON") from None
+
+
 def load_checkpoint(path):
     """Read a checkpoint: returns ``(arrays, optimizer_state, train_state)``.
 
@@ -73,6 +125,11 @@ def load_checkpoint(path):
     if "__config__" not in arrays:
         raise CheckpointError(f"{path!r} is not a minicompact checkpoint (no model configuration)")
     opt = {k[4:]: v for k, v in arrays.items() if k.startswith("opt.")}
-    train_state = json.loads(str(arrays["__train__"])) if "__train__" in arrays else {}
+    train_state = _train_state(arrays, path)
     model_arrays = {k: v for k, v in arrays.items() if not k.startswith("opt.") and k != "__train__"}
     return model_arrays, opt, train_state
+
+
+def read_train_state(path):
+    """Only the JSON training state of a checkpoint ({} when it has none); the weights are not read."""
+    return _train_state(read_npz(path, keys=("__train__",)), path)

@@ -25,6 +25,7 @@ from .backend import to_cpu, to_device
 from .layers import BatchNorm2D, Conv2D, MaxPool2D, ReLU, SoftmaxClassifier, SpatialPyramidPool
 
 STEMS = {"imagenet": (2, 2), "small": (1, 1)}  # stem name -> (first conv stride, first pool stride)
+POOL = 3  # every max-pool is 3×3 with padding 1
 
 
 def dictionary_sizes(depth, widths=(128, 256, 512), width_mult=1.0):
@@ -79,6 +80,38 @@ class ModelConfig:
             raise ValueError(f"pyramid levels must be positive integers, got {self.levels}")
         return self
 
+    def feature_layers(self):
+        """(kernel size, conv stride, max-pool stride) of each feature layer l = 1..L-1 (sec. 3.1).
+
+        The first conv is 7×7 and the stem sets its strides; after it convs are 3×3 with
+        stride 1 and the pool stride is 2 exactly where the number of filters doubles.
+        ``CompactNet`` is built from this list, so it is the one place these rules live.
+        """
+        sizes = dictionary_sizes(self.depth, self.widths, self.width_mult)
+        layers = [(7,) + STEMS[self.stem]]
+        layers += [(3, 1, 2 if k > prev else 1) for prev, k in zip(sizes, sizes[1:])]
+        return layers
+
+    def pyramid_input_side(self, image_size):
+        """Side of the feature maps that reach the spatial pyramid for square ``image_size`` inputs.
+
+        A conv (kernel k, padding k//2) or a 3×3 max-pool (padding 1) of stride s maps a side
+        n to (n + 2·(k//2) - k) // s + 1.
+        """
+        side = int(image_size)
+        for k, conv_stride, pool_stride in self.feature_layers():
+            side = (side + 2 * (k // 2) - k) // conv_stride + 1
+            side = (side + 2 * (POOL // 2) - POOL) // pool_stride + 1
+        return side
+
+    def check_image_size(self, image_size):
+        """Raise ``ValueError`` (one line) when ``image_size`` leaves maps smaller than the pyramid."""
+        side, need = self.pyramid_input_side(image_size), max(self.levels)
+        if side < need:
+            raise ValueError(f"image size {image_size} leaves {side}x{side} feature maps before the "
+                             f"spatial pyramid (its finest level needs >= {need}x{need})")
+        return side
+
     def to_json(self):
         d = asdict(self)
         d["widths"], d["levels"] = list(self.widths), list(self.levels)
@@ -107,22 +140,16 @@ class CompactNet:
         cfg = self.config
         rng = np.random.default_rng(seed)
         sizes = dictionary_sizes(cfg.depth, cfg.widths, cfg.width_mult)
-        conv_stride, pool_stride = STEMS[cfg.stem]
         self.convs, self.bns, self.pools, self.layers = [], [], [], []
         channels = cfg.in_channels
-        for l, k in enumerate(sizes):
+        for l, (k, (ksize, stride_c, stride_p)) in enumerate(zip(sizes, cfg.feature_layers())):
             first = l == 0
-            ksize = 7 if first else 3
-            if first:
-                stride_c, stride_p = conv_stride, pool_stride
-            else:
-                stride_c, stride_p = 1, (2 if k > sizes[l - 1] else 1)
             # The first conv reads the image: its input gradient is rarely wanted and costs
             # a third of that layer's backward (``input_grad=True`` asks for it).
             conv = Conv2D(channels, k, ksize, stride=stride_c, padding=ksize // 2, dtype=dtype, rng=rng,
                           need_input_grad=input_grad or not first)
             bn = BatchNorm2D(k, dtype=dtype)
-            pool = MaxPool2D(3, stride=stride_p, padding=1)
+            pool = MaxPool2D(POOL, stride=stride_p, padding=POOL // 2)
             self.convs.append(conv)
             self.bns.append(bn)
             self.pools.append(pool)

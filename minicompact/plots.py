@@ -11,8 +11,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def plot_curves(history, path):
-    """Loss and top-1 accuracy (train and val) per epoch. history: list of per-epoch dicts."""
+def plot_curves(history, path, loss_name="cross-entropy"):
+    """Loss and top-1 accuracy (train and val) per epoch.
+
+    history: list of per-epoch dicts; loss_name: the data loss L of eq. 1, for the axis label.
+    """
     if not history:
         return None
     epochs = [h["epoch"] for h in history]
@@ -21,7 +24,7 @@ def plot_curves(history, path):
     if all("val_loss" in h for h in history):
         ax1.plot(epochs, [h["val_loss"] for h in history], "s-", label="val loss")
     ax1.set_xlabel("epoch")
-    ax1.set_ylabel("cross-entropy")
+    ax1.set_ylabel(f"{loss_name} loss")
     ax1.legend()
     ax2.plot(epochs, [100 * h["train_top1"] for h in history], "o-", label="train top-1")
     ax2.plot(epochs, [100 * h["val_top1"] for h in history], "s-", label="val top-1")
@@ -38,9 +41,14 @@ def plot_sparsity(layers, path, title="Per-layer sparsity (paper Fig. 5)"):
     layers: dict name -> {"dictionary_sparsity", "average_compactness", "layer_sparsity"}
     (fractions in [0, 1]), in network order.
     """
-    names = list(layers)
-    if not names:
+    if not layers:
         return None
+    return _save(sparsity_figure(layers, title), path)
+
+
+def sparsity_figure(layers, title="Per-layer sparsity (paper Fig. 5)"):
+    """The figure of ``plot_sparsity``; its legend sits above the axes, where no bar can be."""
+    names = list(layers)
     keys = [("dictionary_sparsity", "dictionary sparsity"),
             ("average_compactness", "average compactness"),
             ("layer_sparsity", "layer sparsity")]
@@ -53,10 +61,10 @@ def plot_sparsity(layers, path, title="Per-layer sparsity (paper Fig. 5)"):
     ax.set_xticklabels(names, rotation=45, ha="right")
     ax.set_ylabel("% of the layer")
     ax.set_ylim(0, 100)
-    ax.set_title(title)
-    ax.legend()
+    ax.set_title(title, pad=28)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False, fontsize="small")
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
 def _save(fig, path):

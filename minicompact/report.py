@@ -11,8 +11,12 @@ import os
 import numpy as np
 
 from .backend import to_cpu
+from .checkpoint import save_checkpoint
 from .metrics import sparsity_report, threshold_
 from .plots import plot_curves, plot_sparsity
+
+
+LOSS_NAMES = {"cross_entropy": "cross-entropy", "hinge": "multiclass hinge"}
 
 
 def crop_errors(trainer, center_loader, tencrop_loader=None):
@@ -69,7 +73,10 @@ def write_report(trainer, tencrop_loader, out_dir, threshold, header):
     after = {"sparsity": model_sparsity(model),
              "accuracy": crop_errors(trainer, trainer.val_loader, tencrop_loader),
              "weights_zeroed_by_threshold": zeroed}
-    model.save(os.path.join(out_dir, "model.npz"))
+    # The thresholded model, with what evaluating it again needs (settings, normalisation):
+    # ``CompactNet.load`` reads it, and so does ``run.py --evaluate``.
+    save_checkpoint(os.path.join(out_dir, "model.npz"), model, None,
+                    dict(trainer._train_state(), final=True))
     report = to_python({**header, "threshold": threshold, "epochs": len(trainer.state["history"]),
                         "total_parameters": model.parameter_count(),
                         "before_threshold": before, "after_threshold": after,
@@ -78,12 +85,13 @@ def write_report(trainer, tencrop_loader, out_dir, threshold, header):
     with open(path + ".tmp", "w") as f:
         json.dump(report, f, indent=2)
     os.replace(path + ".tmp", path)
-    plot_curves(trainer.state["history"], os.path.join(out_dir, "curves.png"))
+    loss = LOSS_NAMES.get(trainer.settings.get("loss"), "loss")
+    plot_curves(trainer.state["history"], os.path.join(out_dir, "curves.png"), loss)
     plot_sparsity(report["after_threshold"]["sparsity"]["layers"], os.path.join(out_dir, "sparsity.png"))
     return report
 
 
-def format_report(report):
+def format_report(report, out_dir=None):
     """The report as the few lines ``run.py`` prints: errors, parameters, per-layer metrics."""
     acc = report["after_threshold"]["accuracy"]
     sp = report["after_threshold"]["sparsity"]
@@ -101,5 +109,5 @@ def format_report(report):
     for name, m in sp["layers"].items():
         lines.append(f"  {name:<12}{100 * m['dictionary_sparsity']:>15.1f}%"
                      f"{100 * m['average_compactness']:>17.1f}%{100 * m['layer_sparsity']:>15.1f}%")
-    lines.append("  report: report.json, curves.png, sparsity.png in the output folder")
+    lines.append(f"  report: report.json, model.npz, curves.png, sparsity.png in {out_dir or 'the output folder'}")
     return "\n".join(lines)

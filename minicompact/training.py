@@ -10,7 +10,8 @@
   learning rate a pure function of (epoch, step), and a checkpoint holds the weights, batch-norm
   statistics, momentum buffers, position inside the epoch and the epoch's running sums, so a
   resumed run ends bit-identical (on the CPU) to an uninterrupted one;
-* Ctrl-C finishes the current step, writes ``last.npz`` and stops; a second Ctrl-C stops at once;
+* Ctrl-C or SIGTERM finishes the current step, writes ``last.npz`` and stops; a second one
+  stops at once;
 * a non-finite loss stops the run with a message, keeping the last good checkpoint.
 """
 import json
@@ -31,31 +32,61 @@ except ImportError:  # pragma: no cover - tqdm is in requirements.txt
 
 
 class Interrupted(Exception):
-    """Ctrl-C arrived; a checkpoint was written at the current position."""
+    """Ctrl-C or SIGTERM arrived; a checkpoint was written at the current position.
+
+    ``signum``: the signal that asked for the stop (set by ``Trainer.fit``).
+    """
+
+    signum = signal.SIGINT
 
 
-class _SigintFlag:
-    """First Ctrl-C sets a flag (checked between steps); the second raises KeyboardInterrupt."""
+class NoImages(RuntimeError):
+    """A split yielded no readable image at all (every file was skipped)."""
 
-    def __init__(self):
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (``kill``, ``timeout``, cluster schedulers) as one request.
+
+    graceful=True: the first signal sets ``raised`` and ``signum`` (the training loop checks
+    ``raised`` between steps, then checkpoints and stops); a second one raises
+    ``KeyboardInterrupt`` at once.  graceful=False: every signal raises ``KeyboardInterrupt``
+    at once (the code outside training, which has nothing to checkpoint), with ``signum`` set.
+    The previous handlers come back on exit, so the two nest.  Outside the main thread
+    signals cannot be handled and are left alone.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    last_signum = None  # the latest signal any instance saw (for the exit status)
+
+    def __init__(self, graceful=True):
+        self.graceful = graceful
         self.raised = False
-        self._old = None
+        self.signum = None
+        self._old = {}
 
     def __enter__(self):
         try:
-            self._old = signal.signal(signal.SIGINT, self._handle)
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
         except ValueError:  # not in the main thread: leave signals alone
-            self._old = None
+            self._restore()
         return self
 
     def _handle(self, signum, frame):
-        if self.raised:
-            raise KeyboardInterrupt
-        self.raised = True
+        first = not self.raised
+        self.raised, self.signum = True, self.signum or signum
+        StopSignals.last_signum = signum
+        if first and self.graceful:
+            return
+        raise KeyboardInterrupt
+
+    def _restore(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        self._restore()
         return False
 
 
@@ -169,8 +200,10 @@ class Trainer:
         finally:
             model.release_caches()
             model.train(was)
-        n_ = max(n, 1)
-        return {"top1": top1 / n_, "top5": top5 / n_, "loss": loss_sum / n_, "n": n,
+        if n == 0:
+            raise NoImages(f"no image of the evaluation split could be read "
+                           f"({len(getattr(loader, 'skipped', []))} skipped with a warning)")
+        return {"top1": top1 / n, "top5": top5 / n, "loss": loss_sum / n, "n": n,
                 "skipped": len(getattr(loader, "skipped", []))}
 
     # -- checkpoints -----------------------------------------------------------------------
@@ -186,7 +219,10 @@ class Trainer:
 
     def resume(self, path):
         """Load weights, momentum and position from a checkpoint written by ``save``."""
-        arrays, opt_state, state = load_checkpoint(path)
+        return self.load_state(*load_checkpoint(path))
+
+    def load_state(self, arrays, opt_state, state):
+        """``resume`` from a checkpoint already read with ``checkpoint.load_checkpoint``."""
         self.model.load_state_arrays(arrays)
         if opt_state:
             self.optimizer.load_state_dict(opt_state)
@@ -195,36 +231,50 @@ class Trainer:
                 self.state[key] = state[key]
         return state
 
-    def _append_log(self, record):
+    def _write_log(self):
+        """log.jsonl = the history, one JSON object per epoch, rewritten atomically.
+
+        Written whole from the checkpointed history (not appended), so a resumed run's log
+        holds exactly its epochs, wherever it resumes and into whichever folder.
+        """
         if self.out_dir is None:
             return
-        with open(os.path.join(self.out_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        path = os.path.join(self.out_dir, "log.jsonl")
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(record) + "\n" for record in self.state["history"])
+        os.replace(path + ".tmp", path)
 
     # -- the whole run ---------------------------------------------------------------------
     def fit(self):
         """Train from the current state to ``epochs``; returns the history (list of dicts).
 
-        Raises ``Interrupted`` (after writing last.npz) on Ctrl-C and ``NonFiniteLoss`` (without
-        writing) when the loss diverges.
+        Raises ``Interrupted`` (after writing last.npz) on Ctrl-C or SIGTERM, ``NonFiniteLoss``
+        (without writing) when the loss diverges and ``NoImages`` when a whole split was
+        unreadable.
         """
         if self.out_dir is not None:
             os.makedirs(self.out_dir, exist_ok=True)
-        with _SigintFlag() as sigint:
+            if self.state["history"]:  # resumed: the log holds the checkpoint's epochs, no more
+                self._write_log()
+        with StopSignals(graceful=True) as sigint:
             while self.state["epoch"] < self.epochs:
                 epoch, step = self.state["epoch"], self.state["step"]
                 try:
                     stats = self.train_epoch(epoch, step, sigint)
-                except Interrupted:
+                except Interrupted as exc:
                     self.save("last.npz")
+                    exc.signum = sigint.signum
                     raise
+                if stats["skipped"] and stats["skipped"] >= len(getattr(self.train_loader, "paths", ())):
+                    raise NoImages(f"epoch {epoch + 1} could read none of the {stats['skipped']} training "
+                                   "images; the last good checkpoint is kept")
                 val = self.evaluate()
                 record = {"epoch": epoch + 1, "lr": float(self.optimizer.lr), **stats,
                           "val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"],
                           "val_skipped": val["skipped"]}
                 self.state["history"].append(record)
                 self.state.update(epoch=epoch + 1, step=0, partial=None)
-                self._append_log(record)
+                self._write_log()
                 self.log(f"epoch {epoch + 1:3d}/{self.epochs}  loss {stats['loss']:.4f}  "
                          f"train top-1 {100 * stats['train_top1']:5.1f}%  "
                          f"val top-1 {100 * val['top1']:5.1f}%  top-5 {100 * val['top5']:5.1f}%  "
@@ -235,5 +285,7 @@ class Trainer:
                     self.save("best.npz")
                 self.save("last.npz")
                 if sigint.raised:
-                    raise Interrupted(f"interrupted after epoch {epoch + 1}")
+                    exc = Interrupted(f"interrupted after epoch {epoch + 1}")
+                    exc.signum = sigint.signum
+                    raise exc
         return self.state["history"]

@@ -117,3 +117,54 @@ def test_loose_images_beside_class_folders_warn(tmp_path):
 
 def test_dataset_error_is_a_value_error():
     assert issubclass(DatasetError, ValueError)
+
+
+def test_symlink_loop_lists_each_image_once_and_warns(tmp_path):
+    """Issue 10, case 4: ``ln -s . train/a/loop`` used to list the class 41 times, silently."""
+    root = _tree(tmp_path / "d", classes=("a", "b"), per_class=3)
+    os.symlink(".", tmp_path / "d" / "train" / "a" / "loop")
+    with pytest.warns(UserWarning, match=r"1 links to folders already listed were not followed \(e.g. a/loop\)"):
+        tr, _ = open_dataset(root)
+    assert len(tr) == 6 and len({p for p, _ in tr.samples}) == 6
+
+
+def test_listing_is_a_tree_each_file_once(tmp_path):
+    """Cases the issue does not list: a second path to a folder, a linked file, a hard link,
+    a link into another class (first class keeps it), a broken link and a socket named *.png."""
+    import socket
+    root = _tree(tmp_path / "d", classes=("a", "b"), per_class=2)
+    a, b = tmp_path / "d" / "train" / "a", tmp_path / "d" / "train" / "b"
+    _img(str(a / "sub" / "deep.png"))
+    os.symlink("sub", a / "again")                      # second path to a/sub
+    os.symlink(a / "0.png", a / "linked.png")           # a file and a link to it
+    os.link(a / "1.png", a / "hard.png")                # a hard link: the same file
+    os.symlink(a / "sub" / "deep.png", b / "2.png")     # the same file in another class
+    os.symlink(tmp_path / "nowhere.png", b / "broken.png")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(b / "sock.png"))
+    try:
+        with pytest.warns(UserWarning) as record:
+            tr, _ = open_dataset(root)
+    finally:
+        sock.close()
+    rel = sorted(os.path.relpath(p, tmp_path / "d" / "train") for p, _ in tr.samples)
+    assert rel == ["a/0.png", "a/1.png", "a/sub/deep.png", "b/0.png", "b/1.png"]
+    text = " | ".join(str(w.message) for w in record)
+    assert "1 links to folders already listed" in text and "(e.g. a/again)" in text
+    assert "3 files reachable by more than one path" in text  # hard.png, linked.png, b/2.png
+    assert "2 entries with image names are not regular files" in text
+
+
+def test_unreadable_subfolder_is_reported(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root reads every folder")
+    root = _tree(tmp_path / "d", classes=("a", "b"))
+    locked = tmp_path / "d" / "train" / "a" / "locked"
+    _img(str(locked / "x.png"))
+    os.chmod(locked, 0)
+    try:
+        with pytest.warns(UserWarning, match="1 folders could not be read"):
+            tr, _ = open_dataset(root)
+    finally:
+        os.chmod(locked, 0o755)
+    assert len(tr) == 4

@@ -130,3 +130,32 @@ def test_bad_files_raise_bad_image_error_with_path(tmp_path, kind):
         load_rgb(str(path), 16)
     assert info.value.path == str(path) and str(path) in str(info.value)
     assert info.value.reason
+
+
+def test_fifo_is_a_bad_image_not_a_hang(tmp_path):
+    """Issue 10, case 8: opening a FIFO named *.jpg blocked forever waiting for a writer."""
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs on this platform")
+    import signal
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+
+    def hung(signum, frame):
+        raise TimeoutError("load_rgb blocked on a FIFO")
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.setitimer(signal.ITIMER_REAL, 5)
+    try:
+        with pytest.raises(BadImageError, match="not a regular file"):
+            load_rgb(str(fifo), 8)
+        with pytest.raises(BadImageError, match="a folder"):
+            load_rgb(str(tmp_path), 8)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_error_names_the_file(tmp_path):
+    (tmp_path / "t.png").write_text("not an image")
+    with pytest.raises(BadImageError) as info:
+        load_rgb(str(tmp_path / "t.png"), 8)
+    assert repr(str(tmp_path / "t.png")) in info.value.reason and "BufferedReader" not in info.value.reason

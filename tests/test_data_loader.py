@@ -178,7 +178,7 @@ def test_cache_round_trip_reuse_and_rebuild(split, tmp_path, monkeypatch):
     with open(other.json_path, "w") as f:
         f.write("{broken")
     assert open_cache(split, 10, tmp_path / "c").count == N  # damaged sidecar: rebuilt
-    assert sorted(os.listdir(tmp_path / "c")) == ["train_10px.json", "train_10px.npy"]
+    assert sorted(os.listdir(tmp_path / "c")) == ["train_10px.json", "train_10px.npy", "train_10px.rows.npy"]
     with pytest.raises(ValueError, match="another dataset or size"):
         BatchLoader(split, 4, 12, 8, "train", cache=cache)
 
@@ -231,3 +231,51 @@ def test_start_batch_is_checked_at_call_time(split):
     with pytest.raises(ValueError, match=r"start_batch must be in \[0, 6\], got 7"):
         loader.epoch(0, start_batch=7)
     assert list(loader.epoch(0, start_batch=6)) == []
+
+
+def _rewrite(path, number, mtime_step=10):
+    """Write another coordinate image over ``path``; move its mtime on, as a later edit would."""
+    before = os.stat(path).st_mtime_ns
+    Image.fromarray(_coord_image(number)).save(path)
+    os.utime(path, ns=(before + mtime_step * 10**9,) * 2)
+
+
+def test_cache_follows_files_replaced_in_place_and_retries_fixed_ones(tmp_path, monkeypatch):
+    """Issue 10, case 3: old pixels after an in-place replacement; a fixed file stayed skipped."""
+    ds = _make_split(str(tmp_path / "train"))
+    broken = tmp_path / "train" / "c2" / "020.png"
+    broken.write_bytes(b"not a png")
+    first = open_cache(ds, SIDE, tmp_path / "c")
+    assert first.failed == {20: first.failed[20]} and first.images[3, 0, 0, 2] == 3
+    _rewrite(tmp_path / "train" / "c0" / "003.png", 77)     # same size: only the time moved
+    _rewrite(broken, 20)                                    # fixed
+    decoded = []
+    real = cache_module.load_rgb
+    monkeypatch.setattr(cache_module, "load_rgb", lambda p, r: decoded.append(p) or real(p, r))
+    again = open_cache(ds, SIDE, tmp_path / "c")
+    assert sorted(os.path.basename(p) for p in decoded) == ["003.png", "020.png"]  # only those
+    assert again.images[3, 0, 0, 2] == 77 and again.images[20, 0, 0, 2] == 20 and again.failed == {}
+    decoded.clear()
+    broken.write_bytes(b"broken again")
+    assert 20 in open_cache(ds, SIDE, tmp_path / "c").failed and len(decoded) == 1
+    decoded.clear()
+    assert 20 in open_cache(ds, SIDE, tmp_path / "c").failed and decoded == []  # unchanged: not retried
+
+
+def test_interrupted_cache_refresh_is_redone(tmp_path, monkeypatch):
+    """The cache key, a case the issue does not list: a refresh killed half-way (a file
+    replaced by rename, its new pixels half written) is completed by the next open."""
+    ds = _make_split(str(tmp_path / "train"))
+    open_cache(ds, SIDE, tmp_path / "c")
+    new = tmp_path / "new.png"
+    Image.fromarray(_coord_image(55)).save(new)
+    os.replace(new, tmp_path / "train" / "c1" / "010.png")
+
+    def killed(*args):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(cache_module, "_fill_rows", killed)
+        with pytest.raises(KeyboardInterrupt):
+            open_cache(ds, SIDE, tmp_path / "c")
+    cache = open_cache(ds, SIDE, tmp_path / "c")
+    assert cache.images[10, 0, 0, 2] == 55 and cache.failed == {}

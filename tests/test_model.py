@@ -70,6 +70,23 @@ def test_structure_strides_and_kernels():
     assert model.classifier.params["W"].shape == (10, sizes[-1], 21)
 
 
+@pytest.mark.parametrize("depth, stem, size", [
+    (12, "imagenet", 224), (12, "imagenet", 97), (12, "small", 33), (3, "small", 16), (7, "imagenet", 50),
+    (7, "imagenet", 40)])
+def test_pyramid_input_side_is_what_the_layers_produce(depth, stem, size):
+    """The one rule the command line asks the model: which maps reach the pyramid."""
+    config = ModelConfig(depth=depth, num_classes=3, width_mult=1 / 64, stem=stem)
+    x = np.zeros((1, 3, size, size), np.float32)
+    for layer in CompactNet(config).layers[:-2]:
+        x = layer.forward(x)
+    assert x.shape[2:] == (config.pyramid_input_side(size),) * 2
+    if x.shape[2] < 4:
+        with pytest.raises(ValueError, match=r"needs >= 4x4"):
+            config.check_image_size(size)
+    else:
+        assert config.check_image_size(size) == x.shape[2]
+
+
 def test_he_initialisation_standard_deviations():
     model = CompactNet(ModelConfig(depth=4, num_classes=50, width_mult=0.5), seed=3)
     for conv in model.convs:

@@ -2,19 +2,28 @@
 
 ``open_cache(dataset, resize, path)`` returns an ``ImageCache`` whose ``.images`` is a
 read-only memory-mapped uint8 array of shape (N, resize, resize, 3) (NHWC, the output of
-``load_rgb`` for every sample, in ``dataset.samples`` order), stored as ``<path>.npy`` with a
-small JSON sidecar ``<path>.json``:
+``load_rgb`` for every sample, in ``dataset.samples`` order).  On disk, beside
+``<name>.npy``:
 
-    {"version", "key", "resize", "count", "failed": {"<index>": "<reason>"}}
+* ``<name>.rows.npy``: int64 (N, 3), per row the source file's size and modification time
+  (ns) when it was decoded, and 1 if it decoded, 0 if it did not;
+* ``<name>.json``: ``{"version", "key", "resize", "count", "failed": {"<index>": "<reason>"}}``,
+  written last.
 
-``key`` hashes ``resize`` and the sample list (paths relative to the split folder, labels):
-a cache is reused when its sidecar matches, rebuilt when it does not.  File *contents* are
-not hashed — after replacing images in place, pass ``rebuild=True``.
+Keys: ``key`` hashes ``resize`` and the sample list (paths relative to the split folder,
+labels): when it differs, the cache is rebuilt.  When it matches, every file's size and
+modification time are compared with its row (one ``stat`` per file, no reading) and the rows
+whose file changed are decoded again in place — an image replaced in place gets its new
+pixels, and a file that failed is retried once it changes (and only then).  A change that
+keeps both the size and the modification time is not seen: delete the cache to force it.
 
-Writing is atomic: pixels go to a temporary .npy (reserved on disk up front, so a full disk
-fails cleanly instead of crashing the memory map), the old sidecar is deleted, the file is
-renamed into place, and the sidecar is written (temp + rename) last — a crash at any point
-leaves either a complete matching cache or one that will be rebuilt.
+Writing is crash-safe.  A build writes pixels to a temporary .npy (reserved on disk up front,
+so a full disk fails cleanly instead of crashing the memory map), deletes the old sidecar,
+renames the file into place, then writes the rows and the sidecar (temp + rename each) — a
+crash leaves either a complete cache or one without a sidecar, which is rebuilt.  A patch
+first marks the changed rows as unknown (size -1) in the rows file, then rewrites their
+pixels, then records their new sizes and times: a crash in between leaves them marked, and
+the next open decodes them again.
 
 Size: N * resize^2 * 3 bytes — ImageNet's 1.28M training images take 252 GB at 256 px and
 5.3 GB at 37 px; ``open_cache`` checks the free space first.
@@ -27,10 +36,12 @@ import shutil
 
 import numpy as np
 
+from ..processes import pid_alive
 from .images import BadImageError, load_rgb
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 CHUNK = 256  # images per job when building
+UNREADABLE = "unreadable when it was cached"  # reason shown when the sidecar lost the real one
 
 
 def cache_key(samples, resize, root=None):
@@ -55,6 +66,22 @@ def cache_paths(path, dataset, resize):
     return path, path[:-4] + ".json"
 
 
+def _rows_path(npy_path):
+    return npy_path[:-4] + ".rows.npy"
+
+
+def file_stats(paths):
+    """(N, 2) int64: size and modification time (ns) of each file; -2, -2 where it is missing."""
+    out = np.full((len(paths), 2), -2, dtype=np.int64)
+    for i, path in enumerate(paths):  # one stat per file: the cheapest content identity
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        out[i] = st.st_size, st.st_mtime_ns
+    return out
+
+
 class ImageCache:
     """An existing cache: ``images`` (N, R, R, 3) uint8 read-only memmap, ``failed`` dict."""
 
@@ -63,7 +90,11 @@ class ImageCache:
             meta = json.load(f)
         self.npy_path, self.json_path = npy_path, json_path
         self.key, self.resize, self.count = meta["key"], meta["resize"], meta["count"]
-        self.failed = {int(k): v for k, v in meta["failed"].items()}
+        self.rows = np.load(_rows_path(npy_path))
+        if self.rows.shape != (self.count, 3):
+            raise ValueError(f"cache {npy_path}: rows of shape {self.rows.shape}, expected ({self.count}, 3)")
+        reasons = meta.get("failed", {})
+        self.failed = {int(i): reasons.get(str(i), UNREADABLE) for i in np.flatnonzero(self.rows[:, 2] == 0)}
         self.images = np.load(npy_path, mmap_mode="r")
         if self.images.shape != (self.count, self.resize, self.resize, 3):
             raise ValueError(f"cache {npy_path} holds shape {self.images.shape}, its sidecar "
@@ -87,21 +118,64 @@ def _read_meta(json_path):
         return None
 
 
-def _fill_chunk(npy_path, start, paths, resize):
-    """Decode ``paths`` into rows ``start..`` of the cache file; return {index: reason}.
+def _fill_rows(npy_path, rows, paths, resize):
+    """Decode ``paths`` into ``rows`` of the cache file; return {row: reason} of the failures.
 
     Runs in a worker process; workers write disjoint rows of one shared memory map.
     """
     arr = np.load(npy_path, mmap_mode="r+")
     failed = {}
-    for i, path in enumerate(paths):
+    for row, path in zip(rows, paths):
         try:
-            arr[start + i] = load_rgb(path, resize)
+            arr[row] = load_rgb(path, resize)
         except BadImageError as exc:
-            arr[start + i] = 0
-            failed[start + i] = exc.reason
+            arr[row] = 0
+            failed[int(row)] = exc.reason
     arr.flush()
     return failed
+
+
+def _decode_into(npy_path, rows, paths, resize, executor=None, progress=False):
+    """Decode ``paths`` into ``rows`` (in chunks, on ``executor`` if given); {row: reason}."""
+    chunks = [(rows[s:s + CHUNK], paths[s:s + CHUNK]) for s in range(0, len(rows), CHUNK)]
+    if executor is None:
+        results = (_fill_rows(npy_path, r, p, resize) for r, p in chunks)
+    else:
+        results = executor.map(_fill_rows, [npy_path] * len(chunks), [r for r, _ in chunks],
+                               [p for _, p in chunks], [resize] * len(chunks))
+    if progress:
+        from tqdm import tqdm
+        results = tqdm(results, total=len(chunks), desc=f"caching images at {resize} px", unit="chunk")
+    failed = {}
+    for f in results:
+        failed.update(f)
+    return failed
+
+
+def _save_npy(path, array):
+    """``np.save`` to a temporary name, then rename: readers see the old or the new file."""
+    tmp = f"{path}.tmp{os.getpid()}.npy"
+    try:
+        np.save(tmp, array)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_meta(json_path, dataset, resize, n, failed):
+    meta = {"version": CACHE_VERSION, "key": _dataset_key(dataset, resize), "resize": resize,
+            "count": n, "failed": {str(k): v for k, v in sorted(failed.items())}}
+    tmp = f"{json_path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=1)
+    os.replace(tmp, json_path)
+
+
+def _rows(stats, failed):
+    ok = np.ones((len(stats), 1), dtype=np.int64)
+    ok[list(failed), 0] = 0
+    return np.concatenate([stats, ok], axis=1)
 
 
 def _reserve(npy_path, nbytes):
@@ -116,6 +190,23 @@ def _reserve(npy_path, nbytes):
         os.close(fd)
 
 
+def _remove_stale_temps(npy_path):
+    """Delete temporary pixel files of builds whose process was killed (they are cache-sized)."""
+    folder, name = os.path.split(npy_path)
+    prefix = name + ".tmp"
+    for entry in os.listdir(folder or "."):
+        if entry.startswith(prefix) and entry.endswith(".npy"):
+            try:
+                pid = int(entry[len(prefix):-4])
+            except ValueError:
+                continue
+            if not pid_alive(pid):
+                try:
+                    os.remove(os.path.join(folder, entry))
+                except OSError:
+                    pass
+
+
 def build_cache(dataset, resize, npy_path, json_path, executor=None, progress=False):
     """Decode every sample at ``resize`` into a new cache file (see the module docstring).
 
@@ -126,50 +217,58 @@ def build_cache(dataset, resize, npy_path, json_path, executor=None, progress=Fa
     shape = (n, resize, resize, 3)
     folder = os.path.dirname(os.path.abspath(npy_path))
     os.makedirs(folder, exist_ok=True)
+    _remove_stale_temps(npy_path)
     need = int(np.prod(shape, dtype=np.int64)) + 4096
     free = shutil.disk_usage(folder).free
     if free < need:
         raise OSError(errno.ENOSPC, f"the image cache needs {need / 2**30:.1f} GiB, only "
                       f"{free / 2**30:.1f} GiB free in {folder}; use a smaller image size, "
                       "another --cache folder, or no cache")
+    paths = [p for p, _ in dataset.samples]
+    stats = file_stats(paths)  # before decoding: a file changed meanwhile is decoded again later
     tmp = f"{npy_path}.tmp{os.getpid()}.npy"
     try:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
         nbytes = arr.offset + arr.nbytes
         del arr
         _reserve(tmp, nbytes)
-        paths = [p for p, _ in dataset.samples]
-        starts = range(0, n, CHUNK)
-        if executor is None:
-            results = (_fill_chunk(tmp, s, paths[s:s + CHUNK], resize) for s in starts)
-        else:
-            results = executor.map(_fill_chunk, [tmp] * len(starts), starts,
-                                   [paths[s:s + CHUNK] for s in starts],
-                                   [resize] * len(starts))
-        if progress:
-            from tqdm import tqdm
-            results = tqdm(results, total=len(starts), desc=f"caching images at {resize} px",
-                           unit="chunk")
-        failed = {}
-        for f in results:
-            failed.update(f)
+        failed = _decode_into(tmp, np.arange(n), paths, resize, executor, progress)
         if os.path.exists(json_path):
             os.remove(json_path)  # the old sidecar must never describe the new pixels
         os.replace(tmp, npy_path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    meta = {"version": CACHE_VERSION, "key": _dataset_key(dataset, resize), "resize": resize,
-            "count": n, "failed": {str(k): v for k, v in sorted(failed.items())}}
-    tmp_json = f"{json_path}.tmp{os.getpid()}"
-    with open(tmp_json, "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(tmp_json, json_path)
+    _save_npy(_rows_path(npy_path), _rows(stats, failed))
+    _write_meta(json_path, dataset, resize, n, failed)
     return ImageCache(npy_path, json_path)
 
 
+def refresh_cache(cache, dataset, executor=None, progress=False):
+    """Decode again, in place, the rows whose file's size or modification time changed.
+
+    Returns the number of rows decoded again (0: the cache was up to date).
+    """
+    paths = [p for p, _ in dataset.samples]
+    stats = file_stats(paths)
+    changed = np.flatnonzero((cache.rows[:, :2] != stats).any(axis=1))
+    if changed.size == 0:
+        return 0
+    rows_path = _rows_path(cache.npy_path)
+    marked = cache.rows.copy()
+    marked[changed, 0] = -1  # "unknown" until the new pixels are in: a crash redoes them
+    _save_npy(rows_path, marked)
+    failed = _decode_into(cache.npy_path, changed, [paths[i] for i in changed], cache.resize,
+                          executor, progress)
+    redone = set(changed.tolist())
+    failed.update({i: r for i, r in cache.failed.items() if i not in redone})  # unchanged failures stay
+    _save_npy(rows_path, _rows(stats, failed))
+    _write_meta(cache.json_path, dataset, cache.resize, cache.count, failed)
+    return int(changed.size)
+
+
 def open_cache(dataset, resize, path, executor=None, rebuild=False, progress=False):
-    """The cache of ``dataset`` at ``resize`` under ``path``: reused if it matches, else built.
+    """The cache of ``dataset`` at ``resize`` under ``path``: reused, refreshed or built.
 
     Args:
         dataset: an ImageFolder (``.samples``, ``.root``).
@@ -178,7 +277,7 @@ def open_cache(dataset, resize, path, executor=None, rebuild=False, progress=Fal
         executor: worker pool used to build it (None: decode in this process).
         rebuild: ignore an existing cache.
     Returns:
-        ImageCache.
+        ImageCache, up to date with the files' sizes and modification times.
     """
     resize = int(resize)
     npy_path, json_path = cache_paths(path, dataset, resize)
@@ -187,7 +286,11 @@ def open_cache(dataset, resize, path, executor=None, rebuild=False, progress=Fal
             and meta.get("resize") == resize and meta.get("count") == len(dataset.samples)
             and meta.get("key") == _dataset_key(dataset, resize) and os.path.exists(npy_path)):
         try:
-            return ImageCache(npy_path, json_path)
+            cache = ImageCache(npy_path, json_path)
         except (OSError, ValueError):
             pass  # damaged: rebuild below
+        else:
+            if refresh_cache(cache, dataset, executor, progress):
+                cache = ImageCache(npy_path, json_path)
+            return cache
     return build_cache(dataset, resize, npy_path, json_path, executor, progress)

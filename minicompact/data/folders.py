@@ -9,6 +9,12 @@ Decisions:
 * Images are found **recursively** inside a class folder (files directly in it and in any
   subfolder, symlinks followed), like torchvision's ``ImageFolder``; paths are sorted so the
   sample list — and hence every shuffle — is the same on every machine.
+* The listing follows a file *tree*, not a graph: a link to a folder already visited (a
+  loop such as ``ln -s . loop``, or a second path to the same folder) is not followed, and a
+  file reachable by several paths (links, hard links) is listed once per split: at a path
+  without links if it has one, else in the first class.  Only regular files are listed: a FIFO, socket or device named
+  ``*.jpg`` would block or fail the decoder, and a broken link has nothing to read.  Each of
+  these, and folders that cannot be read, is counted in one warning per split.
 * Extensions are matched case-insensitively (``IMAGE_EXTENSIONS``); other files are ignored.
 * Hidden files and folders (name starting with ``.``, e.g. ``.DS_Store``,
   ``.ipynb_checkpoints``) are ignored everywhere.
@@ -53,13 +59,95 @@ def _visible_entries(folder):
     return sorted(dirs), sorted(images)
 
 
+class _Notes:
+    """What a listing left out, by kind: each a list of paths, for one warning per kind."""
+
+    KINDS = {
+        "revisited": "links to folders already listed were not followed",
+        "special": "entries with image names are not regular files (FIFO, socket, device or "
+                   "broken link) and were ignored",
+        "duplicate": "files reachable by more than one path were listed once",
+        "unreadable": "folders could not be read and their images are left out",
+    }
+
+    def __init__(self):
+        self.paths = {kind: [] for kind in self.KINDS}
+
+    def warn(self, root):
+        for kind, what in self.KINDS.items():
+            found = self.paths[kind]
+            if found:
+                rel = [os.path.relpath(p, root) for p in found]
+                warnings.warn(f"{root}: {len(found)} {what} (e.g. {_some(rel, 2)})", stacklevel=3)
+
+
+def _scan(folder, notes):
+    """[(path, identity, linked)] of the regular image files under ``folder``, walked as a tree.
+
+    The real folders come first (depth first, sorted), then the folders reached through
+    links, so a link to a folder that is also reachable without one is the path dropped.
+    identity: (device, inode), free for plain files (the directory entry holds the inode),
+    one ``stat`` for a symlinked file; linked: whether a link is on the path.
+    """
+    found, visited, stack, links = [], set(), [(folder, False)], []
+    while stack or links:
+        top, via_link = stack.pop() if stack else links.pop(0)
+        try:
+            st = os.stat(top)
+            if (st.st_dev, st.st_ino) in visited:
+                notes.paths["revisited"].append(top)
+                continue
+            visited.add((st.st_dev, st.st_ino))
+            with os.scandir(top) as it:
+                entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+        except OSError:
+            notes.paths["unreadable"].append(top)
+            continue
+        subdirs = []
+        for e in entries:
+            try:
+                if e.is_dir():  # follows links; the visited set stops loops
+                    if e.is_symlink():
+                        links.append((e.path, True))
+                    else:
+                        subdirs.append((e.path, via_link))
+                elif not is_image_file(e.name):
+                    continue
+                elif not e.is_file():  # FIFO, socket, device, broken link
+                    notes.paths["special"].append(e.path)
+                elif e.is_symlink():
+                    target = os.stat(e.path)
+                    found.append((e.path, (target.st_dev, target.st_ino), True))
+                else:
+                    found.append((e.path, (st.st_dev, e.inode()), via_link))
+            except OSError:
+                notes.paths["special"].append(e.path)
+        stack.extend(reversed(subdirs))
+    return found
+
+
+def _unique(found_by_label, notes):
+    """{label: sorted paths}, each file identity once: at a path without links if there is one,
+    else in the first class, else at the first path in sorted order."""
+    best = {}
+    for label, found in enumerate(found_by_label):
+        for path, identity, linked in found:
+            key = (linked, label, path)
+            if identity in best:
+                notes.paths["duplicate"].append(max(best[identity], key)[2])
+                key = min(best[identity], key)
+            best[identity] = key
+    out = [[] for _ in found_by_label]
+    for _, label, path in best.values():
+        out[label].append(path)
+    return [sorted(paths) for paths in out]
+
+
 def find_images(folder):
-    """Sorted paths of every image under ``folder`` (recursive, hidden folders skipped)."""
-    found = []
-    for top, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found.extend(os.path.join(top, f) for f in files if is_image_file(f))
-    return sorted(found)
+    """Sorted paths of every image under ``folder`` (recursive, hidden folders skipped, each
+    file once, regular files only; see the module docstring)."""
+    notes = _Notes()
+    return _unique([_scan(os.fspath(folder), notes)], notes)[0]
 
 
 class ImageFolder:
@@ -93,11 +181,13 @@ class ImageFolder:
         self.classes = classes
         self.class_to_idx = {c: i for i, c in enumerate(classes)}
         self.samples, empty = [], []
-        for label, c in enumerate(classes):
-            paths = find_images(os.path.join(self.root, c))
+        notes = _Notes()
+        found = _unique([_scan(os.path.join(self.root, c), notes) for c in classes], notes)
+        for label, (c, paths) in enumerate(zip(classes, found)):
             if not paths:
                 empty.append(c)
             self.samples.extend((p, label) for p in paths)
+        notes.warn(self.root)
         if not self.samples:
             raise DatasetError(
                 f"{self.root}: no images in any of its {len(classes)} class folders "

@@ -20,8 +20,12 @@ Decisions:
 * EXIF orientation is ignored by default (as torchvision's ImageNet reference does);
   ``exif_transpose=True`` applies it.
 * Anything that fails to decode raises ``BadImageError`` naming the file; the loader skips
-  such files and counts them.
+  such files and counts them.  Only regular files are opened, and never in a way that
+  blocks: a FIFO named ``*.jpg`` is a bad image, not a hang.
 """
+import os
+import stat
+
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -68,6 +72,27 @@ def to_rgb(img):
     return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV, F (clipped to 0..255)
 
 
+def _open_regular(path):
+    """Open ``path`` for reading, refusing anything but a regular file without blocking.
+
+    ``O_NONBLOCK`` makes opening a FIFO return at once instead of waiting for a writer; the
+    ``fstat`` of the opened descriptor (not of the name, which could change in between)
+    then rejects FIFOs, sockets and devices.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (FIFO, socket or device)"
+            raise OSError(f"{kind}")
+        f = os.fdopen(fd, "rb")
+        f.raw.name = os.fspath(path)  # for Pillow's messages, which name the file
+        return f
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def load_rgb(path, resize, exif_transpose=False):
     """Decode ``path`` and downsize it to ``resize x resize`` RGB.
 
@@ -78,10 +103,13 @@ def load_rgb(path, resize, exif_transpose=False):
     Returns:
         uint8 array of shape (resize, resize, 3) (or (H, W, 3) when ``resize`` is None).
     Raises:
-        BadImageError: the file is missing, empty, truncated, not an image or a folder.
+        BadImageError: the file is missing, empty, truncated, not an image, a folder or not
+            a regular file.
     """
+    f = None
     try:
-        with Image.open(path) as img:
+        f = _open_regular(path)
+        with f, Image.open(f) as img:
             if resize is not None and img.format == "JPEG":
                 img.draft("RGB", (resize, resize))  # decode-time downscale, >= resize per side
             img.load()  # decode now, inside the try: truncated files fail here
@@ -94,7 +122,8 @@ def load_rgb(path, resize, exif_transpose=False):
     except Exception as exc:  # noqa: BLE001 - malformed files raise all kinds of errors
         if isinstance(exc, MemoryError):
             raise
-        raise BadImageError(path, f"{type(exc).__name__}: {exc}") from None
+        text = str(exc) if f is None else str(exc).replace(repr(f), repr(os.fspath(path)))
+        raise BadImageError(path, f"{type(exc).__name__}: {text}") from None
     if out.shape[2:] != (3,):  # defensive: to_rgb always yields 3 channels
         raise BadImageError(path, f"decoded to shape {out.shape}, expected (H, W, 3)")
     return out

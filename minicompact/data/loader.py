@@ -22,10 +22,13 @@ yielded at all — which is why a trainer should resume from ``loader.next_batch
 of the batch after the one just yielded), not from a count of yielded batches.
 
 ``workers > 0`` decodes in a process pool ("fork" where available, else "spawn") with at
-most ``max(prefetch, workers)`` batches in flight; ``workers = 0`` decodes inline.
+most ``max(prefetch, workers)`` batches in flight; ``workers = 0`` decodes inline.  The
+workers exit with the main process however it ends, ``kill -9`` included
+(``processes.die_with_parent``).
 """
 import collections
 import multiprocessing
+import os
 import signal
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -33,6 +36,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
+from ..processes import die_with_parent
 from .cache import ImageCache, _dataset_key, open_cache
 from .images import BadImageError, load_rgb
 from .transforms import center_crop, crop_flip, hashed_crop_params, ten_crop
@@ -44,9 +48,31 @@ class UnreadableImageWarning(UserWarning):
     """An image file was skipped because it could not be decoded."""
 
 
-def _ignore_sigint():
-    """Worker initializer: Ctrl-C is the main process's to handle (it then stops the pool)."""
+class WorkerError(RuntimeError):
+    """A decoding worker process died (killed, out of memory); the message is one line."""
+
+
+def _init_worker(parent_pid):
+    """Worker initializer: exit with the main process however it ends (``kill -9`` too).
+
+    SIGINT and SIGTERM are ignored: sent to the whole process group (Ctrl-C in a terminal, a
+    scheduler's stop), they are the main process's to handle; it finishes its step with the
+    workers' batches, then stops them (``close`` kills them).
+    """
+    die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def first_readable(paths, resize):
+    """Index of the first of ``paths`` that decodes at ``resize`` (None if none does)."""
+    for i, path in enumerate(paths):
+        try:
+            load_rgb(path, resize)
+        except BadImageError:
+            continue
+        return i
+    return None
 
 
 _open_maps = {}  # per process: cache .npy path -> memmap, opened once
@@ -163,9 +189,30 @@ class BatchLoader:
         if self._executor is None:
             methods = multiprocessing.get_all_start_methods()
             ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-            self._executor = ProcessPoolExecutor(self.workers, mp_context=ctx,
-                                                 initializer=_ignore_sigint)
+            self._executor = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker,
+                                                 initargs=(os.getpid(),))
         return self._executor
+
+    def classes_without_images(self):
+        """Labels of the classes none of whose images can be read, sorted (empty: all fine).
+
+        With a cache this is free (its failed rows); otherwise each class's files are decoded
+        in order until one succeeds, so a healthy dataset costs one decode per class, spread
+        over the worker pool.
+        """
+        by_class = collections.defaultdict(list)
+        for index, label in enumerate(self.labels.tolist()):
+            by_class[label].append(index)
+        if self.cache is not None:
+            return sorted(c for c, idx in by_class.items() if all(i in self.cache.failed for i in idx))
+        labels = sorted(by_class)
+        jobs = [[self.paths[i] for i in by_class[c]] for c in labels]
+        pool = self._pool()
+        if pool is None:
+            found = [first_readable(paths, self.resize) for paths in jobs]
+        else:
+            found = list(pool.map(first_readable, jobs, [self.resize] * len(jobs)))
+        return [c for c, i in zip(labels, found) if i is None]
 
     def _job(self, epoch, order, b):
         """The job of batch ``b``; cached failures are dropped here and reported at once."""
@@ -243,8 +290,8 @@ class BatchLoader:
                     result = future.result()
                 except BrokenProcessPool as exc:
                     self.close()
-                    raise RuntimeError("a data-loading worker process died (out of memory? "
-                                       "try fewer workers or a smaller prefetch)") from exc
+                    raise WorkerError("a data-loading worker process died (out of memory? "
+                                      "try fewer --workers or a smaller batch)") from exc
                 out = self._finish(job, bad, result)
                 self.next_batch = b + 1
                 if out is not None:
@@ -263,7 +310,7 @@ class BatchLoader:
         # sees them gone and reaps them, and shutdown(wait=True) waits for that thread.
         for p in list((getattr(executor, "_processes", None) or {}).values()):
             if p.is_alive():
-                p.terminate()
+                p.kill()  # SIGKILL: workers ignore SIGTERM (see _init_worker)
         executor.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self):

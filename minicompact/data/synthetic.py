@@ -38,6 +38,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..processes import pid_alive
+
 VERSION = "synthetic-v1"
 MARKER = "synthetic.json"
 # Class order fixes which classes ``num_classes`` keeps; the folders are these names.
@@ -278,20 +280,8 @@ def _remove_stale_temps(root):
             age = time.time() - tmp.stat().st_mtime
         except (ValueError, OSError):
             continue
-        if age > STALE_TEMP_SECONDS or not _pid_alive(pid):
+        if age > STALE_TEMP_SECONDS or not pid_alive(pid):
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _pid_alive(pid):
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True  # exists but not ours, or cannot tell: assume alive
-    return True
 
 
 def ensure_synthetic_dataset(root=None, **params):
