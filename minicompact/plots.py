@@ -1,14 +1,13 @@
 """PNG figures of a run: training curves, and per-layer sparsity bars as in the paper's Fig. 5.
 
-matplotlib with the non-interactive Agg backend, so figures are written on machines with no
-display (servers, CI).
+Figures are ``matplotlib.figure.Figure`` objects, not pyplot ones: PNGs are written on
+machines with no display (servers, CI), and importing this module neither picks a global
+backend nor registers figures with pyplot, so a notebook that imports it keeps its inline
+figures.  ``draw_sparsity`` draws into any Axes (a notebook's, say); ``plot_*`` write files.
 """
 import os
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure
 
 
 def plot_curves(history, path, loss_name="cross-entropy"):
@@ -19,7 +18,8 @@ def plot_curves(history, path, loss_name="cross-entropy"):
     if not history:
         return None
     epochs = [h["epoch"] for h in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = Figure(figsize=(10, 3.8))
+    ax1, ax2 = fig.subplots(1, 2)
     ax1.plot(epochs, [h["loss"] for h in history], "o-", label="train loss")
     if all("val_loss" in h for h in history):
         ax1.plot(epochs, [h["val_loss"] for h in history], "s-", label="val loss")
@@ -35,25 +35,18 @@ def plot_curves(history, path, loss_name="cross-entropy"):
     return _save(fig, path)
 
 
-def plot_sparsity(layers, path, title="Per-layer sparsity (paper Fig. 5)"):
+def draw_sparsity(ax, layers, title="Per-layer sparsity (paper Fig. 5)"):
     """Bars of dictionary sparsity, average compactness and layer sparsity for each layer.
 
-    layers: dict name -> {"dictionary_sparsity", "average_compactness", "layer_sparsity"}
-    (fractions in [0, 1]), in network order.
+    ax: a matplotlib Axes to draw into. layers: dict name -> {"dictionary_sparsity",
+    "average_compactness", "layer_sparsity"} (fractions in [0, 1]), in network order (e.g.
+    ``metrics.sparsity_report(...)["layers"]``). Returns ``ax``.
     """
-    if not layers:
-        return None
-    return _save(sparsity_figure(layers, title), path)
-
-
-def sparsity_figure(layers, title="Per-layer sparsity (paper Fig. 5)"):
-    """The figure of ``plot_sparsity``; its legend sits above the axes, where no bar can be."""
     names = list(layers)
     keys = [("dictionary_sparsity", "dictionary sparsity"),
             ("average_compactness", "average compactness"),
             ("layer_sparsity", "layer sparsity")]
     width = 0.27
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names) + 2), 3.8))
     for i, (key, label) in enumerate(keys):
         xs = [j + (i - 1) * width for j in range(len(names))]
         ax.bar(xs, [100 * layers[n][key] for n in names], width, label=label)
@@ -61,16 +54,24 @@ def sparsity_figure(layers, title="Per-layer sparsity (paper Fig. 5)"):
     ax.set_xticklabels(names, rotation=45, ha="right")
     ax.set_ylabel("% of the layer")
     ax.set_ylim(0, 100)
-    ax.set_title(title, pad=28)
+    ax.set_title(title, pad=28)   # the legend sits above the axes, where no bar can be
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False, fontsize="small")
+    return ax
+
+
+def plot_sparsity(layers, path, title="Per-layer sparsity (paper Fig. 5)"):
+    """Write ``draw_sparsity``'s bars to the PNG ``path``; returns the path (None: no layers)."""
+    if not layers:
+        return None
+    fig = Figure(figsize=(max(6, 0.6 * len(layers) + 2), 3.8))
+    draw_sparsity(fig.subplots(), layers, title)
     fig.tight_layout()
-    return fig
+    return _save(fig, path)
 
 
 def _save(fig, path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=110)
-    plt.close(fig)
     os.replace(tmp, path)
     return path
