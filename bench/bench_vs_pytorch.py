@@ -5,12 +5,13 @@
     python bench/bench_vs_pytorch.py --nets demo,depth8 --repeats 10 --threads 2
 
 For each network: the minicompact model is built, and the same network is written with
-torch.nn and given minicompact's weights.  First the two are checked equal, in strict float32:
-scores, loss, the gradient of every parameter (the group-lasso regularizer's subgradient
-added the same way, after the backward) and the parameters after one SGD step with momentum.
-Then whole training steps (forward, loss, backward, regularizer value and subgradient, SGD)
-are timed alternately, minicompact then PyTorch, with no sync inside a step and one at its
-end; the medians give images/s and the ratio (above 1: minicompact is faster).  A separate
+torch.nn and given minicompact's weights.  First the two are checked equal: the scores, the
+loss, the gradient of every parameter (the group-lasso regularizer's subgradient added the
+same way, after the backward) and the parameters after one SGD step with momentum must agree
+in float64, the scores and the loss in float32 (see ``check_equal``).  Then whole training
+steps (forward, loss, backward, regularizer value and subgradient, SGD) are timed
+alternately, minicompact then PyTorch, with no sync inside a step and one at its end; the
+medians give images/s and the ratio (above 1: minicompact is faster).  A separate
 pass attributes the time to kinds of layers (minicompact: a sync after every layer; PyTorch:
 its profiler's self time per operator), and another measures peak memory, each framework in
 a fresh process: on a GPU CuPy's pool (peak in use, and reserved) against PyTorch's
@@ -179,10 +180,13 @@ def rel_err(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-def compare(setup, side, update=True):
-    """Run one forward and backward (and, if ``update``, one SGD step) in both frameworks;
-    return a list of (what, relative error) for the scores, the loss, the objective, every
-    gradient, the BN running variances and the weights after the step."""
+def quantities(setup, side, update=True):
+    """One forward and backward (and, if ``update``, one SGD step) in both frameworks.
+
+    Returns two dicts name -> NumPy array, minicompact's and PyTorch's, with the scores, the
+    loss, the objective, every gradient, the BN running variances and, after the step, the
+    weights.
+    """
     model = setup.model
     model.zero_grad()
     value, loss, scores = objective(model, setup.x, setup.y, setup.regularizer)
@@ -191,54 +195,65 @@ def compare(setup, side, update=True):
     def t(a):
         return a.detach().cpu().numpy()
 
-    pairs = [("scores", to_cpu(scores), t(t_scores)), ("loss", float(loss), t(t_loss)),
-             ("objective", float(value), t(t_loss) + t(t_reg))]
-    t_bns = [m for m in side.net.features if isinstance(m, torch.nn.BatchNorm2d)]
     W = model.classifier.params["W"]
+    ours = {"scores": to_cpu(scores), "loss": to_cpu(loss), "objective": to_cpu(value)}
+    theirs = {"scores": t(t_scores), "loss": t(t_loss), "objective": t(t_loss) + t(t_reg)}
+    t_bns = [m for m in side.net.features if isinstance(m, torch.nn.BatchNorm2d)]
     for l, (conv, bn, tconv, tbn) in enumerate(zip(model.convs, model.bns, side.convs, t_bns), 1):
-        pairs += [(f"conv{l} dW", to_cpu(conv.grads["W"]), t(tconv.weight.grad)),
-                  (f"bn{l} dgamma", to_cpu(bn.grads["gamma"]), t(tbn.weight.grad)),
-                  (f"bn{l} dbeta", to_cpu(bn.grads["beta"]), t(tbn.bias.grad)),
-                  (f"bn{l} running_var", to_cpu(bn.buffers["running_var"]), t(tbn.running_var))]
-    pairs += [("classifier dW", to_cpu(model.classifier.grads["W"]).reshape(W.shape[0], -1),
-               t(side.linear.weight.grad)),
-              ("classifier db", to_cpu(model.classifier.grads["b"]), t(side.linear.bias.grad))]
+        ours.update({f"conv{l} dW": to_cpu(conv.grads["W"]), f"bn{l} dgamma": to_cpu(bn.grads["gamma"]),
+                     f"bn{l} dbeta": to_cpu(bn.grads["beta"]),
+                     f"bn{l} running_var": to_cpu(bn.buffers["running_var"])})
+        theirs.update({f"conv{l} dW": t(tconv.weight.grad), f"bn{l} dgamma": t(tbn.weight.grad),
+                       f"bn{l} dbeta": t(tbn.bias.grad), f"bn{l} running_var": t(tbn.running_var)})
+    ours["classifier dW"] = to_cpu(model.classifier.grads["W"]).reshape(W.shape[0], -1)
+    ours["classifier db"] = to_cpu(model.classifier.grads["b"])
+    theirs["classifier dW"], theirs["classifier db"] = t(side.linear.weight.grad), t(side.linear.bias.grad)
     if update:
         setup.optimizer.step()
         side.optimizer.step()
-        pairs += [(f"conv{l} W after SGD", to_cpu(conv.params["W"]), t(tconv.weight))
-                  for l, (conv, tconv) in enumerate(zip(model.convs, side.convs), 1)]
-        pairs += [("classifier W after SGD", to_cpu(W).reshape(W.shape[0], -1), t(side.linear.weight))]
-    return [(name, rel_err(a, b)) for name, a, b in pairs]
+        for l, (conv, tconv) in enumerate(zip(model.convs, side.convs), 1):
+            ours[f"conv{l} W after SGD"], theirs[f"conv{l} W after SGD"] = to_cpu(conv.params["W"]), t(tconv.weight)
+        ours["classifier W after SGD"] = to_cpu(W).reshape(W.shape[0], -1)
+        theirs["classifier W after SGD"] = t(side.linear.weight)
+    return ours, theirs
 
 
-def check_equal(args, net, setup, side, tdevice):
+def worst(a, b, only=None):
+    """(name, largest relative error) over the names of dict ``a`` (containing ``only``)."""
+    errors = [(k, rel_err(a[k], b[k])) for k in a if only is None or only in k]
+    return max(errors, key=lambda e: e[1])
+
+
+def check_equal(args, net, tdevice):
     """The two frameworks compute the same thing; returns a dict of the worst errors.
 
-    * float64, on the first ``--check-batch`` images: every quantity of ``compare`` (gradients
-      and SGD step included) must agree to ``--tol64``: the same function, the same gradients,
-      the same update.
-    * float32, on the timed models and batch: scores and loss to ``--tol`` (float32 rounding).
-      Float32 gradients are reported, not held to that: rounding differences of 1e-6 decide
-      near-ties of the max-pools and the pyramid differently, and a gradient routed to another
-      pixel changes every earlier layer's gradient through the batch-norms by ~1e-2 (both
-      answers are right; float64 has no such near-ties).
+    On the first ``--check-batch`` images, with fresh copies of the network:
+
+    * float64: every quantity of ``quantities`` (every gradient, the SGD step) must agree to
+      ``--tol64``: the same function, the same gradients, the same update;
+    * float32: the scores and the loss must agree to ``--tol``.  The gradients are reported,
+      each framework's float32 against its own float64: float32 rounding, amplified through
+      eleven batch-norms, can move a gradient by far more than its last bit, differently in
+      the two.
     """
     small = dict(net, batch=min(net["batch"], args.check_batch))
-    exact = Setup(small, args.device, dtype=np.float64)
-    errors64 = compare(exact, TorchSide(exact, tdevice))
-    name, worst64 = max(errors64, key=lambda e: e[1])
+    runs = {}
+    for dtype in (np.float64, np.float32):
+        setup = Setup(small, args.device, dtype=dtype)
+        runs[dtype] = quantities(setup, TorchSide(setup, tdevice))
+    (ours64, theirs64), (ours32, theirs32) = runs[np.float64], runs[np.float32]
+    name, worst64 = worst(ours64, theirs64)
     if not worst64 <= args.tol64:
         raise AssertionError(f"minicompact and PyTorch differ in float64 in {name}: relative error "
                              f"{worst64:.2e} > {args.tol64:g}")
-    errors32 = dict(compare(setup, side, update=False))
-    forward32 = max(errors32["scores"], errors32["loss"])
+    forward32 = max(rel_err(ours32[k], theirs32[k]) for k in ("scores", "loss"))
     if not forward32 <= args.tol:
         raise AssertionError(f"minicompact and PyTorch scores or loss differ in float32 by "
                              f"{forward32:.2e} > {args.tol:g}")
-    grads32 = max(e for k, e in errors32.items() if " d" in k)
     return {"float64_worst": worst64, "float64_worst_is": name, "float32_forward": forward32,
-            "float32_gradients": grads32}
+            "float32_gradients_between": worst(ours32, theirs32, " d")[1],
+            "minicompact_float32_vs_float64": worst(ours32, ours64, " d")[1],
+            "torch_float32_vs_float64": worst(theirs32, theirs64, " d")[1]}
 
 
 # --------------------------------------------------------------------------- per layer kind
@@ -376,7 +391,8 @@ def environment(args, tdevice):
     if args.device == "gpu":
         import cupy
         props = cupy.cuda.runtime.getDeviceProperties(0)
-        env.update(cupy=cupy.__version__, gpu=props["name"].decode(),
+        name = props["name"]
+        env.update(cupy=cupy.__version__, gpu=name.decode() if isinstance(name, bytes) else str(name),
                    cuda_runtime=cupy.cuda.runtime.runtimeGetVersion(),
                    cuda_driver=cupy.cuda.runtime.driverGetVersion(),
                    torch_cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
@@ -388,6 +404,15 @@ def environment(args, tdevice):
         except (OSError, subprocess.SubprocessError):
             env["nvidia_driver"] = "nvidia-smi not found"
     return env
+
+
+def cupy_compute_type():
+    """What CuPy will use for float32 GEMMs now (e.g. COMPUTE_TYPE_TF32), to verify the switch."""
+    try:
+        from cupy._core import _routines_linalg as linalg
+        return linalg.compute_type_to_str(linalg.get_compute_type(np.float32))
+    except Exception as exc:   # a private API: report, never fail on it
+        return f"unknown ({type(exc).__name__})"
 
 
 def _cpu_name():
@@ -409,19 +434,23 @@ def bench_network(args, name, tdevice):
         net["batch"] = args.batch
     result = {"net": name, "config": net}
     print(f"\n== {name}: {describe(net)}")
-    setup = Setup(net, args.device)
-    side = TorchSide(setup, tdevice)
     set_precision("fp32")
     set_torch_precision("fp32")
     if not args.no_check:
-        c = result["check"] = check_equal(args, net, setup, side, tdevice)
-        print(f"   same computation: float64 (batch {min(net['batch'], args.check_batch)}): scores, "
-              f"loss, objective, every gradient, BN statistics and the weights after one SGD step "
-              f"agree to {c['float64_worst']:.1e} (worst: {c['float64_worst_is']}); float32: scores "
-              f"and loss to {c['float32_forward']:.1e}, gradients to {c['float32_gradients']:.1e} "
-              f"(max-pool near-ties)")
+        c = result["check"] = check_equal(args, net, tdevice)
+        print(f"   same computation (batch {min(net['batch'], args.check_batch)}): in float64 the "
+              f"scores, loss, objective, every gradient, BN statistics and the weights after one SGD "
+              f"step agree to {c['float64_worst']:.1e} (worst: {c['float64_worst_is']}); in float32 "
+              f"the scores and loss to {c['float32_forward']:.1e}; float32 gradients against each "
+              f"framework's own float64: minicompact {c['minicompact_float32_vs_float64']:.1e}, "
+              f"PyTorch {c['torch_float32_vs_float64']:.1e} (between the two: "
+              f"{c['float32_gradients_between']:.1e})")
+    setup = Setup(net, args.device)
+    side = TorchSide(setup, tdevice)
     set_precision(args.precision)
     set_torch_precision(args.precision)
+    if args.device == "gpu":
+        result["cupy_float32_gemm"] = cupy_compute_type()
     for _ in range(args.warmup):
         setup.step()
         side.step()
