@@ -316,7 +316,9 @@ def _rss_kib(field):
 
 def memory_child(args):
     """Run in a fresh process: two steps of one framework; print one JSON line of peaks."""
-    net, device = NETWORKS[args.net], args.device
+    net, device = dict(NETWORKS[args.net]), args.device
+    if args.batch:
+        net["batch"] = args.batch
     set_precision(args.precision)
     setup = Setup(net, device)
     side = None
@@ -368,6 +370,8 @@ def measure_memory(args, net_name, framework):
     cmd = [sys.executable, os.path.abspath(__file__), "--memory-child",
            "torch" if framework == "torch" else "minicompact", "--net", net_name,
            "--device", args.device, "--precision", args.precision, "--threads", str(args.threads)]
+    if args.batch:
+        cmd += ["--batch", str(args.batch)]
     # A fixed mmap threshold: freed large arrays go back to the OS at once in both frameworks,
     # instead of glibc's adaptive threshold keeping some in the heap (and out of the peak).
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
