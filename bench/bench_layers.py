@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 
-from minicompact.backend import array_module, resolve_device, synchronize
+from minicompact.backend import array_module, resolve_device, set_precision, synchronize
 
 
 def _layer_class(module, name):
@@ -83,12 +83,15 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--only", default="", help="run only the layers whose label contains this")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "tf32"],
+                    help="tf32: CuPy's float32 GEMMs on TF32 tensor cores (GPU only)")
     args = ap.parse_args(argv)
     device = resolve_device(args.device)
+    set_precision(args.precision)
     xp = array_module(device)
     dtype = np.dtype(args.dtype)
     rng = np.random.default_rng(0)
-    print(f"device {device}, dtype {dtype}, batch {args.batch}, median of {args.repeats}")
+    print(f"device {device}, dtype {dtype} ({args.precision}), batch {args.batch}, median of {args.repeats}")
     print(f"{'layer':34s} {'fwd ms':>9s} {'bwd ms':>9s} {'total ms':>9s} {'fwd GF/s':>9s} "
           f"{'bwd GF/s':>9s} {'fwd GB/s':>9s} {'bwd GB/s':>9s}")
     for label, module, name, ctor, shape, flops in cases(args.batch):

@@ -6,8 +6,12 @@
 #   bash bench/gpu_check.sh tests layers    # only some steps
 #   bash bench/gpu_check.sh --dry-run       # the same commands on the CPU, tiny sizes (no GPU)
 #
-# Steps, in order, each with its own time limit so that one hang cannot eat the device budget
-# (limits add up to about 9 minutes; expected about 6):
+# Steps, in order, each with its own time limit so that one hang cannot eat the device budget.
+# A device call may last 10 minutes at most, so run it as two calls (limits in brackets):
+#   bash bench/gpu_check.sh env tests layers fp32     [8 min; expected about 4, more if
+#                                                      CuPy compiles its kernels afresh]
+#   bash bench/gpu_check.sh tf32 model run            [6 min; expected about 3]
+# with OUT pointing at the folder whose files come back (the device tool's $OUT).
 #   env     nvidia-smi, library versions                                    -> env.log
 #   tests   the CuPy-parametrised test cases (pytest -k gpu) + the sync test -> tests.log
 #   layers  bench_layers.py on the GPU: ms, GFLOP/s, GB/s per layer          -> layers.log
@@ -53,7 +57,7 @@ else
     SCALE=1
 fi
 
-: > "$OUT/summary.txt"
+echo "== gpu_check.sh ${STEPS[*]} ($( [ "$DRY" -eq 1 ] && echo dry run || echo GPU ), $(date -u))" >> "$OUT/summary.txt"
 
 # run_step NAME LIMIT_SECONDS COMMAND...: run with a time limit, log, record rc and seconds.
 run_step() {
@@ -87,14 +91,16 @@ except Exception as exc:
             if [ "$DRY" -eq 1 ]; then
                 run_step tests 60 python -m pytest -q tests/test_syncs.py tests/test_losses.py
             else
-                run_step tests 120 python -m pytest -q -k "gpu or syncs" tests
+                run_step tests 180 python -m pytest -q -k "gpu or syncs" tests
             fi
             ;;
         layers)
             run_step layers 60 python bench/bench_layers.py --device "$DEVICE" "${LAYER_ARGS[@]}"
+            run_step layers_tf32 30 python bench/bench_layers.py --device "$DEVICE" --precision tf32 \
+                --only conv "${LAYER_ARGS[@]}"
             ;;
         fp32)
-            run_step vs_fp32 150 python bench/bench_vs_pytorch.py --device "$DEVICE" --precision fp32 \
+            run_step vs_fp32 180 python bench/bench_vs_pytorch.py --device "$DEVICE" --precision fp32 \
                 "${VS_ARGS[@]}" --json "$OUT/vs_fp32.json"
             ;;
         tf32)
