@@ -10,6 +10,10 @@ itself knows nothing about regularizers, so the term cannot be counted twice.
 
 Batch-norm parameters and the classifier bias are not regularized (the paper regularizes only
 Θ^l and W).
+
+Values (the objective, the data loss, the regularizer) are 0-d arrays on the model's device,
+not Python floats: on a GPU, turning one into a Python number waits for the GPU to finish
+(a sync), so a training loop sums them on the device and reads them once per log interval.
 """
 import math
 
@@ -21,7 +25,8 @@ UPDATES = ("subgradient", "proximal")
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite; no update was made with it."""
+    """The loss became NaN or infinite (``train_step`` raises it before updating anything;
+    ``training.Trainer`` when it reads its running sums, before any checkpoint is written)."""
 
 
 class Regularizer:
@@ -44,7 +49,8 @@ class Regularizer:
         self.last_value = 0.0
 
     def add_gradient(self):
-        """Add C_W·∂Ω to W's gradient and C_Θ·∂Γ_l to each Θ^l's; return the term's value.
+        """Add C_W·∂Ω to W's gradient and C_Θ·∂Γ_l to each Θ^l's; return the term's value
+        (0-d, on the model's device; also kept in ``last_value``).
 
         Called by ``objective`` right after the model's backward has set the data gradients.
         """
@@ -78,9 +84,11 @@ def _loss_function(loss):
 def objective(model, x, labels, regularizer=None, loss="cross_entropy"):
     """Value of eq. 1 on one batch; sets every parameter gradient of ``model`` to its gradient.
 
-    x: (N, C, H, W) images; labels: (N,) integer classes; regularizer: a ``Regularizer`` (None:
+    x: (N, C, H, W) images; labels: (N,) integer classes (host labels are range-checked,
+    device labels are not: see ``losses.check_labels``); regularizer: a ``Regularizer`` (None:
     the data term alone); loss: "cross_entropy", "hinge" or a function of ``losses``.
-    Returns (objective, data_loss, scores) with scores (N, Y).
+    Returns (objective, data_loss, scores): the two values 0-d arrays on the device (nothing
+    is read back to the host), scores (N, Y).
     """
     scores = model.forward(x)
     data_loss, dscores = _loss_function(loss)(scores, labels)
@@ -89,16 +97,19 @@ def objective(model, x, labels, regularizer=None, loss="cross_entropy"):
     return data_loss + reg, data_loss, scores
 
 
-def train_step(model, optimizer, x, labels, regularizer=None, loss="cross_entropy", lr=None):
+def train_step(model, optimizer, x, labels, regularizer=None, loss="cross_entropy", lr=None,
+               check_finite=True):
     """One SGD step on eq. 1: ``objective``, the update, then ``Regularizer.after_step``.
 
-    lr: the learning rate of this step (None keeps ``optimizer.lr``).  Raises
-    ``NonFiniteLoss`` before updating anything when the data loss is NaN or infinite.
+    lr: the learning rate of this step (None keeps ``optimizer.lr``).
+    check_finite: raise ``NonFiniteLoss`` before updating anything when the data loss is NaN
+    or infinite.  That reads the loss on the host: on a GPU, one sync per step.  ``Trainer``
+    passes False and checks the sums it reads once per log interval instead.
     Returns (objective, data_loss, scores) as ``objective`` does.
     """
     value, data_loss, scores = objective(model, x, labels, regularizer, loss)
-    if not math.isfinite(data_loss):
-        raise NonFiniteLoss(f"the loss became {data_loss}")
+    if check_finite and not math.isfinite(float(data_loss)):
+        raise NonFiniteLoss(f"the loss became {float(data_loss)}")
     if lr is not None:
         optimizer.lr = lr
     optimizer.step()

@@ -6,10 +6,12 @@ Each mixes weight decay with a group lasso (a sum of Euclidean norms of groups o
 * Γ(Θ)  = (1-β)·½‖Θ‖²_F + β Σ_{k,t} ‖Θ[k,t,:,:]‖    Θ: (K, T, kh, kw) groups over the kernel S;
 * Ψ(Θ)  = (1-β)·½‖Θ‖²_F + β Σ_k ‖Θ[k,:,:,:]‖         whole filters (CompressedNet).
 
-Every function returns ``(value, subgradient)``: value a Python float, the subgradient an
-array of the input's shape, dtype and device.  The subgradient of a group norm is g/‖g‖,
-and exactly 0 at a zero group (0 lies in the subdifferential, the unit ball, and is the
-choice that keeps a zero group at zero).
+Every function returns ``(value, subgradient)``: value a 0-d array (a NumPy scalar on the
+CPU) and the subgradient an array of the input's shape, both in the input's dtype and on its
+device.  The value stays on the device because reading it into Python on a GPU would stall
+the host until the GPU is idle, once per layer and step; ``float(value)`` reads it.
+The subgradient of a group norm is g/‖g‖, and exactly 0 at a zero group (0 lies in the
+subdifferential, the unit ball, and is the choice that keeps a zero group at zero).
 
 Two ways to train with them (sec. 4.3):
 
@@ -78,11 +80,11 @@ def group_lasso(x, group_axes):
     """The ℓ_{1,2} group-lasso term Σ_g ‖x_g‖ and a subgradient (eqs. 4, 5).
 
     x: any shape. group_axes: the axes one group spans.
-    Returns ``(value, subgrad)``: value a Python float; subgrad of x's shape and dtype,
-    x_g/‖x_g‖ on every nonzero group and exactly 0 on a zero group.
+    Returns ``(value, subgrad)``: value 0-d, subgrad of x's shape, both x's dtype and device;
+    the subgradient is x_g/‖x_g‖ on every nonzero group and exactly 0 on a zero group.
     """
     norms = group_norms(x, group_axes)
-    return float(norms.sum()), x * _inverse(norms)
+    return norms.sum(), x * _inverse(norms)
 
 
 def _mixed(x, mix, group_axes, group_subgradient):
@@ -92,12 +94,12 @@ def _mixed(x, mix, group_axes, group_subgradient):
     a single array of x's size.
     """
     sq = _squared_group_norms(x, group_axes)
-    frob2 = float(sq.sum())             # ‖x‖²_F is the sum of the groups' squared norms
+    frob2 = sq.sum()                    # ‖x‖²_F is the sum of the groups' squared norms
     if mix == 0.0:                      # pure weight decay: no group norms needed
         return 0.5 * frob2, (1.0 - mix) * x
     xp = get_array_module(x)
     norms = xp.sqrt(sq)
-    value = (1.0 - mix) * 0.5 * frob2 + mix * float(norms.sum())
+    value = (1.0 - mix) * 0.5 * frob2 + mix * norms.sum()
     if not group_subgradient:
         return value, (1.0 - mix) * x
     return value, x * ((1.0 - mix) + mix * _inverse(norms))
@@ -110,7 +112,7 @@ def omega(W, alpha, group_subgradient=True):
     W: (Y, K^{L-1}, R) classifier weights. alpha: mix in [0, 1].
     group_subgradient: when False the returned gradient is the ℓ2 part (1-α)·W only (the
     group part is then left to ``prox_omega``); the value is always complete.
-    Returns ``(value, dW)``: a Python float and an array like W.
+    Returns ``(value, dW)``: a 0-d array and an array like W.
     """
     _check_ndim(W, "W")
     return _mixed(W, _check_mix("alpha", alpha), OMEGA_AXES, group_subgradient)
@@ -122,7 +124,7 @@ def gamma(theta, beta, group_subgradient=True):
     Γ(Θ) = (1-β)·½‖Θ‖²_F + β Σ_{k,t} ‖Θ[k,t,:,:]‖: each group holds the S = kh·kw weights
     with which filter k reads input channel t (its contribution C^l(k,t), eq. 5).
     theta: (K^l, K^{l-1}, kh, kw). beta: mix in [0, 1]. group_subgradient: as in ``omega``.
-    Returns ``(value, dtheta)``: a Python float and an array like theta.
+    Returns ``(value, dtheta)``: a 0-d array and an array like theta.
     """
     _check_ndim(theta, "theta")
     return _mixed(theta, _check_mix("beta", beta), GAMMA_AXES, group_subgradient)
@@ -134,7 +136,7 @@ def psi(theta, beta, group_subgradient=True):
     Ψ(Θ) = (1-β)·½‖Θ‖²_F + β Σ_k ‖Θ[k,:,:,:]‖: one group per whole filter, so it discards
     units rather than connections.
     theta: (K^l, K^{l-1}, kh, kw). beta: mix in [0, 1]. group_subgradient: as in ``omega``.
-    Returns ``(value, dtheta)``: a Python float and an array like theta.
+    Returns ``(value, dtheta)``: a 0-d array and an array like theta.
     """
     _check_ndim(theta, "theta")
     return _mixed(theta, _check_mix("beta", beta), PSI_AXES, group_subgradient)
@@ -281,18 +283,18 @@ def regularization(config, W, thetas, cw=1e-4, ctheta=1e-4, group_subgradient=Tr
     config: a RegConfig. W: (Y, K^{L-1}, R). thetas: L-1 arrays (K^l, K^{l-1}, kh, kw).
     cw, ctheta: C_W and C_Θ. group_subgradient: False leaves the group parts out of the
     gradients (for ``proximal_step``); the value is always complete.
-    Returns ``(value, dW, dthetas)``: a float, an array like W and a list like thetas,
-    the gradients already multiplied by C_W and C_Θ.
+    Returns ``(value, dW, dthetas)``: a 0-d array (W's dtype and device), an array like W
+    and a list like thetas, the gradients already multiplied by C_W and C_Θ.
     """
     _check_layers(config, thetas)
     term = _CONV_TERMS[config.conv_term][0]
     value, dW = omega(W, config.alpha, group_subgradient)
-    value *= cw
+    value = cw * value
     dW *= cw
     dthetas = []
     for theta, beta in zip(thetas, config.betas):
         v, d = term(theta, beta, group_subgradient)
-        value += ctheta * v
+        value = value + ctheta * v
         d *= ctheta
         dthetas.append(d)
     return value, dW, dthetas

@@ -12,17 +12,24 @@
   resumed run ends bit-identical (on the CPU) to an uninterrupted one;
 * Ctrl-C or SIGTERM finishes the current step, writes ``last.npz`` and stops; a second one
   stops at once;
-* a non-finite loss stops the run with a message, keeping the last good checkpoint.
+* a non-finite loss stops the run with a message, keeping the last good checkpoint;
+* at most one device→host sync per step: the step's statistics are summed on the device
+  (``DeviceSums``) and read once per ``Trainer.log_interval`` seconds, at the end of an
+  epoch and before any checkpoint; that read is also where a NaN or infinite loss is noticed
+  (``Trainer._read_sums``), so it stops the run at most one log interval after it appeared,
+  never having written a checkpoint of the diverged model.
 """
 import json
+import math
 import os
 import signal
 import time
 
-from .backend import get_array_module, synchronize
+from .backend import get_array_module
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data.transforms import normalize
-from .losses import accuracy_topk, softmax
+from .device_sums import DeviceSums
+from .losses import accuracy_topk, check_labels, softmax
 from .objective import NonFiniteLoss, train_step
 
 try:
@@ -98,6 +105,8 @@ class Trainer:
     loss_fn: e.g. ``losses.softmax_cross_entropy``.  Each step is ``objective.train_step``.
     """
 
+    log_interval = 1.0  # seconds between reads of the running sums (progress bar, NaN check)
+
     def __init__(self, model, optimizer, schedule, regularizer, loss_fn, train_loader, val_loader,
                  mean, std, epochs, out_dir=None, settings=None, progress=True, log=print):
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
@@ -115,46 +124,68 @@ class Trainer:
         x = normalize(images_u8, self.mean, self.std, self.xp)
         return x, self.xp.asarray(labels)
 
+    def _read_sums(self, totals, where):
+        """Bring the running sums to the host (one transfer: the one sync of a log interval)
+        and stop the run if the loss or the objective went NaN or infinite since the epoch
+        began.  Called at every log interval and always before a checkpoint can be written,
+        so a diverged model is never saved."""
+        host = totals.read()
+        for name in ("loss", "objective"):
+            if not math.isfinite(host[name]):
+                raise NonFiniteLoss(f"the {name} became {host[name]} {where}; lower --lr or raise "
+                                    "--warmup; the last good checkpoint is kept")
+        return host
+
     def train_epoch(self, epoch, start_step=0, sigint=None):
-        """One pass over the training data from batch ``start_step``; returns the epoch's stats."""
+        """One pass over the training data from batch ``start_step``; returns the epoch's stats.
+
+        The loss, objective and accuracy counts of each step are summed on the model's device
+        (``DeviceSums``) and read by the host once per ``log_interval`` seconds and at the end:
+        on a GPU, no step waits for the GPU to drain its queue.  A NaN or infinite loss is
+        therefore noticed at the next read (at most ``log_interval`` seconds later), and the
+        run stops then without writing a checkpoint (``_read_sums``).
+        """
         model, opt = self.model, self.optimizer
         model.train()
         steps = len(self.train_loader)
+        num_classes = model.classifier.num_classes
         sums = self.state.get("partial") or {"loss": 0.0, "objective": 0.0, "top1": 0, "top5": 0,
                                              "n": 0, "seconds": 0.0, "skipped": []}
+        totals = DeviceSums(self.xp, ("loss", "objective", "top1", "top5"), start=sums)
+        n_seen = sums["n"]
         bar = None
         if self.progress and tqdm is not None:
             bar = tqdm(total=steps, initial=start_step, desc=f"epoch {epoch + 1}/{self.epochs}",
                        unit="batch", leave=False, dynamic_ncols=True)
-        t0 = time.perf_counter()
+        t0 = last_read = time.perf_counter()
         step = start_step
         try:
             for images, labels in self.train_loader.epoch(epoch, start_batch=start_step):
+                check_labels(labels, num_classes, "training batch")  # on the host: no sync
                 x, y = self._to_model(images, labels)
                 # The loader's batch index, not a count of yielded batches: a batch whose
                 # images were all unreadable is never yielded, and resume must not drift.
                 step = self.train_loader.next_batch
                 lr = self.schedule.lr_at(epoch, step - 1, steps)
-                try:
-                    value, loss, scores = train_step(model, opt, x, y, self.regularizer,
-                                                     self.loss_fn, lr)
-                except NonFiniteLoss as exc:
-                    raise NonFiniteLoss(f"{exc} at epoch {epoch + 1}, step {step}; lower --lr or "
-                                        "raise --warmup; the last good checkpoint is kept") from None
+                value, loss, scores = train_step(model, opt, x, y, self.regularizer,
+                                                 self.loss_fn, lr, check_finite=False)
                 c1, c5 = accuracy_topk(scores, y, ks=(1, 5))
                 n = int(labels.shape[0])
-                sums["loss"] += loss * n
-                sums["objective"] += value * n
-                sums["top1"] += int(c1)
-                sums["top5"] += int(c5)
-                sums["n"] += n
+                totals.add(loss=loss * n, objective=value * n, top1=c1, top5=c5)
+                n_seen += n
+                interrupted = sigint is not None and sigint.raised and step < steps
+                if time.perf_counter() - last_read >= self.log_interval or interrupted:
+                    host = self._read_sums(totals, f"at epoch {epoch + 1}, by step {step}")
+                    last_read = time.perf_counter()
+                    if bar is not None:
+                        elapsed = sums["seconds"] + last_read - t0
+                        bar.set_postfix(loss=f"{host['loss'] / n_seen:.3f}",
+                                        acc=f"{100 * host['top1'] / n_seen:.1f}%",
+                                        img_s=f"{n_seen / max(elapsed, 1e-9):.0f}", refresh=False)
                 if bar is not None:
-                    elapsed = sums["seconds"] + time.perf_counter() - t0
-                    bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.3f}",
-                                    acc=f"{100 * sums['top1'] / sums['n']:.1f}%",
-                                    img_s=f"{sums['n'] / max(elapsed, 1e-9):.0f}", refresh=False)
                     bar.update(step - bar.n)
-                if sigint is not None and sigint.raised and step < steps:
+                if interrupted:
+                    sums.update(host, top1=int(host["top1"]), top5=int(host["top5"]), n=n_seen)
                     sums["seconds"] += time.perf_counter() - t0
                     sums["skipped"] = sums["skipped"] + list(self.train_loader.skipped)
                     self.state.update(epoch=epoch, step=step, partial=sums)
@@ -162,29 +193,32 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-        synchronize()
+        host = self._read_sums(totals, f"in epoch {epoch + 1}")  # also waits for the GPU: honest time
         sums["seconds"] += time.perf_counter() - t0
         sums["skipped"] = sums["skipped"] + list(self.train_loader.skipped)
-        n = max(sums["n"], 1)
-        return {"loss": sums["loss"] / n, "objective": sums["objective"] / n,
-                "train_top1": sums["top1"] / n, "train_top5": sums["top5"] / n,
-                "images_per_s": sums["n"] / max(sums["seconds"], 1e-9), "seconds": sums["seconds"],
+        n = max(n_seen, 1)
+        return {"loss": host["loss"] / n, "objective": host["objective"] / n,
+                "train_top1": host["top1"] / n, "train_top5": host["top5"] / n,
+                "images_per_s": n_seen / max(sums["seconds"], 1e-9), "seconds": sums["seconds"],
                 "skipped": len(sums["skipped"]), "skipped_files": sums["skipped"][:20]}
 
     def evaluate(self, loader=None, mode=None):
         """Top-1/top-5 accuracy and mean loss over ``loader`` in evaluation mode.
 
         For a ten-crop loader (batches (N, 10, 3, h, w)) the softmax probabilities of the ten
-        crops are averaged before ranking (sec. 5.1). Returns a dict.
+        crops are averaged before ranking (sec. 5.1).  The sums stay on the device until the
+        end (one sync per evaluation).  Returns a dict.
         """
         loader = loader or self.val_loader
         model, xp = self.model, self.xp
+        num_classes = model.classifier.num_classes
         was = model.training
         model.eval()
-        top1 = top5 = n = 0
-        loss_sum = 0.0
+        totals = DeviceSums(xp, ("loss", "top1", "top5"))
+        n = 0
         try:
             for images, labels in loader.epoch(0):
+                check_labels(labels, num_classes, "evaluation batch")
                 y = xp.asarray(labels)
                 if images.ndim == 5:  # (N, 10, 3, h, w): average the crops' probabilities
                     b, c = images.shape[:2]
@@ -196,15 +230,17 @@ class Trainer:
                 loss, _ = self.loss_fn(scores, y)
                 c1, c5 = accuracy_topk(scores, y, ks=(1, 5))
                 k = int(labels.shape[0])
-                top1, top5, n, loss_sum = top1 + int(c1), top5 + int(c5), n + k, loss_sum + loss * k
+                totals.add(loss=loss * k, top1=c1, top5=c5)
+                n += k
         finally:
             model.release_caches()
             model.train(was)
         if n == 0:
             raise NoImages(f"no image of the evaluation split could be read "
                            f"({len(getattr(loader, 'skipped', []))} skipped with a warning)")
-        return {"top1": top1 / n, "top5": top5 / n, "loss": loss_sum / n, "n": n,
-                "skipped": len(getattr(loader, "skipped", []))}
+        host = totals.read()
+        return {"top1": host["top1"] / n, "top5": host["top5"] / n, "loss": host["loss"] / n,
+                "n": n, "skipped": len(getattr(loader, "skipped", []))}
 
     # -- checkpoints -----------------------------------------------------------------------
     def _train_state(self):

@@ -1,4 +1,5 @@
-"""The NumPy/CuPy switch: device names, the GPU error, the one-time CPU fallback note."""
+"""The NumPy/CuPy switch: device names, the GPU error, the one-time CPU fallback note, precision."""
+import os
 import warnings
 
 import numpy as np
@@ -47,3 +48,15 @@ def test_round_trip_through_the_device(device):
     back = backend.to_cpu(on)
     assert isinstance(back, np.ndarray) and back.dtype == np.float32
     np.testing.assert_array_equal(back, x)
+
+
+def test_set_precision_switches_and_validates(monkeypatch):
+    monkeypatch.setenv("CUPY_TF32", "0")
+    previous = backend.set_precision("tf32")
+    try:
+        assert backend.get_precision() == "tf32" and os.environ["CUPY_TF32"] == "1"
+        with pytest.raises(ValueError, match="precision must be one of"):
+            backend.set_precision("fp16")
+    finally:
+        backend.set_precision(previous)
+    assert backend.get_precision() == previous

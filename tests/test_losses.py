@@ -3,9 +3,10 @@ stability, dtype, label validation and top-k counts."""
 import numpy as np
 import pytest
 
-from minicompact.backend import to_cpu
+from minicompact.backend import get_array_module, to_cpu
 from minicompact.gradcheck import GradientCheckError, assert_gradients_close, numerical_gradient
-from minicompact.losses import accuracy_topk, multiclass_hinge_loss, softmax, softmax_cross_entropy
+from minicompact.losses import (accuracy_topk, check_labels, multiclass_hinge_loss, softmax,
+                                softmax_cross_entropy)
 
 LABELS = np.array([0, 3, 1, 3, 2])
 
@@ -22,17 +23,23 @@ def direct_hinge(s, labels, margin):
     return total / len(labels)
 
 
+def assert_device_scalar(value, like):
+    """A 0-d value of ``like``'s dtype on ``like``'s device: the loss never leaves the device."""
+    assert value.shape == () and value.dtype == like.dtype, (type(value), value.dtype)
+    assert get_array_module(value) is get_array_module(like)
+
+
 def check_loss_gradient(loss_fn, scores, labels):
     loss, dscores = loss_fn(scores, labels)
-    numeric = numerical_gradient(lambda: loss_fn(scores, labels)[0], scores)
+    numeric = numerical_gradient(lambda: float(loss_fn(scores, labels)[0]), scores)
     return assert_gradients_close(loss_fn.__name__, dscores, numeric, tol=1e-7)
 
 
 def test_cross_entropy_value_and_gradient(xp, device):
     s = np.random.default_rng(0).standard_normal((5, 4)) * 2
     loss, dscores = softmax_cross_entropy(xp.asarray(s), xp.asarray(LABELS))
-    assert isinstance(loss, float)
-    assert abs(loss - direct_cross_entropy(s, LABELS)) < 1e-12
+    assert_device_scalar(loss, xp.asarray(s))
+    assert abs(float(loss) - direct_cross_entropy(s, LABELS)) < 1e-12
     assert dscores.shape == (5, 4) and type(dscores) is type(xp.asarray(s))
     check_loss_gradient(softmax_cross_entropy, xp.asarray(s), xp.asarray(LABELS))
 
@@ -54,10 +61,11 @@ def test_cross_entropy_is_stable_for_huge_scores(xp, device):
         for shift in (1e4, -1e4):
             s = xp.asarray((base + shift).astype(dtype))
             loss, d = softmax_cross_entropy(s, xp.asarray(labels))
+            loss = float(loss)
             assert np.isfinite(loss) and abs(loss - want) < 1e-3
             assert d.dtype == dtype and bool(xp.isfinite(d).all())
     s = xp.asarray(np.array([[1e4, -1e4]], np.float32))
-    assert softmax_cross_entropy(s, xp.asarray([1]))[0] == pytest.approx(2e4)
+    assert float(softmax_cross_entropy(s, xp.asarray([1]))[0]) == pytest.approx(2e4)
     p = to_cpu(softmax(s))
     assert p.dtype == np.float32 and np.isfinite(p).all() and p[0, 0] == 1.0
 
@@ -84,8 +92,8 @@ def kink_free_scores(shape, labels, margin, seed, gap=1e-2):
 def test_hinge_value_and_gradient(xp, device, margin):
     s = kink_free_scores((5, 4), LABELS, margin, seed=3)
     loss, dscores = multiclass_hinge_loss(xp.asarray(s), xp.asarray(LABELS), margin)
-    assert isinstance(loss, float)
-    assert abs(loss - direct_hinge(s, LABELS, margin)) < 1e-12
+    assert_device_scalar(loss, xp.asarray(s))
+    assert abs(float(loss) - direct_hinge(s, LABELS, margin)) < 1e-12
     fn = lambda sc, lb: multiclass_hinge_loss(sc, lb, margin)  # noqa: E731
     fn.__name__ = "multiclass_hinge_loss"
     check_loss_gradient(fn, xp.asarray(s), xp.asarray(LABELS))
@@ -95,7 +103,8 @@ def test_float32_stays_float32(xp, device):
     s = xp.asarray(np.random.default_rng(4).standard_normal((5, 4)).astype(np.float32))
     for fn in (softmax_cross_entropy, multiclass_hinge_loss):
         loss, d = fn(s, LABELS)  # NumPy labels are moved to the scores' device
-        assert isinstance(loss, float) and d.dtype == np.float32
+        assert_device_scalar(loss, s)
+        assert d.dtype == np.float32
 
 
 def test_label_validation():
@@ -113,6 +122,18 @@ def test_label_validation():
             fn(s[..., None], np.array([0, 1, 2]))
 
 
+def test_check_labels_validates_host_labels():
+    """The check the training loop runs on each batch's labels while they are on the host."""
+    assert check_labels([0, 3, 1], 4).tolist() == [0, 3, 1]
+    check_labels(np.zeros(0, np.int64), 4)   # an empty batch has no range to check
+    with pytest.raises(ValueError, match=r"training batch expects labels in \[0, 4\), got labels in \[0, 4\]"):
+        check_labels(np.array([0, 4]), 4, "training batch")
+    with pytest.raises(ValueError, match=r"\[-2, 0\]"):
+        check_labels(np.array([-2, 0]), 4)
+    with pytest.raises(ValueError, match="integer"):
+        check_labels(np.array([0.5]), 4)
+
+
 def test_accuracy_topk(xp, device):
     s = np.array([[0.1, 0.5, 0.2, 0.9],    # label 3: top-1
                   [0.4, 0.3, 0.2, 0.1],    # label 2: rank 3
@@ -120,7 +141,7 @@ def test_accuracy_topk(xp, device):
                   [0.5, 0.5, 0.5, 0.5]])   # ties count against the label: rank 4
     labels = np.array([3, 2, 1, 0])
     got = accuracy_topk(xp.asarray(s), xp.asarray(labels), ks=(1, 2, 3, 5))
-    assert got == (1, 2, 3, 4)
-    assert all(type(v) is int for v in got)
+    assert tuple(int(v) for v in got) == (1, 2, 3, 4)
+    assert all(v.shape == () and get_array_module(v) is xp for v in got)   # counts stay on the device
     c1, c5 = accuracy_topk(xp.asarray(s), xp.asarray(labels))  # default ks = (1, 5)
-    assert (c1, c5) == (1, 4)
+    assert (int(c1), int(c5)) == (1, 4)

@@ -68,10 +68,11 @@ def test_value_matches_equation(xp, rng, reg, ref, prox, shape, axes, mix):
     x = rng.standard_normal(shape)
     x[0, 1] = 0.0                           # one zero group (a whole filter for Ψ)
     value, grad = reg(xp.asarray(x), mix)
-    assert isinstance(value, float)
+    assert value.shape == () and get_array_module(value) is xp   # stays on the device
+    value = float(value)
     assert value == pytest.approx(ref(x, mix), rel=1e-12)
     # group_subgradient=False changes the gradient, never the value
-    assert reg(xp.asarray(x), mix, group_subgradient=False)[0] == pytest.approx(value, rel=1e-12)
+    assert float(reg(xp.asarray(x), mix, group_subgradient=False)[0]) == pytest.approx(value, rel=1e-12)
 
 
 @pytest.mark.parametrize("reg, ref, prox, shape, axes", CASES, ids=IDS)
@@ -80,7 +81,8 @@ def test_float32_stays_float32_on_its_device(xp, rng, reg, ref, prox, shape, axe
     value, grad = reg(x, 0.4)
     assert grad.dtype == np.float32 and grad.shape == x.shape
     assert get_array_module(grad) is xp
-    assert value == pytest.approx(ref(to_cpu(x), 0.4), rel=1e-5)
+    assert value.dtype == np.float32 and get_array_module(value) is xp
+    assert float(value) == pytest.approx(ref(to_cpu(x), 0.4), rel=1e-5)
     for g in (reg(x, 0.4, group_subgradient=False)[1], reg(x, 0.0)[1]):
         assert g.dtype == np.float32
     y = prox(x.copy(), 0.4, 0.5)
@@ -94,7 +96,7 @@ def test_group_helpers(xp, rng):
     assert norms.shape == (2, 3, 1)
     np.testing.assert_allclose(norms[..., 0], np.linalg.norm(x, axis=2), rtol=1e-14)
     value, sub = R.group_lasso(xp.asarray(x), (2,))
-    assert value == pytest.approx(np.linalg.norm(x, axis=2).sum(), rel=1e-13)
+    assert float(value) == pytest.approx(np.linalg.norm(x, axis=2).sum(), rel=1e-13)
     sub = to_cpu(sub)
     assert np.all(sub[1, 2] == 0.0)          # exactly zero at the zero group, no NaN
     np.testing.assert_allclose(sub[0, 0], x[0, 0] / np.linalg.norm(x[0, 0]), rtol=1e-14)
@@ -280,7 +282,7 @@ def test_regularization_is_the_sum_of_its_parts(xp, rng, name, group_subgradient
     term = R.psi if cfg.conv_term == "psi" else R.gamma
     vw, gw = R.omega(W, cfg.alpha, group_subgradient)
     parts = [term(t, b, group_subgradient) for t, b in zip(thetas, cfg.betas)]
-    assert value == pytest.approx(cw * vw + ct * sum(v for v, _ in parts), rel=1e-13)
+    assert float(value) == pytest.approx(cw * float(vw) + ct * sum(float(v) for v, _ in parts), rel=1e-13)
     np.testing.assert_allclose(to_cpu(dW), cw * to_cpu(gw), rtol=1e-14)
     assert len(dthetas) == 2
     for d, (_, g) in zip(dthetas, parts):
@@ -289,7 +291,7 @@ def test_regularization_is_the_sum_of_its_parts(xp, rng, name, group_subgradient
     ref = psi_loops if cfg.conv_term == "psi" else gamma_loops
     expect = cw * omega_loops(W, cfg.alpha) + ct * sum(ref(t, b) for t, b in
                                                        zip(thetas, cfg.betas))
-    assert value == pytest.approx(expect, rel=1e-12)
+    assert float(value) == pytest.approx(expect, rel=1e-12)
     with pytest.raises(ValueError, match="feature layers"):
         R.regularization(cfg, W, thetas[:1])
 

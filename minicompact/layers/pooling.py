@@ -39,7 +39,7 @@ def max_pool_forward(x, kernel_size, stride, padding):
     for t, (i, j) in enumerate(np.ndindex(kh, kw)):
         tap = xpad[:, :, i:i + s * ho:s, j:j + s * wo:s]   # pixel (i, j) of every window
         better = tap > out            # strictly: on a tie the earlier tap keeps the max
-        arg[better] = t
+        xp.copyto(arg, t, where=better)   # arg = t where better (a mask index would sync a GPU)
         xp.maximum(out, tap, out=out)
     return out, (x.shape, arg)
 

@@ -1,0 +1,569 @@
+"""minicompact against the same CompactNet in PyTorch: one training step, side by side.
+
+    python bench/bench_vs_pytorch.py --device cpu                          # issue 8's four networks
+    python bench/bench_vs_pytorch.py --device gpu --precision tf32 --json out.json
+    python bench/bench_vs_pytorch.py --nets demo,depth8 --repeats 10 --threads 2
+
+For each network: the minicompact model is built, and the same network is written with
+torch.nn and given minicompact's weights.  First the two are checked equal: the scores, the
+loss, the gradient of every parameter (the group-lasso regularizer's subgradient added the
+same way, after the backward) and the parameters after one SGD step with momentum must agree
+in float64, the scores and the loss in float32 (see ``check_equal``).  Then whole training
+steps (forward, loss, backward, regularizer value and subgradient, SGD) are timed
+alternately, minicompact then PyTorch, with no sync inside a step and one at its end; the
+medians give images/s and the ratio (above 1: minicompact is faster).  A separate
+pass attributes the time to kinds of layers (minicompact: a sync after every layer; PyTorch:
+its profiler's self time per operator), and another measures peak memory, each framework in
+a fresh process: on a GPU CuPy's pool (peak in use, and reserved) against PyTorch's
+``max_memory_allocated`` / ``max_memory_reserved`` over the first two steps; on the CPU the
+growth of the process's peak resident set (VmHWM) over two steps, measured after one
+warm-up step above the weights, gradients and momentum (malloc's mmap threshold fixed, so
+that freed arrays leave the resident set in both frameworks).
+
+PyTorch is imported here only: minicompact never needs it.  Precision: "fp32" runs strict
+float32 in both; "tf32" lets both use TF32 tensor cores for float32 GEMMs and convolutions
+(``backend.set_precision`` for CuPy, ``fp32_precision = "tf32"`` for cuBLAS and cuDNN in
+PyTorch) and changes nothing on the CPU.
+"""
+import argparse
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from minicompact import backend
+from minicompact.backend import set_precision, synchronize, to_cpu
+from minicompact.objective import objective
+from timing import CTHETA, CW, LR, MOMENTUM, NETWORKS, Setup, describe, layer_times, timed
+
+try:
+    import torch
+    import torch.nn.functional as F
+except ImportError:  # pragma: no cover - the bench says so in one line
+    torch = None
+
+
+# --------------------------------------------------------------------------- the PyTorch twin
+def torch_twin(setup, tdevice):
+    """The network of ``setup.model`` in torch.nn, with its weights and BN statistics copied
+    (in the model's dtype).
+
+    Returns (module, convs, classifier, config): the regularized layers named for the
+    regularizer, ``config`` the minicompact ``RegConfig`` (β per layer, α).
+    """
+    nn = torch.nn
+    model = setup.model
+    kw = dict(dtype=getattr(torch, np.dtype(model.classifier.dtype).name), device=tdevice)
+
+    def tensor(a):
+        return torch.from_numpy(to_cpu(a).copy()).to(tdevice)
+
+    features = []
+    for conv, bn, pool in zip(model.convs, model.bns, model.pools):
+        c = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                      padding=conv.padding, bias=False, **kw)
+        b = nn.BatchNorm2d(bn.channels, eps=bn.eps, momentum=bn.momentum, **kw)
+        with torch.no_grad():
+            c.weight.copy_(tensor(conv.params["W"]))
+            b.weight.copy_(tensor(bn.params["gamma"]))
+            b.bias.copy_(tensor(bn.params["beta"]))
+            b.running_mean.copy_(tensor(bn.buffers["running_mean"]))
+            b.running_var.copy_(tensor(bn.buffers["running_var"]))
+        features += [c, b, nn.ReLU(inplace=True), nn.MaxPool2d(3, pool.stride, pool.padding)]
+    W = model.classifier.params["W"]
+    classes, channels, regions = W.shape
+    linear = nn.Linear(channels * regions, classes, **kw)
+    with torch.no_grad():
+        linear.weight.copy_(tensor(W.reshape(classes, -1)))
+        linear.bias.copy_(tensor(model.classifier.params["b"]))
+    levels = model.spp.levels
+
+    class TorchCompactNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(*features)
+            self.classifier = linear
+
+        def forward(self, x):
+            f = self.features(x)
+            # adaptive max-pool bins are [floor(iH/n), ceil((i+1)H/n)): minicompact's pyramid_bins
+            pyramid = torch.cat([F.adaptive_max_pool2d(f, n).flatten(2) for n in levels], dim=2)
+            return self.classifier(pyramid.flatten(1))
+
+    net = TorchCompactNet().to(tdevice)
+    convs = [m for m in net.features if isinstance(m, nn.Conv2d)]
+    return net, convs, linear, setup.regularizer.config
+
+
+def torch_regularizer(convs, linear, config, regions):
+    """C_W Ω(W) + C_Θ Σ Γ_l(Θ^l): add its subgradient to the gradients (as minicompact's
+    ``Regularizer.add_gradient`` does, after the backward) and return its value (a tensor)."""
+    def mixed(x, mix, dims):
+        sq = x.square().sum(dim=dims, keepdim=True)
+        value = (1 - mix) * 0.5 * sq.sum()
+        if mix == 0:
+            return value, (1 - mix) * x
+        norms = sq.sqrt()
+        inverse = torch.where(norms > 0, 1 / norms.clamp_min(1e-30), torch.zeros_like(norms))
+        return value + mix * norms.sum(), x * ((1 - mix) + mix * inverse)
+
+    with torch.no_grad():
+        W = linear.weight.view(linear.out_features, -1, regions)
+        value, dW = mixed(W, config.alpha, (2,))
+        value = CW * value
+        linear.weight.grad += CW * dW.view_as(linear.weight)
+        dims = (2, 3) if config.conv_term == "gamma" else (1, 2, 3)
+        for conv, beta in zip(convs, config.betas):
+            v, d = mixed(conv.weight, beta, dims)
+            value = value + CTHETA * v
+            conv.weight.grad += CTHETA * d
+    return value
+
+
+class TorchSide:
+    """The PyTorch training step of one network, on the same batch as ``setup``."""
+
+    def __init__(self, setup, tdevice):
+        self.net, self.convs, self.linear, self.config = torch_twin(setup, tdevice)
+        self.regions = setup.model.spp.num_regions
+        self.optimizer = torch.optim.SGD(self.net.parameters(), lr=LR, momentum=MOMENTUM)
+        self.x = torch.from_numpy(setup.x_host).to(tdevice)
+        self.y = torch.from_numpy(setup.y_host).to(tdevice)
+        self.tdevice = tdevice
+        self.label = False   # mark the regularizer and the update for the profiler
+
+    def _update_part(self):
+        if self.label:
+            return torch.profiler.record_function(UPDATE)
+        return contextlib.nullcontext()
+
+    def forward_backward(self):
+        """Scores, loss, gradients (data term + regularizer) and the regularizer's value."""
+        self.optimizer.zero_grad(set_to_none=False)
+        scores = self.net(self.x)
+        loss = F.cross_entropy(scores, self.y)
+        loss.backward()
+        with self._update_part():
+            reg = torch_regularizer(self.convs, self.linear, self.config, self.regions)
+        return scores, loss, reg
+
+    def step(self):
+        self.forward_backward()
+        with self._update_part():
+            self.optimizer.step()
+
+    def sync(self):
+        if self.tdevice.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def set_torch_precision(precision):
+    """TF32 for cuBLAS and cuDNN float32 work ("tf32") or strict IEEE float32 ("fp32")."""
+    mode = "tf32" if precision == "tf32" else "ieee"
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):   # PyTorch >= 2.9
+        torch.backends.cuda.matmul.fp32_precision = mode
+        torch.backends.cudnn.conv.fp32_precision = mode
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+        torch.backends.cudnn.allow_tf32 = precision == "tf32"
+
+
+# --------------------------------------------------------------------------- the equality check
+def rel_err(a, b):
+    """max |a - b| / max |b|: the error relative to the array's scale."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def quantities(setup, side, update=True):
+    """One forward and backward (and, if ``update``, one SGD step) in both frameworks.
+
+    Returns two dicts name -> NumPy array, minicompact's and PyTorch's, with the scores, the
+    loss, the objective, every gradient, the BN running variances and, after the step, the
+    weights.
+    """
+    model = setup.model
+    model.zero_grad()
+    value, loss, scores = objective(model, setup.x, setup.y, setup.regularizer)
+    t_scores, t_loss, t_reg = side.forward_backward()
+
+    def t(a):
+        return a.detach().cpu().numpy()
+
+    W = model.classifier.params["W"]
+    ours = {"scores": to_cpu(scores), "loss": to_cpu(loss), "objective": to_cpu(value)}
+    theirs = {"scores": t(t_scores), "loss": t(t_loss), "objective": t(t_loss) + t(t_reg)}
+    t_bns = [m for m in side.net.features if isinstance(m, torch.nn.BatchNorm2d)]
+    for l, (conv, bn, tconv, tbn) in enumerate(zip(model.convs, model.bns, side.convs, t_bns), 1):
+        ours.update({f"conv{l} dW": to_cpu(conv.grads["W"]), f"bn{l} dgamma": to_cpu(bn.grads["gamma"]),
+                     f"bn{l} dbeta": to_cpu(bn.grads["beta"]),
+                     f"bn{l} running_var": to_cpu(bn.buffers["running_var"])})
+        theirs.update({f"conv{l} dW": t(tconv.weight.grad), f"bn{l} dgamma": t(tbn.weight.grad),
+                       f"bn{l} dbeta": t(tbn.bias.grad), f"bn{l} running_var": t(tbn.running_var)})
+    ours["classifier dW"] = to_cpu(model.classifier.grads["W"]).reshape(W.shape[0], -1)
+    ours["classifier db"] = to_cpu(model.classifier.grads["b"])
+    theirs["classifier dW"], theirs["classifier db"] = t(side.linear.weight.grad), t(side.linear.bias.grad)
+    if update:
+        setup.optimizer.step()
+        side.optimizer.step()
+        for l, (conv, tconv) in enumerate(zip(model.convs, side.convs), 1):
+            ours[f"conv{l} W after SGD"], theirs[f"conv{l} W after SGD"] = to_cpu(conv.params["W"]), t(tconv.weight)
+        ours["classifier W after SGD"] = to_cpu(W).reshape(W.shape[0], -1)
+        theirs["classifier W after SGD"] = t(side.linear.weight)
+    return ours, theirs
+
+
+def worst(a, b, only=None):
+    """(name, largest relative error) over the names of dict ``a`` (containing ``only``)."""
+    errors = [(k, rel_err(a[k], b[k])) for k in a if only is None or only in k]
+    return max(errors, key=lambda e: e[1])
+
+
+def check_equal(args, net, tdevice):
+    """The two frameworks compute the same thing; returns a dict of the worst errors.
+
+    On the first ``--check-batch`` images, with fresh copies of the network:
+
+    * float64: every quantity of ``quantities`` (every gradient, the SGD step) must agree to
+      ``--tol64``: the same function, the same gradients, the same update;
+    * float32: the scores and the loss must agree to ``--tol``.  The gradients are reported,
+      each framework's float32 against its own float64: float32 rounding, amplified through
+      eleven batch-norms, can move a gradient by far more than its last bit, differently in
+      the two.
+    """
+    small = dict(net, batch=min(net["batch"], args.check_batch))
+    runs = {}
+    for dtype in (np.float64, np.float32):
+        setup = Setup(small, args.device, dtype=dtype)
+        runs[dtype] = quantities(setup, TorchSide(setup, tdevice))
+    (ours64, theirs64), (ours32, theirs32) = runs[np.float64], runs[np.float32]
+    name, worst64 = worst(ours64, theirs64)
+    if not worst64 <= args.tol64:
+        raise AssertionError(f"minicompact and PyTorch differ in float64 in {name}: relative error "
+                             f"{worst64:.2e} > {args.tol64:g}")
+    forward32 = max(rel_err(ours32[k], theirs32[k]) for k in ("scores", "loss"))
+    if not forward32 <= args.tol:
+        raise AssertionError(f"minicompact and PyTorch scores or loss differ in float32 by "
+                             f"{forward32:.2e} > {args.tol:g}")
+    return {"float64_worst": worst64, "float64_worst_is": name, "float32_forward": forward32,
+            "float32_gradients_between": worst(ours32, theirs32, " d")[1],
+            "minicompact_float32_vs_float64": worst(ours32, ours64, " d")[1],
+            "torch_float32_vs_float64": worst(theirs32, theirs64, " d")[1]}
+
+
+# --------------------------------------------------------------------------- per layer kind
+UPDATE = "regularizer + SGD"   # the record_function label of that part of the PyTorch step
+
+
+def torch_kind(name):
+    """The minicompact layer kind a PyTorch operator (or autograd node) belongs to."""
+    n = name.lower().replace("autograd::engine::evaluate_function: ", "").replace("_", "")
+    for kind, keys in (("SpatialPyramidPool", ("adaptivemaxpool",)), ("MaxPool2D", ("maxpool",)),
+                       ("Conv2D", ("conv",)), ("BatchNorm2D", ("batchnorm",)),
+                       ("ReLU", ("relu", "thresholdbackward")),
+                       ("loss", ("crossentropy", "logsoftmax", "nllloss"))):
+        if any(k in n for k in keys):
+            return kind
+    if n in ("aten::addmm", "aten::mm", "aten::linear", "aten::t", "addmmbackward0", "tbackward0"):
+        return "SoftmaxClassifier"
+    return "other"
+
+
+def torch_layer_times(side, steps=2):
+    """Seconds per step by kind of layer from PyTorch's profiler: the self time of every
+    operator (CPU time on the CPU, its kernels' time on the GPU), over ``steps`` steps after
+    one warm-up; the regularizer and the SGD update are labelled with ``record_function``."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    cuda = side.tdevice.type == "cuda"
+    side.step()
+    side.sync()
+    side.label = True
+    try:
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            for _ in range(steps):
+                side.step()
+            side.sync()
+    finally:
+        side.label = False
+    per_kind = {}
+    for evt in prof.events():
+        if evt.device_type != DeviceType.CPU:
+            continue   # GPU kernels count through the operators that launched them
+        us = evt.self_device_time_total if cuda else evt.self_cpu_time_total
+        kind, parent = None, evt
+        while parent is not None and kind is None:   # inside the labelled update?
+            kind = UPDATE if parent.name == UPDATE else None
+            parent = parent.cpu_parent
+        kind = kind or torch_kind(evt.name)
+        per_kind[kind] = per_kind.get(kind, 0.0) + us * 1e-6 / steps
+    return per_kind
+
+
+# --------------------------------------------------------------------------- peak memory
+def _rss_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def memory_child(args):
+    """Run in a fresh process: two steps of one framework; print one JSON line of peaks."""
+    net, device = dict(NETWORKS[args.net]), args.device
+    if args.batch:
+        net["batch"] = args.batch
+    set_precision(args.precision)
+    setup = Setup(net, device)
+    side = None
+    if args.memory_child == "torch":
+        torch.set_num_threads(args.threads)
+        side = TorchSide(setup, torch.device("cuda" if device == "gpu" else "cpu"))
+        setup.model.release_caches()
+    step = setup.step if side is None else side.step
+    out = {}
+    if device == "gpu":
+        if side is None:
+            import cupy
+            pool = cupy.get_default_memory_pool()
+            peak = [pool.used_bytes()]
+
+            def malloc(size):
+                mem = pool.malloc(size)
+                peak[0] = max(peak[0], pool.used_bytes())
+                return mem
+            cupy.cuda.set_allocator(malloc)
+            for _ in range(2):
+                step()
+            cupy.cuda.Device().synchronize()
+            out = {"peak_in_use": peak[0], "reserved": pool.total_bytes()}
+        else:
+            torch.cuda.reset_peak_memory_stats()
+            for _ in range(2):
+                step()
+            torch.cuda.synchronize()
+            out = {"peak_in_use": torch.cuda.max_memory_allocated(),
+                   "reserved": torch.cuda.max_memory_reserved()}
+    else:
+        # One step first, so that one-time library allocations (BLAS buffers, thread pools)
+        # are not counted; then what forward keeps for backward is dropped, and the peak is
+        # measured over two steps above the weights, gradients and momentum.
+        step()
+        setup.model.release_caches()
+        with open("/proc/self/clear_refs", "w") as f:   # reset VmHWM to the current RSS
+            f.write("5")
+        base = _rss_kib("VmRSS")
+        for _ in range(2):
+            step()
+        out = {"peak_rss_growth": 1024 * (_rss_kib("VmHWM") - base)}
+    print(json.dumps(out))
+
+
+def measure_memory(args, net_name, framework):
+    """Peaks of ``framework`` ("minicompact" or "torch") on one network, in a fresh process."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--memory-child",
+           "torch" if framework == "torch" else "minicompact", "--net", net_name,
+           "--device", args.device, "--precision", args.precision, "--threads", str(args.threads)]
+    if args.batch:
+        cmd += ["--batch", str(args.batch)]
+    # A fixed mmap threshold: freed large arrays go back to the OS at once in both frameworks,
+    # instead of glibc's adaptive threshold keeping some in the heap (and out of the peak).
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    if run.returncode != 0:
+        return {"error": (run.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- the environment
+def environment(args, tdevice):
+    """Device, driver and library versions, threads and load, as a dict."""
+    env = {"python": platform.python_version(), "numpy": np.__version__,
+           "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+           "cpu": _cpu_name(), "cores": os.cpu_count(), "load_avg": os.getloadavg(),
+           "precision": args.precision}
+    blas = np.show_config(mode="dicts").get("Build Dependencies", {}).get("blas", {})
+    env["numpy_blas"] = f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
+    env["blas_threads_env"] = {k: os.environ[k] for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+                                                          "MKL_NUM_THREADS") if k in os.environ}
+    if args.device == "gpu":
+        import cupy
+        props = cupy.cuda.runtime.getDeviceProperties(0)
+        name = props["name"]
+        env.update(cupy=cupy.__version__, gpu=name.decode() if isinstance(name, bytes) else str(name),
+                   cuda_runtime=cupy.cuda.runtime.runtimeGetVersion(),
+                   cuda_driver=cupy.cuda.runtime.driverGetVersion(),
+                   torch_cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                   cudnn_benchmark=torch.backends.cudnn.benchmark)
+        try:
+            env["nvidia_driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            env["nvidia_driver"] = "nvidia-smi not found"
+    return env
+
+
+def cupy_compute_type():
+    """What CuPy will use for float32 GEMMs now (e.g. COMPUTE_TYPE_TF32), to verify the switch."""
+    try:
+        from cupy._core import _routines_linalg as linalg
+        return linalg.compute_type_to_str(linalg.get_compute_type(np.float32))
+    except Exception as exc:   # a private API: report, never fail on it
+        return f"unknown ({type(exc).__name__})"
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+# --------------------------------------------------------------------------- main
+def bench_network(args, name, tdevice):
+    """Check, time, attribute and measure one network; return a dict of results."""
+    net = dict(NETWORKS[name])
+    if args.batch:
+        net["batch"] = args.batch
+    result = {"net": name, "config": net}
+    print(f"\n== {name}: {describe(net)}")
+    set_precision("fp32")
+    set_torch_precision("fp32")
+    if not args.no_check:
+        c = result["check"] = check_equal(args, net, tdevice)
+        print(f"   same computation (batch {min(net['batch'], args.check_batch)}): in float64 the "
+              f"scores, loss, objective, every gradient, BN statistics and the weights after one SGD "
+              f"step agree to {c['float64_worst']:.1e} (worst: {c['float64_worst_is']}); in float32 "
+              f"the scores and loss to {c['float32_forward']:.1e}; float32 gradients against each "
+              f"framework's own float64: minicompact {c['minicompact_float32_vs_float64']:.1e}, "
+              f"PyTorch {c['torch_float32_vs_float64']:.1e} (between the two: "
+              f"{c['float32_gradients_between']:.1e})")
+    setup = Setup(net, args.device)
+    side = TorchSide(setup, tdevice)
+    set_precision(args.precision)
+    set_torch_precision(args.precision)
+    if args.device == "gpu":
+        result["cupy_float32_gemm"] = cupy_compute_type()
+    for _ in range(args.warmup):
+        setup.step()
+        side.step()
+    ours, theirs = [], []
+    for _ in range(args.repeats):   # alternate, so that load changes hit both alike
+        ours.append(timed(setup.step, synchronize))
+        theirs.append(timed(side.step, side.sync))
+    batch = net["batch"]
+    ours_ips, theirs_ips = batch / float(np.median(ours)), batch / float(np.median(theirs))
+    result.update(minicompact_img_s=ours_ips, torch_img_s=theirs_ips, ratio=ours_ips / theirs_ips,
+                  minicompact_step_ms=[1e3 * t for t in ours], torch_step_ms=[1e3 * t for t in theirs])
+    print(f"   whole step, median of {args.repeats}: minicompact {1e3 * np.median(ours):8.1f} ms "
+          f"= {ours_ips:7.1f} img/s | PyTorch {1e3 * np.median(theirs):8.1f} ms = {theirs_ips:7.1f} img/s"
+          f" | ratio {ours_ips / theirs_ips:.2f}")
+    if not args.no_layers:
+        mine = layer_times(setup, steps=args.layer_steps)
+        try:
+            other = torch_layer_times(side, steps=args.layer_steps)
+        except Exception as exc:   # the profiler is a nicety: never lose the run to it
+            other = {}
+            print(f"   (PyTorch profiler failed: {type(exc).__name__}: {exc})")
+        result["layers"] = {"minicompact_s": mine, "torch_s": other}
+        print("   per layer kind, ms per step (minicompact: a separate pass with a sync after every "
+              "layer; PyTorch: profiler self time per operator)")
+        print(f"     {'':<20s} {'minicompact':>11s} {'PyTorch':>9s}")
+        kinds = sorted(set(mine) | set(other), key=lambda k: -mine.get(k, 0.0))
+        for kind in kinds:
+            a, b = mine.get(kind), other.get(kind)
+            print(f"     {kind:<20s} {'' if a is None else f'{1e3 * a:.2f}':>11s} "
+                  f"{'' if b is None else f'{1e3 * b:.2f}':>9s}")
+    if not args.no_memory:
+        setup = side = None
+        mem = {fw: measure_memory(args, name, fw) for fw in ("minicompact", "torch")}
+        result["memory"] = mem
+        print(f"   peak memory over two steps, fresh process each: {format_memory(mem, args.device)}")
+    return result
+
+
+def format_memory(mem, device):
+    def gib(b):
+        return f"{b / 2**30:.2f} GiB"
+    parts = []
+    for fw, m in mem.items():
+        if "error" in m:
+            parts.append(f"{fw}: failed ({m['error']})")
+        elif device == "gpu":
+            parts.append(f"{fw}: {gib(m['peak_in_use'])} peak in use, {gib(m['reserved'])} reserved")
+        else:
+            parts.append(f"{fw}: +{gib(m['peak_rss_growth'])} peak RSS")
+    return "; ".join(parts)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "tf32"])
+    ap.add_argument("--nets", default=",".join(NETWORKS),
+                    help=f"comma-separated, from {', '.join(NETWORKS)}")
+    ap.add_argument("--batch", type=int, help="override every network's batch size")
+    ap.add_argument("--repeats", type=int, default=10, help="timed steps per framework")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per framework first")
+    ap.add_argument("--layer-steps", type=int, default=2, help="steps of the per-layer pass")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch's CPU threads")
+    ap.add_argument("--tol", type=float, default=1e-4,
+                    help="largest relative error (max|a-b|/max|b|) of float32 scores and loss")
+    ap.add_argument("--tol64", type=float, default=1e-9,
+                    help="largest relative error of every float64 quantity compared")
+    ap.add_argument("--check-batch", type=int, default=8, help="batch size of the float64 check")
+    ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--no-layers", action="store_true")
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--json", metavar="PATH", help="also write the results here")
+    ap.add_argument("--net", help=argparse.SUPPRESS)            # for --memory-child
+    ap.add_argument("--memory-child", choices=["minicompact", "torch"], help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if torch is None:
+        ap.exit(2, "bench_vs_pytorch.py: error: PyTorch is not installed (pip install torch); "
+                   "only this benchmark needs it\n")
+    if args.device == "gpu" and not backend.gpu_available():
+        ap.exit(2, "bench_vs_pytorch.py: error: --device gpu needs CuPy and a CUDA GPU\n")
+    if args.device == "gpu" and not torch.cuda.is_available():
+        ap.exit(2, "bench_vs_pytorch.py: error: this PyTorch build sees no CUDA GPU\n")
+    if args.memory_child:
+        return memory_child(args)
+    names = [n.strip() for n in args.nets.split(",") if n.strip()]
+    unknown = [n for n in names if n not in NETWORKS]
+    if unknown:
+        ap.exit(2, f"bench_vs_pytorch.py: error: unknown network(s) {unknown}; choose from {list(NETWORKS)}\n")
+    torch.set_num_threads(args.threads)
+    tdevice = torch.device("cuda" if args.device == "gpu" else "cpu")
+    env = environment(args, tdevice)
+    print("environment: " + json.dumps(env))
+    print(f"timing: {args.warmup} warm-up + {args.repeats} timed whole steps per framework, "
+          f"alternating; ratio = minicompact img/s / PyTorch img/s")
+    results = []
+    t0 = time.time()
+    for name in names:
+        results.append(bench_network(args, name, tdevice))
+    print(f"\n{'network':<9s} {'batch':>5s} {'minicompact img/s':>18s} {'PyTorch img/s':>14s} {'ratio':>6s}")
+    for r in results:
+        print(f"{r['net']:<9s} {r['config']['batch']:>5d} {r['minicompact_img_s']:>18.1f} "
+              f"{r['torch_img_s']:>14.1f} {r['ratio']:>6.2f}")
+    print(f"({args.device}, {args.precision}, PyTorch threads {torch.get_num_threads()}, "
+          f"load average {os.getloadavg()[0]:.2f} at the end, {time.time() - t0:.0f} s in all)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "args": vars(args), "results": results}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
