@@ -258,6 +258,18 @@ def abort_ends_every_rank():
     return comm
 
 
+@check
+def exit_ends_every_rank():
+    """Rank 1 calls sys.exit(3) inside ``abort_on_failure`` while rank 0 waits: the job ends
+    with the status (without the guard it would hang: MPI_Finalize waits for rank 0)."""
+    comm = init("cpu")
+    with comm.abort_on_failure():
+        if comm.rank == 1:
+            sys.exit(3)
+        comm.barrier()
+    return comm
+
+
 if __name__ == "__main__":
     name = sys.argv[1]
     used = CHECKS[name]()

@@ -38,6 +38,8 @@ def test_single_process_collectives_are_the_identity():
         comm.allreduce(x, op="max")
     with pytest.raises(SystemExit):
         comm.abort("stop")
+    with pytest.raises(SystemExit), comm.abort_on_failure():  # one process: just exits
+        sys.exit(2)
 
 
 def test_launcher_detection(monkeypatch):
@@ -173,7 +175,7 @@ def run_ranks(check, ranks=2, timeout=120):
     t0 = time.perf_counter()
     proc = subprocess.run([find_mpiexec(), "-n", str(ranks), sys.executable,
                            os.path.join(HERE, "mpi_checks.py"), check],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+                          capture_output=True, text=True, timeout=timeout, env=env, check=False)
     return proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - t0
 
 
@@ -195,3 +197,8 @@ def test_a_failing_rank_ends_the_job_instead_of_hanging():
     assert code != 0, output
     assert "a deliberate failure on rank 1" in output, output
     assert "RuntimeError on this rank: ending all 2 ranks" in output, output
+
+
+def test_an_exiting_rank_ends_the_job_instead_of_hanging():
+    code, output, _ = run_ranks("exit_ends_every_rank", timeout=60)
+    assert code == 3 and "exit status 3; ending all 2 ranks" in output, (code, output)

@@ -10,6 +10,7 @@ the same order::
     comm.broadcast_object(obj), comm.gather_object(obj)   # small picklable objects
     comm.barrier()
     comm.abort(message)                       # end every rank now, with a message
+    with comm.abort_on_failure(): main()      # one rank's failure or exit(N) ends them all
 
 * ``Communicator`` (this module) is the single process: size 1, every collective is the
   identity (nothing is copied, nothing is rounded), so ``python run.py`` is unchanged.
@@ -21,8 +22,10 @@ the same order::
 
 ``init`` picks one of them.
 """
+import contextlib
 import os
 import sys
+import traceback
 
 import numpy as np
 
@@ -113,6 +116,12 @@ class Communicator:
         print(message, file=sys.stderr, flush=True)
         raise SystemExit(code)
 
+    @contextlib.contextmanager
+    def abort_on_failure(self):
+        """Around a rank's whole program: with several ranks, an exception or a non-zero
+        ``sys.exit`` on one rank ends every rank (``MPICommunicator``); here, nothing."""
+        yield
+
     def __repr__(self):
         return (f"{type(self).__name__}(rank {self.rank} of {self.size}, "
                 f"local rank {self.local_rank} of {self.local_size})")
@@ -135,7 +144,7 @@ class MPICommunicator(Communicator):
     backend = "mpi"
 
     def __init__(self, mpi_comm=None):
-        from mpi4py import MPI  # noqa: PLC0415 - only runs when MPI is wanted
+        from mpi4py import MPI  # only when MPI is wanted
         self.MPI = MPI
         self.comm = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
@@ -193,6 +202,29 @@ class MPICommunicator(Communicator):
         sys.stdout.flush()
         self.comm.Abort(code)
 
+    @contextlib.contextmanager
+    def abort_on_failure(self):
+        """Around a rank's whole program (run.py's main): an exception, Ctrl-C or a non-zero
+        ``sys.exit`` on one rank ends every rank with ``abort``.
+
+        A rank that merely exits while the others wait in a collective leaves them waiting
+        for ever (MPI_Finalize waits for them); uncaught exceptions are also covered outside
+        this block (``init`` installs an excepthook), but ``SystemExit`` never reaches it.
+        """
+        try:
+            yield
+        except SystemExit as exc:
+            if self.size > 1 and exc.code not in (None, 0):
+                code = exc.code if isinstance(exc.code, int) else 1
+                self.abort(f"{exc.code if isinstance(exc.code, str) else f'exit status {code}'}"
+                           f"; ending all {self.size} ranks", code)
+            raise
+        except BaseException as exc:
+            if self.size > 1:
+                traceback.print_exc()
+                self.abort(_ending_message(exc, self.size), 130 if isinstance(exc, KeyboardInterrupt) else 1)
+            raise
+
 
 def _abort_on_uncaught_exception(comm):
     """Make an uncaught exception end all ranks (after printing its traceback as usual).
@@ -204,9 +236,13 @@ def _abort_on_uncaught_exception(comm):
 
     def hook(kind, value, tb):
         previous(kind, value, tb)
-        comm.abort(f"{kind.__name__} on this rank: ending all {comm.size} ranks")
+        comm.abort(_ending_message(value, comm.size))
 
     sys.excepthook = hook
+
+
+def _ending_message(exc, size):
+    return f"{type(exc).__name__} on this rank: ending all {size} ranks"
 
 
 def init(device="cpu", backend="auto"):
@@ -234,7 +270,7 @@ def init(device="cpu", backend="auto"):
         return Communicator()
     try:
         if device == "gpu" and backend in ("auto", "nccl"):
-            from .nccl import NCCLCommunicator  # noqa: PLC0415 - imports CuPy
+            from .nccl import NCCLCommunicator  # imports CuPy
             comm = NCCLCommunicator()
         else:
             comm = MPICommunicator()
@@ -253,7 +289,7 @@ def init(device="cpu", backend="auto"):
 
 def select_gpu(local_rank):
     """Make GPU ``local_rank % n_gpus`` CuPy's current device; returns its index."""
-    import cupy  # noqa: PLC0415 - GPU runs only
+    import cupy  # GPU runs only
     index = local_rank % cupy.cuda.runtime.getDeviceCount()
     cupy.cuda.Device(index).use()
     return index

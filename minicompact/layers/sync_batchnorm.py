@@ -63,7 +63,7 @@ class SyncBatchNorm2D(BatchNorm2D):
         return sync
 
     def _batch_count(self, m):
-        total = int(round(self.comm.sum([m])[0]))
+        total = round(self.comm.sum([m])[0])
         self.share = m / total if total else 0.0
         return total
 
