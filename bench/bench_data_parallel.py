@@ -93,7 +93,7 @@ def bench_allreduce(comm, floats, repeats, device):
     if comm.is_root:
         bus = 2 * (comm.size - 1) / comm.size * nbytes / t if comm.size > 1 else float("nan")
         print(f"all-reduce of {floats:,} float32 ({nbytes / 1e6:.1f} MB) over {comm.size} "
-              f"rank(s), {comm.backend}: {1e3 * t:.1f} ms (median of {repeats}); "
+              f"rank(s), {comm.backend}: {1e3 * t:.2f} ms (median of {repeats}); "
               f"algorithm bandwidth {nbytes / t / 1e9:.2f} GB/s, bus bandwidth {bus / 1e9:.2f} GB/s")
 
 

@@ -232,12 +232,15 @@ def _abort_on_uncaught_exception(comm):
     Without this, a rank that dies of an exception leaves the others blocked in their next
     collective.  (``python -m mpi4py script.py`` does the same for a whole script.)
     """
+    if getattr(sys.excepthook, "ends_all_ranks", False):
+        return  # installed by an earlier communicator
     previous = sys.excepthook
 
     def hook(kind, value, tb):
         previous(kind, value, tb)
         comm.abort(_ending_message(value, comm.size))
 
+    hook.ends_all_ranks = True
     sys.excepthook = hook
 
 
