@@ -6,7 +6,10 @@ There is exactly one place where the regularizer's gradient joins the data gradi
 ``objective`` runs the model's forward and backward for the data term and then calls
 ``Regularizer.add_gradient`` once.  ``train_step`` is ``objective`` followed by the SGD
 update and, for ``update="proximal"``, the group soft-thresholding after it.  The optimizer
-itself knows nothing about regularizers, so the term cannot be counted twice.
+itself knows nothing about regularizers, so the term cannot be counted twice.  In
+data-parallel training the data gradients are all-reduced between the backward and the
+regularizer (``reduce_gradients``), so the term is added once, after the reduce, on every
+rank alike (``distributed/data_parallel.py`` says why).
 
 Batch-norm parameters and the classifier bias are not regularized (the paper regularizes only
 Θ^l and W).
@@ -81,33 +84,43 @@ def _loss_function(loss):
     return LOSSES[loss]
 
 
-def objective(model, x, labels, regularizer=None, loss="cross_entropy"):
+def objective(model, x, labels, regularizer=None, loss="cross_entropy", reduce_gradients=None):
     """Value of eq. 1 on one batch; sets every parameter gradient of ``model`` to its gradient.
 
     x: (N, C, H, W) images; labels: (N,) integer classes (host labels are range-checked,
     device labels are not: see ``losses.check_labels``); regularizer: a ``Regularizer`` (None:
     the data term alone); loss: "cross_entropy", "hinge" or a function of ``losses``.
+    reduce_gradients: None (one process), or data-parallel training's all-reduce
+    (``distributed.GradientAllReduce``), run between the backward and the regularizer so that
+    the data term is the mean over the global batch and the regularizer is added once, after
+    it, on every rank alike; x and labels are then None on a rank without readable images.
     Returns (objective, data_loss, scores): the two values 0-d arrays on the device (nothing
-    is read back to the host), scores (N, Y).
+    is read back to the host), scores (N, Y) (None without images).
     """
-    scores = model.forward(x)
-    data_loss, dscores = _loss_function(loss)(scores, labels)
-    model.backward(dscores)  # sets (does not accumulate) every gradient
+    if x is None:
+        scores, data_loss = None, reduce_gradients.without_data()
+    else:
+        scores = model.forward(x)
+        data_loss, dscores = _loss_function(loss)(scores, labels)
+        model.backward(dscores)  # sets (does not accumulate) every gradient
+        if reduce_gradients is not None:
+            data_loss = reduce_gradients(data_loss, labels.shape[0])
     reg = regularizer.add_gradient() if regularizer is not None else 0.0
     return data_loss + reg, data_loss, scores
 
 
 def train_step(model, optimizer, x, labels, regularizer=None, loss="cross_entropy", lr=None,
-               check_finite=True):
+               check_finite=True, reduce_gradients=None):
     """One SGD step on eq. 1: ``objective``, the update, then ``Regularizer.after_step``.
 
     lr: the learning rate of this step (None keeps ``optimizer.lr``).
     check_finite: raise ``NonFiniteLoss`` before updating anything when the data loss is NaN
     or infinite.  That reads the loss on the host: on a GPU, one sync per step.  ``Trainer``
     passes False and checks the sums it reads once per log interval instead.
+    reduce_gradients: see ``objective``.
     Returns (objective, data_loss, scores) as ``objective`` does.
     """
-    value, data_loss, scores = objective(model, x, labels, regularizer, loss)
+    value, data_loss, scores = objective(model, x, labels, regularizer, loss, reduce_gradients)
     if check_finite and not math.isfinite(float(data_loss)):
         raise NonFiniteLoss(f"the loss became {float(data_loss)}")
     if lr is not None:

@@ -73,27 +73,44 @@ class BatchNorm2D(Layer):
         """Normalise with the batch statistics and update the running statistics."""
         xp = get_array_module(x)
         n, _, h, w = x.shape
-        m = n * h * w
+        m = self._batch_count(n * h * w)
         if m < 2:
             raise ValueError(f"BatchNorm2D in training mode needs more than one value per channel "
                              f"(N·H·W >= 2), got input of shape {tuple(x.shape)}")
         gamma, beta = self.params["gamma"], self.params["beta"]
-        mean = x.mean(axis=_AXES)                      # (C,), x's dtype
+        mean = self._batch_sum(x.sum(axis=_AXES)) / m    # (C,), x's dtype
         xhat = x - _per_channel(mean)                  # centred; becomes xhat in place below
-        var = xp.einsum("nchw,nchw->c", xhat, xhat) / m  # biased variance; no squares array
+        var = self._batch_sum(xp.einsum("nchw,nchw->c", xhat, xhat)) / m  # biased; no squares array
         inv_std = 1.0 / xp.sqrt(var + self.eps)
         xhat *= _per_channel(inv_std)
         out = xhat * _per_channel(gamma)
         out += _per_channel(beta)
+        self._update_running_statistics(mean, var, m)
+        self.cache = ("train", xhat, inv_std)
+        return out
 
+    def _update_running_statistics(self, mean, var, m):
+        """Blend the batch's mean and biased variance (C,), over m values, into the buffers."""
         mom = self.momentum
         rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
         rm *= 1.0 - mom
         rm += mom * mean
         rv *= 1.0 - mom
         rv += (mom * m / (m - 1)) * var                # unbiased variance, as PyTorch
-        self.cache = ("train", xhat, inv_std)
-        return out
+
+    # Where "the batch" is: this process's own here; SyncBatchNorm2D (layers/sync_batchnorm.py)
+    # overrides these three to take every rank's batch of a data-parallel step.
+    def _batch_count(self, m):
+        """M, the values per channel in the batch, from this process's m = N·H·W."""
+        return m
+
+    def _batch_sum(self, sums):
+        """Per-channel sums (C,) over the batch, from this process's sums."""
+        return sums
+
+    def _gradient_sums(self, sum_dout_xhat, sum_dout):
+        """backward's two sums Σ dout·xhat and Σ dout (C,), from this process's."""
+        return sum_dout_xhat, sum_dout
 
     def _forward_eval(self, x):
         """A fixed per-channel affine map built from the running statistics."""
@@ -131,9 +148,10 @@ class BatchNorm2D(Layer):
             m = xhat.shape[0] * xhat.shape[2] * xhat.shape[3]
             dgamma = xp.einsum("nchw,nchw->c", dout, xhat)
             dbeta = dout.sum(axis=_AXES)
-            dx = xhat * _per_channel(dgamma / m)
+            sum_dout_xhat, sum_dout = self._gradient_sums(dgamma, dbeta)
+            dx = xhat * _per_channel(sum_dout_xhat / m)
             xp.subtract(dout, dx, out=dx)
-            dx -= _per_channel(dbeta / m)
+            dx -= _per_channel(sum_dout / m)
             dx *= _per_channel(gamma * inv_std)
         else:
             x = a

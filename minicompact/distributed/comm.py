@@ -1,0 +1,298 @@
+"""Communicators: one interface, three engines (one process, MPI on CPUs, NCCL on GPUs).
+
+Every rank of a data-parallel run holds a ``Communicator`` and calls the same collectives in
+the same order::
+
+    comm.rank, comm.size, comm.local_rank     # this process; how many; its index on this node
+    comm.allreduce(x, op="sum" | "mean")      # in place on a contiguous array; returns x
+    comm.broadcast(x, root=0)                 # in place: every rank gets root's x
+    comm.sum([loss_sum, n, ...])              # a few host numbers (logs, counts) -> floats
+    comm.broadcast_object(obj), comm.gather_object(obj)   # small picklable objects
+    comm.barrier()
+    comm.abort(message)                       # end every rank now, with a message
+    with comm.abort_on_failure(): main()      # one rank's failure or exit(N) ends them all
+
+* ``Communicator`` (this module) is the single process: size 1, every collective is the
+  identity (nothing is copied, nothing is rounded), so ``python run.py`` is unchanged.
+* ``MPICommunicator`` (this module) uses mpi4py on NumPy arrays (a CuPy array is staged
+  through host memory).  mpi4py is imported only when a run was launched by ``mpiexec``/``srun``
+  (``launched_by_mpi``) or MPI is asked for.
+* ``NCCLCommunicator`` (``distributed/nccl.py``) reduces CuPy arrays with NCCL and keeps MPI
+  for everything else.
+
+``init`` picks one of them.
+"""
+import contextlib
+import os
+import sys
+import traceback
+
+import numpy as np
+
+from ..backend import BackendError, is_gpu_array, to_cpu
+
+OPS = ("sum", "mean")
+
+# Variables that MPI launchers set in every process they start.  None is set by a plain
+# ``python run.py``, so a single-process run never imports mpi4py.
+_LAUNCHER_SIZE = ("PMI_SIZE",               # MPICH's hydra (the mpich wheel), Intel MPI, srun --mpi=pmi2
+                  "OMPI_COMM_WORLD_SIZE",   # Open MPI
+                  "MV2_COMM_WORLD_SIZE")    # MVAPICH
+_LAUNCHER_RANK = ("PMIX_RANK",)             # PMIx launchers (srun --mpi=pmix, prterun): no size
+
+
+def launched_by_mpi(environ=None):
+    """(launched, size): whether an MPI launcher started this process, and the number of
+    processes it says it started (None when the launcher does not say)."""
+    env = os.environ if environ is None else environ
+    for name in _LAUNCHER_SIZE:
+        if env.get(name, "").strip().isdigit():
+            return True, int(env[name])
+    return any(name in env for name in _LAUNCHER_RANK), None
+
+
+def _check_op(op):
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+
+
+def _check_buffer(x, what):
+    """Collectives work in place on one contiguous block of memory."""
+    if not (x.flags.c_contiguous and x.size > 0):
+        raise ValueError(f"{what} needs a non-empty C-contiguous array, got shape "
+                         f"{tuple(x.shape)} (contiguous: {bool(x.flags.c_contiguous)})")
+
+
+class Communicator:
+    """The single process: rank 0 of 1, every collective the identity.
+
+    This is also the interface the other communicators implement; code written against it
+    runs unchanged with one process or many.
+    """
+
+    backend = "single"
+
+    def __init__(self):
+        self.rank, self.size = 0, 1
+        self.local_rank, self.local_size = 0, 1
+
+    @property
+    def is_root(self):
+        """True on rank 0, the rank that writes logs, checkpoints and the report."""
+        return self.rank == 0
+
+    def allreduce(self, x, op="sum"):
+        """Σ (or the mean) over ranks of the array x (any shape, C-contiguous), in place.
+
+        Every rank passes an array of the same shape and dtype and gets the same result, bit
+        for bit.  Returns x.
+        """
+        _check_op(op)
+        return x
+
+    def broadcast(self, x, root=0):
+        """Overwrite x (C-contiguous, same shape and dtype on every rank) with root's x."""
+        return x
+
+    def sum(self, values):
+        """Σ over ranks of a few host numbers (Python or NumPy scalars) → list of floats,
+        identical on every rank (summed in float64: integers below 2^53 stay exact)."""
+        return [float(v) for v in values]
+
+    def broadcast_object(self, obj, root=0):
+        """Root's picklable ``obj`` on every rank."""
+        return obj
+
+    def gather_object(self, obj, root=0):
+        """On root: the list of every rank's ``obj``, in rank order; None on other ranks."""
+        return [obj]
+
+    def barrier(self):
+        """Wait until every rank has reached this call."""
+
+    def abort(self, message, code=1):
+        """End every rank now with ``message`` on stderr and exit status ``code`` (here: the
+        one process, through ``SystemExit``)."""
+        print(message, file=sys.stderr, flush=True)
+        raise SystemExit(code)
+
+    @contextlib.contextmanager
+    def abort_on_failure(self):
+        """Around a rank's whole program: with several ranks, an exception or a non-zero
+        ``sys.exit`` on one rank ends every rank (``MPICommunicator``); here, nothing."""
+        yield
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(rank {self.rank} of {self.size}, "
+                f"local rank {self.local_rank} of {self.local_size})")
+
+
+class MPICommunicator(Communicator):
+    """Collectives over MPI (mpi4py), on NumPy arrays.
+
+    mpi_comm: an ``mpi4py.MPI.Comm`` (default ``COMM_WORLD``).  ``local_rank`` is the rank
+    among the processes of this node (``Split_type(COMM_TYPE_SHARED)``), which picks the GPU.
+
+    A CuPy array passed to ``allreduce`` or ``broadcast`` is copied to the host, reduced and
+    copied back (a CUDA-aware MPI could take device pointers, but the MPI wheels are not
+    CUDA-aware); on GPUs ``NCCLCommunicator`` is the fast path.
+
+    With more than one rank an uncaught exception on any rank ends the whole job
+    (``abort``) instead of leaving the other ranks waiting in a collective forever.
+    """
+
+    backend = "mpi"
+
+    def __init__(self, mpi_comm=None):
+        from mpi4py import MPI  # only when MPI is wanted
+        self.MPI = MPI
+        self.comm = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
+        node.Free()
+        if self.size > 1:
+            _abort_on_uncaught_exception(self)
+
+    def allreduce(self, x, op="sum"):
+        _check_op(op)
+        _check_buffer(x, "allreduce")
+        if self.size == 1:
+            return x
+        if is_gpu_array(x):
+            host = to_cpu(x)  # a copy
+            self.comm.Allreduce(self.MPI.IN_PLACE, host, op=self.MPI.SUM)
+            x.set(host)
+        else:
+            self.comm.Allreduce(self.MPI.IN_PLACE, x, op=self.MPI.SUM)
+        if op == "mean":
+            x /= self.size
+        return x
+
+    def broadcast(self, x, root=0):
+        _check_buffer(x, "broadcast")
+        if self.size == 1:
+            return x
+        if is_gpu_array(x):
+            host = to_cpu(x)
+            self.comm.Bcast(host, root=root)
+            x.set(host)
+        else:
+            self.comm.Bcast(x, root=root)
+        return x
+
+    def sum(self, values):
+        buf = np.array([float(v) for v in values], dtype=np.float64)
+        if self.size > 1 and buf.size:
+            self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
+        return buf.tolist()
+
+    def broadcast_object(self, obj, root=0):
+        return self.comm.bcast(obj, root=root)
+
+    def gather_object(self, obj, root=0):
+        return self.comm.gather(obj, root=root)
+
+    def barrier(self):
+        self.comm.Barrier()
+
+    def abort(self, message, code=1):
+        """Print ``message`` (prefixed with this rank) and end every rank with MPI_Abort."""
+        print(f"[rank {self.rank} of {self.size}] {message}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        self.comm.Abort(code)
+
+    @contextlib.contextmanager
+    def abort_on_failure(self):
+        """Around a rank's whole program (run.py's main): an exception, Ctrl-C or a non-zero
+        ``sys.exit`` on one rank ends every rank with ``abort``.
+
+        A rank that merely exits while the others wait in a collective leaves them waiting
+        for ever (MPI_Finalize waits for them); uncaught exceptions are also covered outside
+        this block (``init`` installs an excepthook), but ``SystemExit`` never reaches it.
+        """
+        try:
+            yield
+        except SystemExit as exc:
+            if self.size > 1 and exc.code not in (None, 0):
+                code = exc.code if isinstance(exc.code, int) else 1
+                self.abort(f"{exc.code if isinstance(exc.code, str) else f'exit status {code}'}"
+                           f"; ending all {self.size} ranks", code)
+            raise
+        except BaseException as exc:
+            if self.size > 1:
+                traceback.print_exc()
+                self.abort(_ending_message(exc, self.size), 130 if isinstance(exc, KeyboardInterrupt) else 1)
+            raise
+
+
+def _abort_on_uncaught_exception(comm):
+    """Make an uncaught exception end all ranks (after printing its traceback as usual).
+
+    Without this, a rank that dies of an exception leaves the others blocked in their next
+    collective.  (``python -m mpi4py script.py`` does the same for a whole script.)
+    """
+    if getattr(sys.excepthook, "ends_all_ranks", False):
+        return  # installed by an earlier communicator
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        previous(kind, value, tb)
+        comm.abort(_ending_message(value, comm.size))
+
+    hook.ends_all_ranks = True
+    sys.excepthook = hook
+
+
+def _ending_message(exc, size):
+    return f"{type(exc).__name__} on this rank: ending all {size} ranks"
+
+
+def init(device="cpu", backend="auto"):
+    """The communicator of this process, and (on GPUs) its device selected.
+
+    device: "cpu" or "gpu" (already resolved, ``backend.resolve_device``).
+    backend: "auto" (the default), "single", "mpi" or "nccl":
+
+    * "auto": launched by ``mpiexec``/``srun`` (``launched_by_mpi``) → NCCL on GPUs, MPI on
+      CPUs; otherwise the single process, without importing mpi4py.
+    * "mpi" / "nccl" force that engine (mpi4py must be installed; "nccl" needs CuPy).
+
+    On GPUs each rank uses GPU ``local_rank % n_gpus``, selected here: call ``init`` before
+    any CuPy array is made.  Raises ``BackendError`` with a one-line reason when the engine
+    cannot be had (mpi4py or CuPy missing), and ends the job with a message when the
+    launcher started N processes but the MPI library that mpi4py loaded sees another number
+    (a launcher from another MPI than the library: each process would train alone).
+    """
+    if backend not in ("auto", "single", "mpi", "nccl"):
+        raise ValueError(f"backend must be auto, single, mpi or nccl, got {backend!r}")
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+    launched, launcher_size = launched_by_mpi()
+    if backend == "single" or (backend == "auto" and not launched):
+        return Communicator()
+    try:
+        if device == "gpu" and backend in ("auto", "nccl"):
+            from .nccl import NCCLCommunicator  # imports CuPy
+            comm = NCCLCommunicator()
+        else:
+            comm = MPICommunicator()
+            if device == "gpu":
+                select_gpu(comm.local_rank)
+    except ImportError as exc:
+        raise BackendError(f"MPI was asked for (or this run was started by an MPI launcher) but "
+                           f"{exc}; pip install -r requirements.txt") from None
+    if launcher_size is not None and launcher_size != comm.size:
+        comm.abort(f"the launcher started {launcher_size} processes but MPI sees {comm.size}: "
+                   f"mpiexec and the MPI library that mpi4py loaded come from different MPIs "
+                   f"(use the mpiexec installed with the mpich wheel, or set MPI4PY_LIBMPI to "
+                   f"your cluster's libmpi.so)")
+    return comm
+
+
+def select_gpu(local_rank):
+    """Make GPU ``local_rank % n_gpus`` CuPy's current device; returns its index."""
+    import cupy  # GPU runs only
+    index = local_rank % cupy.cuda.runtime.getDeviceCount()
+    cupy.cuda.Device(index).use()
+    return index

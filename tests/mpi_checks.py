@@ -1,0 +1,277 @@
+"""Checks that run on several MPI ranks, launched by tests/test_distributed.py as
+
+    mpiexec -n 2 python tests/mpi_checks.py CHECK
+
+Every rank runs the same check; each compares what the ranks computed together with what
+one process computes alone (recomputed on every rank, no communication), and raises on a
+mismatch, which ends all ranks (``distributed.init`` installs the abort hook).  Rank 0
+prints ``OK CHECK`` at the end.  Not collected by pytest (no ``test_`` prefix).
+"""
+import sys
+import tempfile
+
+import numpy as np
+
+from minicompact.data.sharding import eval_shard, rank_batch
+from minicompact.distributed import (GradientAllReduce, MPICommunicator, average_buffers,
+                                     broadcast_model, check_replicas, init, reduce_evaluation)
+from minicompact.layers.sync_batchnorm import use_sync_batchnorm
+from minicompact.model import CompactNet, ModelConfig
+from minicompact.objective import Regularizer, objective, train_step
+from minicompact.optim import SGD
+from minicompact.regularizers import variant
+
+CHECKS = {}
+CLASSES = 5
+
+
+def check(fn):
+    CHECKS[fn.__name__] = fn
+    return fn
+
+
+def tiny(dtype, seed=3):
+    """Depth 3 (conv 7×7 → 2 maps, conv 3×3 → 4 maps), small stem, 5 classes, 8×8 inputs."""
+    return CompactNet(ModelConfig(depth=3, num_classes=CLASSES, width_mult=1 / 64, stem="small"),
+                      seed=seed, dtype=dtype)
+
+
+def data(n, dtype, seed=5):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((n, 3, 8, 8)) * 2 + 0.3).astype(dtype)
+    return x, rng.integers(0, CLASSES, n)
+
+
+def state(model):
+    return {k: v.copy() for k, v in model.state_arrays().items()}
+
+
+def assert_close(got, want, rtol, atol, what):
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=rtol, atol=atol,
+                                   err_msg=f"{what}: {key}")
+
+
+def global_batches(batch_size, size):
+    """(order, step) pairs giving global batches of 2B, 2B, 3 and 1 images over 2·2B+3 + 1
+    images: full parts, an uneven last batch (2 / 1) and one where rank 1's part is empty."""
+    n = 2 * size * batch_size + 3
+    order_a = np.random.default_rng(7).permutation(n)
+    order_b = np.array([n])  # one more image, alone in its global batch
+    return n + 1, [(order_a, 0), (order_a, 1), (order_a, 2), (order_b, 0)]
+
+
+def train_both_ways(comm, dtype, sync_bn, update="subgradient", batch_size=3):
+    """The same steps twice: data-parallel on this rank (comm) and one process (no comm).
+
+    Returns (data-parallel state, one-process state).  The one-process reference trains on
+    each whole global batch; without sync-BN it runs one backward per rank's part and
+    averages the parts' gradients weighted by their sizes (what the all-reduce promises).
+    """
+    n, steps = global_batches(batch_size, comm.size)
+    x, y = data(n, dtype)
+    lr, config = 0.05, variant("compact", 3, 0.5)
+
+    par = tiny(dtype)
+    if sync_bn:
+        use_sync_batchnorm(par, comm)
+    par_opt = SGD(par.param_layers, lr=lr, momentum=0.9)
+    par_reg = Regularizer(par, config, cw=0.01, ctheta=0.01, update=update)
+    reducer = GradientAllReduce(comm, par)
+
+    one = tiny(dtype)
+    one_opt = SGD(one.param_layers, lr=lr, momentum=0.9)
+    one_reg = Regularizer(one, config, cw=0.01, ctheta=0.01, update=update)
+
+    for order, step in steps:
+        mine = rank_batch(order, step, batch_size, comm.rank, comm.size)
+        xs, ys = (x[mine], y[mine]) if len(mine) else (None, None)
+        train_step(par, par_opt, xs, ys, par_reg, lr=lr, reduce_gradients=reducer)
+
+        whole = np.concatenate([rank_batch(order, step, batch_size, r, comm.size)
+                                for r in range(comm.size)])
+        if sync_bn:
+            train_step(one, one_opt, x[whole], y[whole], one_reg, lr=lr)
+            continue
+        grads = {}
+        for r in range(comm.size):  # per-rank batch-norm: one forward/backward per part
+            part = rank_batch(order, step, batch_size, r, comm.size)
+            if len(part) == 0:
+                continue
+            objective(one, x[part], y[part])
+            for i, layer in enumerate(one.param_layers):
+                for k, g in layer.grads.items():
+                    grads[i, k] = grads.get((i, k), 0) + g * (len(part) / len(whole))
+        for i, layer in enumerate(one.param_layers):
+            for k in layer.grads:
+                layer.grads[k] = grads[i, k]
+        one_reg.add_gradient()
+        one_opt.step()
+        one_reg.after_step(lr)
+    return par, one
+
+
+@check
+def communicator():
+    comm = init("cpu")
+    assert isinstance(comm, MPICommunicator) and comm.size == 2, comm
+    assert comm.local_size == 2 and comm.local_rank == comm.rank, comm
+    x = np.full(3, comm.rank + 1.0)
+    assert comm.allreduce(x) is x and x.tolist() == [3.0] * 3
+    assert comm.allreduce(np.full(2, comm.rank + 1.0), op="mean").tolist() == [1.5, 1.5]
+    b = np.arange(4.0) * (comm.rank + 1)
+    comm.broadcast(b, root=1)
+    assert b.tolist() == [0.0, 2.0, 4.0, 6.0]
+    assert comm.sum([1, comm.rank]) == [2.0, 1.0]
+    assert comm.broadcast_object({"r": comm.rank}, root=1) == {"r": 1}
+    gathered = comm.gather_object(comm.rank)
+    assert gathered == ([0, 1] if comm.rank == 0 else None), gathered
+    comm.barrier()
+    return comm
+
+
+@check
+def broadcast_weights():
+    comm = init("cpu")
+    model = tiny(np.float32, seed=10 + comm.rank)  # different weights on each rank
+    for bn in model.bns:
+        bn.buffers["running_mean"] += comm.rank
+    assert not check_replicas(model, comm)
+    broadcast_model(model, comm)
+    assert check_replicas(model, comm)
+    want = tiny(np.float32, seed=10).state_arrays()
+    for key, v in model.state_arrays().items():
+        assert np.array_equal(v, want[key]), key
+    return comm
+
+
+@check
+def gradients_are_the_weighted_mean_of_the_parts():
+    """Without sync-BN: one step's gradients equal the size-weighted average of the parts'
+    gradients, each computed alone (equal parts: the plain average of the two halves)."""
+    comm = init("cpu")
+    x, y = data(8, np.float64)
+    for sizes in ((4, 4), (3, 5)):
+        bounds = np.cumsum((0,) + sizes)
+        parts = [slice(bounds[r], bounds[r + 1]) for r in range(2)]
+        want, losses = {}, []
+        for r, part in enumerate(parts):
+            model = tiny(np.float64)
+            loss = objective(model, x[part], y[part])[1]
+            losses.append(loss * sizes[r] / 8)
+            for name, layer in model.named_layers():
+                for k, g in layer.grads.items():
+                    want[name, k] = want.get((name, k), 0) + g * (sizes[r] / 8)
+        model = tiny(np.float64)
+        mine = parts[comm.rank]
+        _, loss, _ = objective(model, x[mine], y[mine], reduce_gradients=GradientAllReduce(comm, model))
+        assert abs(loss - sum(losses)) < 1e-12, (loss, sum(losses))
+        got = {(name, k): g for name, layer in model.named_layers() for k, g in layer.grads.items()}
+        assert_close(got, want, 1e-12, 1e-14, f"gradients, parts {sizes}")
+    return comm
+
+
+@check
+def per_rank_batchnorm_steps():
+    """Several SGD steps (momentum, regularizer) without sync-BN: the parameters equal one
+    process's that averages the parts' gradients; replicas stay bit-identical."""
+    comm = init("cpu")
+    par, one = train_both_ways(comm, np.float64, sync_bn=False)
+    params = {f"{n}.{k}": p for n, layer in one.named_layers() for k, p in layer.params.items()}
+    assert_close(par.state_arrays(), params, 1e-11, 1e-13, "per-rank BN, float64")
+    assert not check_replicas(par, comm), "per-rank running statistics should differ"
+    average_buffers(par, comm)
+    assert check_replicas(par, comm), "replicas differ after steps"
+    return comm
+
+
+@check
+def sync_batchnorm_steps():
+    """2 ranks × B with sync-BN train like one process with batch 2B, including an uneven
+    last batch and a step where one rank has no image; float64 tight, float32 to its
+    precision; the running statistics agree; the replicas stay bit-identical."""
+    comm = init("cpu")
+    for dtype, rtol, atol in ((np.float64, 1e-11, 1e-13), (np.float32, 1e-5, 1e-6)):
+        for update in ("subgradient", "proximal"):
+            par, one = train_both_ways(comm, dtype, sync_bn=True, update=update)
+            assert_close(par.state_arrays(), one.state_arrays(), rtol, atol,
+                         f"sync-BN, {np.dtype(dtype).name}, {update}")
+            assert check_replicas(par, comm), f"replicas differ ({np.dtype(dtype).name}, {update})"
+    return comm
+
+
+class _Shard:
+    """The samples of one rank's evaluation shard (what BatchLoader reads)."""
+
+    def __init__(self, dataset, part):
+        self.samples = dataset.samples[part]
+
+
+@check
+def sharded_evaluation():
+    """Each rank evaluates its shard (centre crop and ten crops); the reduced report equals
+    the one process's over the whole set."""
+    from minicompact.data.folders import ImageFolder
+    from minicompact.data.loader import BatchLoader
+    from minicompact.data.synthetic import make_synthetic_dataset
+    from minicompact.losses import softmax_cross_entropy
+    from minicompact.training import Trainer
+
+    comm = init("cpu")
+    root = None
+    if comm.rank == 0:
+        root = tempfile.mkdtemp(prefix="minicompact-mpi-")
+        make_synthetic_dataset(root, num_classes=CLASSES, train_per_class=1, val_per_class=5,
+                               size=16)
+    root = comm.broadcast_object(root)
+    val = ImageFolder(f"{root}/val")
+    model = tiny(np.float32)
+    rng = np.random.default_rng(0)
+    for bn in model.bns:  # non-trivial running statistics
+        bn.buffers["running_mean"][:] = rng.standard_normal(bn.channels)
+        bn.buffers["running_var"][:] = rng.uniform(0.5, 2, bn.channels)
+    trainer = Trainer(model, None, None, None, softmax_cross_entropy, None, None,
+                      mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), epochs=1, progress=False)
+    for mode in ("center", "tencrop"):
+        whole = trainer.evaluate(BatchLoader(val, 4, resize=16, crop=8, mode=mode))
+        shard = _Shard(val, eval_shard(len(val.samples), comm.rank, comm.size))
+        mine = trainer.evaluate(BatchLoader(shard, 4, resize=16, crop=8, mode=mode))
+        got = reduce_evaluation(comm, mine)
+        assert 0 < mine["n"] < whole["n"] == got["n"] == len(val.samples), (mine, whole, got)
+        assert (got["top1"], got["top5"]) == (whole["top1"], whole["top5"]), (mode, got, whole)
+        assert abs(got["loss"] - whole["loss"]) <= 1e-6 * abs(whole["loss"]), (mode, got, whole)
+    comm.barrier()
+    if comm.rank == 0:
+        import shutil
+        shutil.rmtree(root)
+    return comm
+
+
+@check
+def abort_ends_every_rank():
+    """Rank 1 dies of an exception while rank 0 waits in a collective: the job ends (the
+    test expects a non-zero exit with the message, within its timeout) instead of hanging."""
+    comm = init("cpu")
+    if comm.rank == 1:
+        raise RuntimeError("a deliberate failure on rank 1")
+    comm.barrier()  # never returns: rank 1 does not come
+    return comm
+
+
+@check
+def exit_ends_every_rank():
+    """Rank 1 calls sys.exit(3) inside ``abort_on_failure`` while rank 0 waits: the job ends
+    with the status (without the guard it would hang: MPI_Finalize waits for rank 0)."""
+    comm = init("cpu")
+    with comm.abort_on_failure():
+        if comm.rank == 1:
+            sys.exit(3)
+        comm.barrier()
+    return comm
+
+
+if __name__ == "__main__":
+    name = sys.argv[1]
+    used = CHECKS[name]()
+    if used.rank == 0:
+        print(f"OK {name}", flush=True)

@@ -1,0 +1,204 @@
+"""Data-parallel training: the one-process communicator, sharding, sync batch-norm on one
+rank, and the multi-rank checks of tests/mpi_checks.py launched here with ``mpiexec -n 2``.
+
+The multi-rank tests skip, saying why, only when no MPI runtime is installed (mpi4py and the
+mpich wheel come with requirements.txt).
+"""
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+
+import numpy as np
+import pytest
+
+from minicompact.data.sharding import eval_shard, rank_batch, steps_per_epoch
+from minicompact.distributed import Communicator, GradientAllReduce, init, launched_by_mpi
+from minicompact.gradcheck import check_layer
+from minicompact.layers.batchnorm import BatchNorm2D
+from minicompact.layers.sync_batchnorm import SyncBatchNorm2D, use_sync_batchnorm
+from minicompact.model import CompactNet, ModelConfig
+from minicompact.objective import objective
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# -- the one-process communicator ----------------------------------------------------------
+def test_single_process_collectives_are_the_identity():
+    comm = Communicator()
+    assert (comm.rank, comm.size, comm.local_rank, comm.is_root) == (0, 1, 0, True)
+    x = np.array([1.5, -2.0], dtype=np.float32)
+    assert comm.allreduce(x) is x and comm.allreduce(x, op="mean") is x
+    assert comm.broadcast(x) is x and x.tolist() == [1.5, -2.0]
+    assert comm.sum([np.float32(0.5), 3]) == [0.5, 3.0]
+    assert comm.broadcast_object({"a": 1}) == {"a": 1} and comm.gather_object(7) == [7]
+    with pytest.raises(ValueError, match="op must be"):
+        comm.allreduce(x, op="max")
+    with pytest.raises(SystemExit):
+        comm.abort("stop")
+    with pytest.raises(SystemExit), comm.abort_on_failure():  # one process: just exits
+        sys.exit(2)
+
+
+def test_launcher_detection(monkeypatch):
+    assert launched_by_mpi({}) == (False, None)
+    assert launched_by_mpi({"PMI_SIZE": "4", "PMI_RANK": "1"}) == (True, 4)
+    assert launched_by_mpi({"OMPI_COMM_WORLD_SIZE": "2"}) == (True, 2)
+    assert launched_by_mpi({"PMIX_RANK": "0"}) == (True, None)
+    for name in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMIX_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert type(init("cpu")) is Communicator  # plain `python run.py`: no MPI at all
+
+
+def test_nccl_module_is_never_imported_without_a_gpu_run():
+    assert "minicompact.distributed.nccl" not in sys.modules
+
+
+# -- sharding --------------------------------------------------------------------------------
+@pytest.mark.parametrize("n, batch, size", [(23, 4, 2), (24, 4, 2), (17, 3, 3), (5, 2, 4),
+                                            (10, 5, 1)])
+def test_ranks_split_every_global_batch_of_one_process(n, batch, size):
+    order = np.random.default_rng(n).permutation(n)
+    steps = steps_per_epoch(n, batch, size)
+    assert steps == -(-n // (batch * size))
+    seen = []
+    for step in range(steps):
+        parts = [rank_batch(order, step, batch, r, size) for r in range(size)]
+        lengths = [len(p) for p in parts]
+        assert max(lengths) <= batch and max(lengths) - min(lengths) <= 1, lengths
+        # the ranks' parts, in rank order, are exactly one process's batch of size·batch
+        whole = order[step * batch * size:(step + 1) * batch * size]
+        assert np.array_equal(np.concatenate(parts), whole)
+        seen += [i for p in parts for i in p.tolist()]
+    assert sorted(seen) == list(range(n))  # each image once per epoch, on one rank
+
+
+def test_drop_last_drops_the_short_global_batch():
+    assert steps_per_epoch(23, 4, 2, drop_last=True) == 2
+    assert steps_per_epoch(24, 4, 2, drop_last=True) == 3
+
+
+@pytest.mark.parametrize("n, size", [(10, 3), (2, 4), (7, 1)])
+def test_eval_shards_cover_the_set_once(n, size):
+    parts = [np.arange(n)[eval_shard(n, r, size)] for r in range(size)]
+    assert np.array_equal(np.concatenate(parts), np.arange(n))
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+# -- sync batch-norm on one rank: BatchNorm2D, bit for bit -----------------------------------
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sync_batchnorm_on_one_rank_is_batchnorm_bit_for_bit(xp, device, dtype):
+    rng = np.random.default_rng(0)
+    plain = BatchNorm2D(3, momentum=0.3, dtype=dtype).to(device)
+    plain.params["gamma"][:] = xp.asarray(rng.uniform(0.5, 2, 3).astype(dtype))
+    sync = SyncBatchNorm2D.from_batchnorm(BatchNorm2D(3, momentum=0.3, dtype=dtype).to(device),
+                                          Communicator())
+    sync.params["gamma"][:] = plain.params["gamma"]
+    for step in range(3):
+        x = xp.asarray((rng.standard_normal((4, 3, 5, 6)) * (step + 1) + 2).astype(dtype))
+        dout = xp.asarray(rng.standard_normal(x.shape).astype(dtype))
+        out_p, out_s = plain.forward(x), sync.forward(x)
+        dx_p, dx_s = plain.backward(dout), sync.backward(dout)
+        for a, b in [(out_p, out_s), (dx_p, dx_s)] + [
+                (plain.grads[k], sync.grads[k]) for k in ("gamma", "beta")] + [
+                (plain.buffers[k], sync.buffers[k]) for k in ("running_mean", "running_var")]:
+            assert a.dtype == b.dtype == dtype
+            assert bool((a == b).all())
+
+
+def test_sync_batchnorm_gradcheck_on_one_rank():
+    sync = SyncBatchNorm2D(3, Communicator(), dtype=np.float64)
+    sync.params["gamma"] = np.random.default_rng(1).uniform(0.5, 2, 3)
+    x = np.random.default_rng(2).standard_normal((3, 3, 4, 5)) + 0.5
+    assert set(check_layer(sync, x, seed=3)) == {"x", "gamma", "beta"}
+
+
+def test_use_sync_batchnorm_shares_parameters_and_keeps_the_output():
+    model = CompactNet(ModelConfig(depth=3, num_classes=4, width_mult=1 / 64, stem="small"), seed=0)
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    old_bns = list(model.bns)
+    want = model.forward(x)
+    use_sync_batchnorm(model, Communicator())
+    assert all(isinstance(bn, SyncBatchNorm2D) for bn in model.bns)
+    assert all(new.params is old.params and new.buffers is old.buffers
+               for new, old in zip(model.bns, old_bns))
+    assert sum(isinstance(layer, SyncBatchNorm2D) for layer in model.layers) == len(old_bns)
+    np.testing.assert_array_equal(model.forward(x), want)
+
+
+def test_gradient_all_reduce_on_one_rank_keeps_the_gradients():
+    model = CompactNet(ModelConfig(depth=3, num_classes=4, width_mult=1 / 64, stem="small"),
+                       seed=0, dtype=np.float64)
+    x = np.random.default_rng(0).standard_normal((3, 3, 8, 8))
+    y = np.array([0, 3, 1])
+    _, want_loss, _ = objective(model, x, y)
+    want = {(i, k): g.copy() for i, layer in enumerate(model.param_layers) for k, g in layer.grads.items()}
+    reducer = GradientAllReduce(Communicator(), model)
+    _, loss, _ = objective(model, x, y, reduce_gradients=reducer)
+    assert abs(loss - want_loss) < 1e-15
+    for i, layer in enumerate(model.param_layers):
+        for k, g in layer.grads.items():
+            np.testing.assert_allclose(g, want[i, k], rtol=1e-15, atol=1e-18)
+            assert np.shares_memory(g, reducer.flat)  # the persistent buffer, no copies out
+
+
+# -- several ranks: mpiexec -n 2 -------------------------------------------------------------
+def find_mpiexec():
+    """The mpiexec installed beside this Python (with the mpich wheel), else one on PATH, or None."""
+    beside = os.path.join(sysconfig.get_path("scripts"), "mpiexec")
+    if os.access(beside, os.X_OK):
+        return beside
+    return shutil.which("mpiexec")
+
+
+def mpi_runtime_problem():
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return "mpi4py is not installed (pip install -r requirements.txt)"
+    if find_mpiexec() is None:
+        return "no mpiexec found (pip install -r requirements.txt installs the mpich wheel's)"
+    return None
+
+
+def run_ranks(check, ranks=2, timeout=120):
+    """Run tests/mpi_checks.py CHECK on ``ranks`` processes; returns (returncode, output, s)."""
+    problem = mpi_runtime_problem()
+    if problem:
+        pytest.skip(problem)
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               # Open MPI refuses to start as root without these (MPICH ignores them)
+               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.dirname(HERE), env.get("PYTHONPATH")) if p)
+    t0 = time.perf_counter()
+    proc = subprocess.run([find_mpiexec(), "-n", str(ranks), sys.executable,
+                           os.path.join(HERE, "mpi_checks.py"), check],
+                          capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    return proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("check", [
+    "communicator",
+    "broadcast_weights",
+    "gradients_are_the_weighted_mean_of_the_parts",
+    "per_rank_batchnorm_steps",
+    "sync_batchnorm_steps",
+    "sharded_evaluation",
+])
+def test_two_ranks(check):
+    code, output, _ = run_ranks(check)
+    assert code == 0 and f"OK {check}" in output, output
+
+
+def test_a_failing_rank_ends_the_job_instead_of_hanging():
+    code, output, _ = run_ranks("abort_ends_every_rank", timeout=60)
+    assert code != 0, output
+    assert "a deliberate failure on rank 1" in output, output
+    assert "RuntimeError on this rank: ending all 2 ranks" in output, output
+
+
+def test_an_exiting_rank_ends_the_job_instead_of_hanging():
+    code, output, _ = run_ranks("exit_ends_every_rank", timeout=60)
+    assert code == 3 and "exit status 3; ending all 2 ranks" in output, (code, output)
