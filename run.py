@@ -5,6 +5,7 @@
     python run.py --data ~/imagenet --depth 12 --rho 0.03    # ROOT/train/<class>/*, ROOT/val/<class>/*
     python run.py --resume runs/x/last.npz                   # continue a run in its folder
     python run.py --evaluate runs/x/best.npz                 # evaluate a checkpoint into runs/x/eval-best
+    mpiexec -n 4 python run.py --data ~/imagenet ...          # 4 data-parallel ranks (README)
 
 Without ``--data`` a small procedurally drawn image-folder dataset is generated once (cached)
 and a small preset trains on it in a few minutes on a laptop CPU. With ``--data`` the defaults
@@ -15,6 +16,12 @@ check the checkpoint against it → choose and probe the output folder → build
 class has a readable image → train → report.  Every failure a user can cause is one line and a
 non-zero exit status: 2 before any training, 1 for a failure during it, 128 + the signal's
 number after Ctrl-C (130) or SIGTERM (143).
+
+Started by ``mpiexec``/``srun``, every rank runs this same flow (``minicompact.distributed``):
+each step after the device is chosen is taken by all ranks together (``comm.agree``), so a
+failure stops every rank at the same point with one message, printed by rank 0; only rank 0
+prints, claims the output folder and writes files.  Without a launcher nothing of MPI is
+imported.
 """
 import argparse
 import contextlib
@@ -24,6 +31,8 @@ import signal
 import sys
 import time
 import warnings
+
+from minicompact.distributed.launcher import is_first_process, launcher_rank, share_cores
 
 # Settings of the paper (sec. 5.1, 5.2, 5.3.1), used with --data.
 PAPER = dict(epochs=90, batch_size=256, lr=0.1, momentum=0.9, lr_step=30, warmup=0.0,
@@ -38,7 +47,7 @@ PRESET = dict(epochs=10, batch_size=32, lr=0.01, momentum=0.9, lr_step=8, warmup
 # Settings that change the arithmetic: a resumed run takes them from its checkpoint.
 MATH_KEYS = ("depth", "rho", "model", "batch_size", "lr", "momentum", "lr_step", "warmup", "cw",
              "ctheta", "image_size", "width_mult", "stem", "reg_update", "loss", "seed",
-             "compressed_beta", "cache")
+             "compressed_beta", "cache", "sync_bn")
 FLOAT_FLAGS = ("rho", "lr", "momentum", "warmup", "cw", "ctheta", "compressed_beta", "threshold",
                "width_mult")
 
@@ -49,6 +58,9 @@ class RunError(Exception):
     def __init__(self, message, code=2):
         super().__init__(message)
         self.code = code
+
+    def __reduce__(self):  # sent from the rank that failed to the others (comm.agree)
+        return type(self), (str(self), self.code)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -65,6 +77,10 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"run.py: error: {message} (run.py --help lists the flags)\n")
+
+    def _print_message(self, message, file=None):
+        if is_first_process():  # every rank parses the same flags: rank 0 speaks for all
+            super()._print_message(message, file)
 
 
 def build_parser(given_only=False):
@@ -107,6 +123,8 @@ def build_parser(given_only=False):
     a("--cache", action="store_true", help="decode and resize the dataset once into a uint8 memory-mapped "
       "cache in OUT/cache (refreshed when files change)")
     a("--seed", type=int, default=0, help="seed of the initial weights, data order and crops")
+    a("--sync-bn", action="store_true", help="with several ranks (mpiexec -n N): batch-norm statistics "
+      "over the global batch, not each rank's own")
     a("--out", metavar="DIR", help="output folder for log.jsonl, checkpoints, report.json and figures "
       "(default: runs/<model>-d<depth>-rho<rho>, or -2, -3, ... when that exists)")
     a("--overwrite", action="store_true", help="allow --out to replace the files of an earlier run there")
@@ -117,30 +135,38 @@ def build_parser(given_only=False):
     return p
 
 
-def fail(parser, message):
-    """One clear line and exit status 2, before any work starts."""
-    parser.exit(2, f"run.py: error: {message}\n")
+def fail(message):
+    """One clear line and exit status 2, before any work starts (printed by ``main``)."""
+    raise RunError(message, 2)
+
+
+def say(message, file=None):
+    """Print, on rank 0 only (every rank would say the same)."""
+    if is_first_process():
+        print(message, file=file or sys.stdout)
 
 
 def note(message):
-    print(f"run.py: note: {message}", file=sys.stderr)
+    say(f"run.py: note: {message}", sys.stderr)
 
 
 def _one_line_warning(message, category, filename, lineno, line=None):
-    return f"run.py: warning: {message}\n"
+    rank = "" if is_first_process() else f" [rank {launcher_rank()}]"  # its own files' warnings
+    return f"run.py{rank}: warning: {message}\n"
 
 
-def resolve_settings(args, given, parser, checkpoint=None):
+def resolve_settings(args, given, checkpoint=None, ranks=1, ranks_per_node=1):
     """Fill unset flags from the checkpoint, then the paper's settings (with --data) or the
-    demo preset (without).  ``given``: names of the flags typed on the command line."""
+    demo preset (without).  ``given``: names of the flags typed on the command line; ranks:
+    the data-parallel processes of this run, ranks_per_node: those on this machine."""
     s = vars(args).copy()
     if checkpoint is not None:
         path = args.resume or args.evaluate
         saved = checkpoint[2].get("settings") or {}
         if not saved:
-            fail(parser, f"{path} holds a model without the run settings needed to "
-                         f"{'resume' if args.resume else 'evaluate'} it (saved by CompactNet.save or an "
-                         "older run.py?); use a file run.py wrote: last.npz, best.npz or model.npz")
+            fail(f"{path} holds a model without the run settings needed to "
+                 f"{'resume' if args.resume else 'evaluate'} it (saved by CompactNet.save or an "
+                 "older run.py?); use a file run.py wrote: last.npz, best.npz or model.npz")
         for k in MATH_KEYS:
             if k in saved:
                 if k in given and s[k] != saved[k]:
@@ -152,12 +178,17 @@ def resolve_settings(args, given, parser, checkpoint=None):
             s["data"] = saved.get("data")
             s["_data_from_checkpoint"] = True
         s["_saved"] = saved
+        if args.resume:
+            keep_global_batch(s, saved.get("ranks", 1), ranks, path)
     defaults = PAPER if s.get("data") else PRESET
     for k, v in defaults.items():
         if s.get(k) is None:
             s[k] = v
-    if s["workers"] is None:
-        s["workers"] = max(0, min(8, (os.cpu_count() or 1) - 1))
+    if s["workers"] is None:  # the ranks on a machine share its cores
+        s["workers"] = max(0, min(8, (os.cpu_count() or 1) // ranks_per_node - 1))
+    s["ranks"], s["global_batch"] = ranks, ranks * s["batch_size"]
+    if s["sync_bn"] and ranks == 1 and "sync_bn" in given:
+        note("--sync-bn changes nothing with one process (its batch is the global batch)")
     if s["stem"] == "auto":
         s["stem"] = "small" if s["image_size"] < 96 else "imagenet"
     if s.get("data") and not s.get("_data_from_checkpoint"):
@@ -166,12 +197,31 @@ def resolve_settings(args, given, parser, checkpoint=None):
     return s
 
 
-def validate(s, parser):
+def keep_global_batch(s, was, ranks, path):
+    """Resuming a run of ``was`` ranks with ``ranks``: keep its global batch (and so its steps,
+    learning rates and data order) by giving each rank an equal share; one line if impossible."""
+    if was == ranks:
+        return
+    total = was * s["batch_size"]
+    who = {n: "1 process" if n == 1 else f"{n} ranks" for n in (was, ranks)}
+    if total % ranks:
+        fail(f"{path} was trained by {who[was]} x batch {s['batch_size']} (global batch {total}), which "
+             f"{ranks} ranks cannot share equally; resume it with "
+             f"{f'mpiexec -n {was}' if was > 1 else 'one process (no mpiexec)'} or with a number of "
+             f"ranks that divides {total}")
+    bn = "" if s["sync_bn"] else ", and batch-norm statistics come from each rank's part"
+    note(f"{path} was trained by {who[was]} x batch {s['batch_size']}; continuing with {who[ranks]} x "
+         f"batch {total // ranks} keeps its global batch of {total}, its steps and learning rates (not "
+         f"bit for bit: sums are grouped differently{bn})")
+    s["batch_size"] = total // ranks
+
+
+def validate(s):
     """Reject bad values with one line each, before any data is touched."""
     from minicompact.model import ModelConfig
     for k in FLOAT_FLAGS:
         if not math.isfinite(s[k]):
-            fail(parser, f"--{k.replace('_', '-')} must be a finite number, got {s[k]}")
+            fail(f"--{k.replace('_', '-')} must be a finite number, got {s[k]}")
     checks = [
         (s["depth"] >= 2, f"--depth must be >= 2 (an L-layer net has L-1 feature layers), got {s['depth']}"),
         (s["depth"] <= 30, f"--depth must be <= 30, got {s['depth']}"),
@@ -192,52 +242,52 @@ def validate(s, parser):
     ]
     for ok, message in checks:
         if not ok:
-            fail(parser, message)
+            fail(message)
     if s["warmup"] > s["epochs"]:
         message = (f"--warmup {s['warmup']:g} is longer than the run (--epochs {s['epochs']}): the learning "
                    f"rate would never reach --lr {s['lr']:g}")
         if "warmup" in s["_given"]:
-            fail(parser, message)
+            fail(message)
         note(message + " (the preset's warmup; set --warmup to change it)")
     config = ModelConfig(depth=s["depth"], width_mult=s["width_mult"], stem=s["stem"])
     try:
         config.check_image_size(s["image_size"])
     except ValueError as exc:
-        fail(parser, f"--image-size: {exc}; use a larger --image-size or --stem small")
+        fail(f"--image-size: {exc}; use a larger --image-size or --stem small")
     if s.get("data") and not os.path.isdir(s["data"]):
         where = "the checkpoint's data folder" if s.get("_data_from_checkpoint") else "--data"
         hint = "; point --data at where the data is now" if s.get("_data_from_checkpoint") else ""
-        fail(parser, f"{where} {s['data']!r} is not a folder{hint}")
+        fail(f"{where} {s['data']!r} is not a folder{hint}")
 
 
-def check_checkpoint(s, checkpoint, train_set, parser):
+def check_checkpoint(s, checkpoint, train_set):
     """The checkpoint fits this data and this kind of run (one line otherwise)."""
     from minicompact.model import ModelConfig
     path = s["resume"] or s["evaluate"]
     arrays, opt_state, state = checkpoint
     saved = ModelConfig.from_json(str(arrays["__config__"]))
     if saved.classes != list(train_set.classes) or saved.num_classes != len(train_set.classes):
-        fail(parser, f"{path} holds a model for {len(saved.classes)} classes "
-                     f"({', '.join(saved.classes[:3])}, ...); it does not match this data "
-                     f"({len(train_set.classes)} classes: {', '.join(train_set.classes[:3])}, ...)")
+        fail(f"{path} holds a model for {len(saved.classes)} classes "
+             f"({', '.join(saved.classes[:3])}, ...); it does not match this data "
+             f"({len(train_set.classes)} classes: {', '.join(train_set.classes[:3])}, ...)")
     if not s["resume"]:
         return
     if state.get("final"):
-        fail(parser, f"{path} is a run's final model, not a training checkpoint; resume from the "
-                     "run's last.npz (or evaluate this file with --evaluate)")
+        fail(f"{path} is a run's final model, not a training checkpoint; resume from the "
+             "run's last.npz (or evaluate this file with --evaluate)")
     was, now = s["_saved"].get("train_key"), s["train_key"]
     if was is not None and was != now:
         before = s["_saved"].get("train_images")
         if state.get("step", 0) > 0:
-            fail(parser, f"{path} stopped at step {state['step']} of epoch {state['epoch'] + 1} on a training "
-                         f"set of {before} images; this one has {len(train_set)}"
-                         f"{' (other files)' if before == len(train_set) else ''}: a run cannot continue "
-                         "mid-epoch on other data; resume on the data it was trained on")
+            fail(f"{path} stopped at step {state['step']} of epoch {state['epoch'] + 1} on a training "
+                 f"set of {before} images; this one has {len(train_set)}"
+                 f"{' (other files)' if before == len(train_set) else ''}: a run cannot continue "
+                 "mid-epoch on other data; resume on the data it was trained on")
         note(f"the training set changed since {path} ({before} -> {len(train_set)} images); the run "
              "continues on this data, so it will differ from an uninterrupted run")
 
 
-def choose_output(s, checkpoint, parser):
+def choose_output(s, checkpoint):
     """Decide the output folder (see ``minicompact.rundir``), refuse to overwrite, probe it."""
     from minicompact.checkpoint import CheckpointError, read_train_state
     from minicompact.rundir import (EVAL_FILES, RUN_FILES, OutputError, check_writable, claim_new_folder,
@@ -256,7 +306,7 @@ def choose_output(s, checkpoint, parser):
         try:
             out = claim_new_folder(base)
         except OSError as exc:
-            fail(parser, f"cannot create the output folder {base} ({exc.strerror or exc}); give --out DIR")
+            fail(f"cannot create the output folder {base} ({exc.strerror or exc}); give --out DIR")
         s["_claimed"] = out
         if out != base:
             note(f"{base} exists; {'this evaluation' if s['evaluate'] else 'this run'} goes to {out}")
@@ -278,13 +328,13 @@ def choose_output(s, checkpoint, parser):
                 later = {}
             here, there = (state.get("epoch", 0), state.get("step", 0)), (later.get("epoch", 0), later.get("step", 0))
             if there > here:
-                fail(parser, f"{last} is further along (epoch {there[0]}, step {there[1]}) than {path} "
-                             f"(epoch {here[0]}, step {here[1]}); resuming here would overwrite it: give "
-                             "another --out to branch off, or add --overwrite")
+                fail(f"{last} is further along (epoch {there[0]}, step {there[1]}) than {path} "
+                     f"(epoch {here[0]}, step {here[1]}); resuming here would overwrite it: give "
+                     "another --out to branch off, or add --overwrite")
         finished = state.get("epoch", 0) >= s["epochs"] and not state.get("partial")
         if finished and held_files(out, ("report.json", "model.npz")) and not s["overwrite"]:
-            fail(parser, f"{path} has already trained {state.get('epoch', 0)} epochs (--epochs {s['epochs']}) "
-                         f"and {out} holds its report; raise --epochs to train longer, or use --evaluate")
+            fail(f"{path} has already trained {state.get('epoch', 0)} epochs (--epochs {s['epochs']}) "
+                 f"and {out} holds its report; raise --epochs to train longer, or use --evaluate")
         if branch and s["overwrite"]:
             remove_files(out, names, keep=path)  # the branch replaces the later state
     elif held:
@@ -292,18 +342,19 @@ def choose_output(s, checkpoint, parser):
             hint = (f"continue it with --resume {os.path.join(out, 'last.npz')}, "
                     if "last.npz" in held and not s["evaluate"] else "")
             what = "an evaluation" if s["evaluate"] else "a run"
-            fail(parser, f"--out {out} already holds {what} ({', '.join(held[:3])}"
-                         f"{', ...' if len(held) > 3 else ''}): {hint}choose another --out, or add "
-                         "--overwrite to replace it")
+            fail(f"--out {out} already holds {what} ({', '.join(held[:3])}"
+                 f"{', ...' if len(held) > 3 else ''}): {hint}choose another --out, or add "
+                 "--overwrite to replace it")
         remove_files(out, names, keep=path)
     try:
         check_writable(out)
     except OutputError as exc:
-        fail(parser, f"{exc}{'' if explicit else '; give --out DIR to write elsewhere'}")
+        fail(f"{exc}{'' if explicit else '; give --out DIR to write elsewhere'}")
     return out
 
 
 def main(argv=None):
+    share_cores()  # before NumPy starts its BLAS threads: the ranks of a machine share its cores
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -314,69 +365,111 @@ def main(argv=None):
     try:
         with StopSignals(graceful=False) as stop:
             try:
-                return _main(args, given, parser)
+                return _main(args, given)
             except KeyboardInterrupt:  # a signal outside training, or a second one inside it
                 signum = stop.signum or StopSignals.last_signum or signal.SIGINT
-                print(f"\nrun.py: stopped by {signal.Signals(signum).name}; any checkpoint already "
-                      "written is kept", file=sys.stderr)
+                say(f"\nrun.py: stopped by {signal.Signals(signum).name}; any checkpoint already "
+                    "written is kept", sys.stderr)
                 return 128 + signum
+    except RunError as exc:  # before training (every rank stops here together)
+        say(f"run.py: error: {exc}", sys.stderr)
+        raise SystemExit(exc.code) from None
     finally:
         warnings.formatwarning = old_format
 
 
-def _main(args, given, parser):
+def _main(args, given):
     if args.resume and args.evaluate:
-        fail(parser, "use either --resume or --evaluate, not both")
-    from minicompact.checkpoint import CheckpointError, load_checkpoint
-    checkpoint = None
-    if args.resume or args.evaluate:
-        try:  # the only time the checkpoint is read
-            checkpoint = load_checkpoint(args.resume or args.evaluate)
-        except CheckpointError as exc:
-            fail(parser, str(exc))
-    s = resolve_settings(args, given, parser, checkpoint)
-    validate(s, parser)
-
-    # Everything below may be slow; every cheap check has passed.
+        fail("use either --resume or --evaluate, not both")
     from minicompact import backend
+    from minicompact.distributed import init
+    try:
+        with warnings.catch_warnings(record=True) as device_notes:
+            warnings.simplefilter("always")
+            device = backend.resolve_device(args.device)
+        comm = init(device)  # one process without a launcher; mpiexec/srun: MPI (NCCL on GPUs)
+    except backend.BackendError as exc:
+        fail(str(exc))
+    # From here on every rank takes each step with the others: a failure the user can cause
+    # stops them all at the same point (comm.agree); any other failure of one rank ends them
+    # all (abort_on_failure) rather than leaving them waiting for it.
+    with comm.abort_on_failure():
+        try:
+            return _on_every_rank(args, given, comm, device, device_notes)
+        except RunError as exc:
+            agreed = exc
+        except KeyboardInterrupt:
+            if comm.size == 1:
+                raise
+            from minicompact.training import StopSignals
+            signum = StopSignals.last_signum or signal.SIGINT
+            comm.abort(f"run.py: stopped by {signal.Signals(signum).name}; ending all {comm.size} "
+                       "ranks; any checkpoint already written is kept", 128 + signum)
+    raise agreed
+
+
+def _on_every_rank(args, given, comm, device, device_notes):
+    from minicompact.checkpoint import CheckpointError, load_checkpoint
     from minicompact.data.cache import cache_key
     from minicompact.data.folders import DatasetError, open_dataset
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            device = backend.resolve_device(s["device"])
-    except backend.BackendError as exc:
-        fail(parser, str(exc))
-    for w in caught:  # "auto" fell back to the CPU: say so once, in one line
+
+    def settings():
+        checkpoint = None
+        if args.resume or args.evaluate:
+            try:  # the only time the checkpoint is read
+                checkpoint = load_checkpoint(args.resume or args.evaluate)
+            except CheckpointError as exc:
+                fail(str(exc))
+        s = resolve_settings(args, given, checkpoint, comm.size, comm.local_size)
+        validate(s)
+        return s, checkpoint
+
+    def dataset(root):
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                return open_dataset(root), caught
+        except DatasetError as exc:
+            fail(str(exc))
+
+    s, checkpoint = comm.agree(settings, errors=RunError)
+    # Everything below may be slow; every cheap check has passed.
+    for w in device_notes:  # "auto" fell back to the CPU: say so once, in one line
         note(str(w.message))
     if s["data"] is None:
         from minicompact.data.synthetic import ensure_synthetic_dataset
-        print("run.py: no --data given: using the generated demo dataset (see README)")
-        s["data"] = str(ensure_synthetic_dataset())
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            train_set, val_set = open_dataset(s["data"])
-    except DatasetError as exc:
-        fail(parser, str(exc))
+        say("run.py: no --data given: using the generated demo dataset (see README)")
+        s["data"] = str(comm.agree(ensure_synthetic_dataset, root_first=True))
+    (train_set, val_set), caught = comm.agree(dataset, s["data"], errors=RunError)
     for w in caught:
-        print(f"run.py: warning: {w.message}", file=sys.stderr)
+        say(f"run.py: warning: {w.message}", sys.stderr)
     s["train_images"] = len(train_set)
     s["train_key"] = cache_key(train_set.samples, 0, train_set.root)
+    seen = comm.gather_object((s["train_key"], cache_key(val_set.samples, 0, val_set.root)))
+    comm.agree(same_files_on_every_rank, seen, s["data"], root_only=True, errors=RunError)
     if checkpoint is not None:
-        check_checkpoint(s, checkpoint, train_set, parser)
-    s["out"] = choose_output(s, checkpoint, parser)
+        comm.agree(check_checkpoint, s, checkpoint, train_set, root_only=True, errors=RunError)
+    s["out"] = comm.agree(choose_output, s, checkpoint, root_only=True, errors=RunError)
     code = None
     try:
-        code = run(s, device, train_set, val_set, checkpoint)
-    except RunError as exc:
-        print(f"run.py: error: {exc}", file=sys.stderr)
+        code = run(s, device, train_set, val_set, checkpoint, comm)
+    except RunError as exc:  # every rank raised it (see run)
+        say(f"run.py: error: {exc}", sys.stderr)
         code = exc.code
     finally:
         if code != 0 and s.get("_claimed"):  # a new default folder left empty is not left behind
             with contextlib.suppress(OSError):
                 os.rmdir(s["_claimed"])
     return code
+
+
+def same_files_on_every_rank(seen, root):
+    """One line unless every rank (``seen``: each rank's train and val listing keys) lists the
+    same files: ranks on machines that see different data would train on different images."""
+    for rank, keys in enumerate(seen):
+        if keys != seen[0]:
+            fail(f"rank {rank} lists other files under {root} than rank 0; every rank must read the "
+                 "same dataset (a folder on a file system all machines share)")
 
 
 def require_readable_classes(loader):
@@ -402,21 +495,25 @@ def require_readable_classes(loader):
                    "those class folders in train/ and val/")
 
 
-def run(s, device, train_set, val_set, checkpoint=None):
+def run(s, device, train_set, val_set, checkpoint=None, comm=None):
     """Build everything from the resolved settings ``s`` and train and/or evaluate.
 
-    Returns the exit status; raises ``RunError`` for a failure the user can cause.
+    comm: this rank's communicator (None: one process).  Returns the exit status; raises
+    ``RunError`` for a failure the user can cause — on every rank together (a failure on one
+    rank alone, such as a dead decoding worker or a full disk on rank 0, ends all ranks).
     """
     from minicompact.data.loader import BatchLoader, WorkerError
     from minicompact.data.transforms import estimate_mean_std, scaled_sizes
+    from minicompact.distributed import Communicator
     from minicompact.losses import multiclass_hinge_loss, softmax_cross_entropy
     from minicompact.model import CompactNet, ModelConfig
     from minicompact.objective import Regularizer
     from minicompact.optim import SGD, StepLR
     from minicompact.regularizers import variant
     from minicompact.report import format_report, write_report
-    from minicompact.training import Interrupted, NoImages, NonFiniteLoss, Trainer
+    from minicompact.training import Interrupted, NoImages, NonFiniteLoss, ReplicasDiffer, Trainer
 
+    comm = comm or Communicator()
     resize, crop = scaled_sizes(s["image_size"])
     state = checkpoint[2] if checkpoint else None
     config = ModelConfig(depth=s["depth"], num_classes=len(train_set.classes), width_mult=s["width_mult"],
@@ -426,63 +523,87 @@ def run(s, device, train_set, val_set, checkpoint=None):
     optimizer = SGD(model.param_layers, lr=s["lr"], momentum=s["momentum"])
     regularizer = Regularizer(model, reg_config, s["cw"], s["ctheta"], s["reg_update"])
     schedule = StepLR(s["lr"], step_size=s["lr_step"], gamma=0.1, warmup_epochs=s["warmup"])
-    print(f"run.py: {s['model']}net depth {s['depth']} rho {s['rho']:g} on {device}; "
-          f"{len(train_set)} train / {len(val_set)} val images, {len(train_set.classes)} classes; "
-          f"{resize}px resized, {crop}px crops; {model.parameter_count():,} parameters; out: {s['out']}")
+    ranks = (f", {comm.size} ranks x batch {s['batch_size']} = global batch {s['global_batch']}"
+             f"{' (sync-BN)' if s['sync_bn'] else ''}" if comm.size > 1 else "")
+    say(f"run.py: {s['model']}net depth {s['depth']} rho {s['rho']:g} on {device}{ranks}; "
+        f"{len(train_set)} train / {len(val_set)} val images, {len(train_set.classes)} classes; "
+        f"{resize}px resized, {crop}px crops; {model.parameter_count():,} parameters; out: {s['out']}")
+    out = s["out"] if comm.is_root else None  # the other ranks write nothing
     cache_dir = os.path.join(s["out"], "cache") if s["cache"] else None  # one .npy per split
-    progress = not s["no_progress"] and sys.stderr.isatty()  # no \r updates into pipes and logs
-    common = dict(resize=resize, crop=crop, workers=s["workers"], seed=s["seed"])
+    progress = comm.is_root and not s["no_progress"] and sys.stderr.isatty()  # no \r into pipes and logs
+    common = dict(resize=resize, crop=crop, workers=s["workers"], seed=s["seed"], rank=comm.rank,
+                  ranks=comm.size)
     settings = {k: v for k, v in s.items()
                 if not k.startswith("_") and k not in ("resume", "evaluate", "overwrite")}
     loss_fn = softmax_cross_entropy if s["loss"] == "cross_entropy" else multiclass_hinge_loss
     try:
         with contextlib.ExitStack() as loaders:  # every worker pool stops on the way out
-            try:
-                # An evaluation reads no training image: its loader stays idle and uncached.
-                train_loader = loaders.enter_context(BatchLoader(
-                    train_set, s["batch_size"], mode="train", drop_last=False,
-                    cache=None if s["evaluate"] else cache_dir, **common))
-                val_loader = loaders.enter_context(BatchLoader(val_set, s["batch_size"], mode="center",
-                                                               cache=cache_dir, **common))
-                ten_loader = loaders.enter_context(BatchLoader(val_set, max(1, s["batch_size"] // 10),
-                                                               mode="tencrop", cache=val_loader.cache, **common))
-            except OSError as exc:
-                raise RunError(f"cannot build the image cache in {cache_dir}: {exc.strerror or exc}", 1) from None
-            for loader in [val_loader] + ([] if s["evaluate"] else [train_loader]):
-                require_readable_classes(loader)
+            def open_loaders():
+                try:
+                    # An evaluation reads no training image: its loader stays idle and uncached.
+                    train = loaders.enter_context(BatchLoader(
+                        train_set, s["batch_size"], mode="train", drop_last=False,
+                        cache=None if s["evaluate"] else cache_dir, **common))
+                    val = loaders.enter_context(BatchLoader(val_set, s["batch_size"], mode="center",
+                                                            cache=cache_dir, **common))
+                    ten = loaders.enter_context(BatchLoader(val_set, max(1, s["batch_size"] // 10),
+                                                            mode="tencrop", cache=val.cache, **common))
+                except OSError as exc:
+                    raise RunError(f"cannot build the image cache in {cache_dir}: {exc.strerror or exc}",
+                                   1) from None
+                return train, val, ten
+
+            def normalisation():
+                try:
+                    return estimate_mean_std(train_set, resize, seed=s["seed"], cache=train_loader.cache)
+                except ValueError as exc:  # every sampled image failed to decode
+                    raise RunError(str(exc)) from None
+
+            # Rank 0 first: with --cache it builds (or refreshes) the cache the others then read.
+            train_loader, val_loader, ten_loader = comm.agree(open_loaders, root_first=True, errors=RunError)
+            checked = [val_loader] + ([] if s["evaluate"] else [train_loader])
+            comm.agree(lambda: [require_readable_classes(loader) for loader in checked], root_only=True,
+                       errors=RunError)
             if state and "mean" in state:
                 mean, std = state["mean"], state["std"]
             else:
-                try:
-                    mean, std = estimate_mean_std(train_set, resize, seed=s["seed"], cache=train_loader.cache)
-                except ValueError as exc:  # every sampled image failed to decode
-                    raise RunError(str(exc)) from None
+                mean, std = comm.agree(normalisation, root_only=True, errors=RunError)
             trainer = Trainer(model, optimizer, schedule, regularizer, loss_fn, train_loader, val_loader,
-                              mean, std, epochs=s["epochs"], out_dir=s["out"], settings=settings,
-                              progress=progress)
+                              mean, std, epochs=s["epochs"], out_dir=out, settings=settings,
+                              progress=progress, log=say, comm=comm, sync_bn=s["sync_bn"])
             if checkpoint is not None:
                 trainer.load_state(*checkpoint)
             if not s["evaluate"]:
                 t0 = time.time()
                 trainer.fit()
-                print(f"run.py: trained {s['epochs']} epochs in {time.time() - t0:.0f} s")
-            report = write_report(trainer, ten_loader, s["out"], s["threshold"],
+                say(f"run.py: trained {s['epochs']} epochs in {time.time() - t0:.0f} s")
+            report = write_report(trainer, ten_loader, out, s["threshold"],
                                   {k: s[k] for k in ("model", "depth", "rho")})
+    # Interrupted, NonFiniteLoss, NoImages and ReplicasDiffer are raised by every rank at once.
     except Interrupted as exc:
-        print(f"\nrun.py: {exc} by {signal.Signals(exc.signum).name}; checkpoint written: "
-              f"{os.path.join(s['out'], 'last.npz')} (continue with --resume)", file=sys.stderr)
+        say(f"\nrun.py: {exc} by {signal.Signals(exc.signum).name}; checkpoint written: "
+            f"{os.path.join(s['out'], 'last.npz')} (continue with --resume)", sys.stderr)
         return 128 + exc.signum
     except NonFiniteLoss as exc:
-        print(f"\nrun.py: stopped: {exc}", file=sys.stderr)
+        say(f"\nrun.py: stopped: {exc}", sys.stderr)
         return 1
-    except (NoImages, WorkerError) as exc:
+    except (NoImages, ReplicasDiffer) as exc:
         raise RunError(f"stopped: {exc}", 1) from None
+    except WorkerError as exc:
+        alone(comm, f"stopped: {exc}")
     except OSError as exc:  # a full disk, a folder made read-only during the run
         where = f" {exc.filename}" if exc.filename else ""
-        raise RunError(f"cannot write{where}: {exc.strerror or exc}; the last checkpoint written is kept",
-                       1) from None
-    print(format_report(report, s["out"]))
+        alone(comm, f"cannot write{where}: {exc.strerror or exc}; the last checkpoint written is kept")
+    say(format_report(report, s["out"]))
     return 0
+
+
+def alone(comm, message):
+    """A failure of this rank alone: ``RunError`` with one process; with several, end them all
+    now with the message (the others cannot be told: they may be waiting in a collective)."""
+    if comm.size > 1:
+        comm.abort(f"run.py: error: {message}", 1)
+    raise RunError(message, 1) from None
 
 
 if __name__ == "__main__":

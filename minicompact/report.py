@@ -64,7 +64,8 @@ def write_report(trainer, tencrop_loader, out_dir, threshold, header):
 
     trainer: a ``training.Trainer`` (its model, val loader and history are used);
     tencrop_loader: a ten-crop ``BatchLoader`` of the val split; header: dict of fields put at
-    the top of the report (model, depth, rho).
+    the top of the report (model, depth, rho); out_dir None: write nothing, only return the
+    report (the other ranks of a data-parallel run, which evaluate their shards with rank 0).
     """
     model = trainer.model
     before = {"sparsity": model_sparsity(model),
@@ -73,14 +74,16 @@ def write_report(trainer, tencrop_loader, out_dir, threshold, header):
     after = {"sparsity": model_sparsity(model),
              "accuracy": crop_errors(trainer, trainer.val_loader, tencrop_loader),
              "weights_zeroed_by_threshold": zeroed}
-    # The thresholded model, with what evaluating it again needs (settings, normalisation):
-    # ``CompactNet.load`` reads it, and so does ``run.py --evaluate``.
-    save_checkpoint(os.path.join(out_dir, "model.npz"), model, None,
-                    dict(trainer._train_state(), final=True))
     report = to_python({**header, "threshold": threshold, "epochs": len(trainer.state["history"]),
                         "total_parameters": model.parameter_count(),
                         "before_threshold": before, "after_threshold": after,
                         "settings": trainer.settings})
+    if out_dir is None:
+        return report
+    # The thresholded model, with what evaluating it again needs (settings, normalisation):
+    # ``CompactNet.load`` reads it, and so does ``run.py --evaluate``.
+    save_checkpoint(os.path.join(out_dir, "model.npz"), model, None,
+                    dict(trainer._train_state(), final=True))
     path = os.path.join(out_dir, "report.json")
     with open(path + ".tmp", "w") as f:
         json.dump(report, f, indent=2)

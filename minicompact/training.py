@@ -17,7 +17,15 @@
   (``DeviceSums``) and read once per ``Trainer.log_interval`` seconds, at the end of an
   epoch and before any checkpoint; that read is also where a NaN or infinite loss is noticed
   (``Trainer._read_sums``), so it stops the run at most one log interval after it appeared,
-  never having written a checkpoint of the diverged model.
+  never having written a checkpoint of the diverged model;
+* data-parallel training when given a communicator of several ranks (``distributed``):
+  the loaders read each rank's part of the data (``BatchLoader(rank=, ranks=)``), one
+  all-reduce per step turns the ranks' gradients into the global batch's, rank 0's weights
+  are broadcast at the start, and the ranks stay in step through one small host sum per
+  step (how many images the step has in all, whether a rank was asked to stop, whether the
+  running sums are due to be read).  Statistics and evaluation counts are summed over the
+  ranks; only a Trainer with an ``out_dir`` (rank 0's) writes files, and every checkpoint
+  first checks that the replicas are bit-identical.
 """
 import json
 import math
@@ -29,6 +37,9 @@ from .backend import get_array_module
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data.transforms import normalize
 from .device_sums import DeviceSums
+from .distributed.comm import Communicator
+from .distributed.data_parallel import GradientAllReduce, broadcast_model, check_replicas
+from .layers.sync_batchnorm import use_sync_batchnorm
 from .losses import accuracy_topk, check_labels, softmax
 from .objective import NonFiniteLoss, train_step
 
@@ -41,7 +52,7 @@ except ImportError:  # pragma: no cover - tqdm is in requirements.txt
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM arrived; a checkpoint was written at the current position.
 
-    ``signum``: the signal that asked for the stop (set by ``Trainer.fit``).
+    ``signum``: the signal that asked for the stop (on any rank of a data-parallel run).
     """
 
     signum = signal.SIGINT
@@ -49,6 +60,11 @@ class Interrupted(Exception):
 
 class NoImages(RuntimeError):
     """A split yielded no readable image at all (every file was skipped)."""
+
+
+class ReplicasDiffer(RuntimeError):
+    """The ranks of a data-parallel run no longer hold bit-identical models (a bug, or a
+    rank whose hardware computes differently); raised on every rank at a checkpoint."""
 
 
 class StopSignals:
@@ -103,12 +119,18 @@ class Trainer:
     mean, std: per-channel normalisation (3,) floats; out_dir: where logs, checkpoints and
     the report go (None: nowhere); regularizer: an ``objective.Regularizer`` (or None);
     loss_fn: e.g. ``losses.softmax_cross_entropy``.  Each step is ``objective.train_step``.
+    comm: a ``distributed`` communicator (None: one process); with several ranks the loaders
+    must be this rank's (``BatchLoader(rank=, ranks=)``), and only rank 0 should be given an
+    ``out_dir``, ``progress`` and a ``log``.  sync_bn: normalise with the global batch's
+    statistics (``SyncBatchNorm2D``) instead of each rank's own; the running statistics are
+    averaged over the ranks at every step either way (``GradientAllReduce(buffers=True)``).
     """
 
     log_interval = 1.0  # seconds between reads of the running sums (progress bar, NaN check)
 
     def __init__(self, model, optimizer, schedule, regularizer, loss_fn, train_loader, val_loader,
-                 mean, std, epochs, out_dir=None, settings=None, progress=True, log=print):
+                 mean, std, epochs, out_dir=None, settings=None, progress=True, log=print,
+                 comm=None, sync_bn=False):
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.regularizer, self.loss_fn = regularizer, loss_fn
         self.train_loader, self.val_loader = train_loader, val_loader
@@ -118,23 +140,49 @@ class Trainer:
         self.progress, self.log = progress, log
         self.xp = get_array_module(model.classifier.params["W"])
         self.state = {"epoch": 0, "step": 0, "best_top1": -1.0, "history": [], "partial": None}
+        self.comm, self.reducer = comm or Communicator(), None
+        if self.comm.size > 1:
+            if sync_bn:
+                use_sync_batchnorm(model, self.comm)
+            broadcast_model(model, self.comm)
+            self.reducer = GradientAllReduce(self.comm, model, buffers=not sync_bn)
 
     # -- one step, one epoch -------------------------------------------------------------
     def _to_model(self, images_u8, labels):
         x = normalize(images_u8, self.mean, self.std, self.xp)
         return x, self.xp.asarray(labels)
 
-    def _read_sums(self, totals, where):
-        """Bring the running sums to the host (one transfer: the one sync of a log interval)
-        and stop the run if the loss or the objective went NaN or infinite since the epoch
-        began.  Called at every log interval and always before a checkpoint can be written,
-        so a diverged model is never saved."""
+    def _read_sums(self, totals, n, where):
+        """Bring the running sums to the host (one transfer: the one sync of a log interval),
+        add them up over the ranks with ``n``, this rank's image count (a dict with "n"), and
+        stop the run if the loss or the objective went NaN or infinite since the epoch began.
+        Called at every log interval and always before a checkpoint can be written, so a
+        diverged model is never saved; every rank reads the same sums, so all stop together."""
         host = totals.read()
+        names = list(host) + ["n"]
+        host = dict(zip(names, self.comm.sum([host[k] for k in names[:-1]] + [n])))
         for name in ("loss", "objective"):
             if not math.isfinite(host[name]):
                 raise NonFiniteLoss(f"the {name} became {host[name]} {where}; lower --lr or raise "
                                     "--warmup; the last good checkpoint is kept")
         return host
+
+    @staticmethod
+    def _stop_flags(sigint):
+        """[SIGINT asked for, SIGTERM asked for] on this rank, as 0/1 for ``comm.sum``."""
+        raised = sigint is not None and sigint.raised
+        term = getattr(sigint, "signum", None) == signal.SIGTERM
+        return [int(raised and not term), int(raised and term)]
+
+    def _asked_to_stop(self, sigint):
+        """The signal any rank was sent (SIGTERM before SIGINT), or None: a collective."""
+        asked_int, asked_term = self.comm.sum(self._stop_flags(sigint))
+        return signal.SIGTERM if asked_term else signal.SIGINT if asked_int else None
+
+    def _gather_files(self, files):
+        """Every rank's list of file names, concatenated in rank order, on every rank."""
+        lists = self.comm.broadcast_object(self.comm.gather_object(list(files)))
+        return [f for part in lists for f in part]
 
     def train_epoch(self, epoch, start_step=0, sigint=None):
         """One pass over the training data from batch ``start_step``; returns the epoch's stats.
@@ -144,62 +192,80 @@ class Trainer:
         on a GPU, no step waits for the GPU to drain its queue.  A NaN or infinite loss is
         therefore noticed at the next read (at most ``log_interval`` seconds later), and the
         run stops then without writing a checkpoint (``_read_sums``).
+
+        Before each step the ranks sum three things on the host (``comm.sum``; one process:
+        nothing to exchange): the step's image count over all ranks (0: every image of the
+        global batch was unreadable, and the step is skipped on every rank, as one process
+        skips such a batch), whether a stop was asked for (Ctrl-C or SIGTERM on any rank
+        since the last step: all ranks stop after it, in the same state; a stop asked for
+        before this call's first step waits for that step) and whether a rank's
+        log interval is up (all ranks read their sums together).
         """
-        model, opt = self.model, self.optimizer
+        model, opt, comm, loader = self.model, self.optimizer, self.comm, self.train_loader
         model.train()
-        steps = len(self.train_loader)
+        steps = len(loader)
         num_classes = model.classifier.num_classes
         sums = self.state.get("partial") or {"loss": 0.0, "objective": 0.0, "top1": 0, "top5": 0,
                                              "n": 0, "seconds": 0.0, "skipped": []}
-        totals = DeviceSums(self.xp, ("loss", "objective", "top1", "top5"), start=sums)
-        n_seen = sums["n"]
+        mine = sums if comm.is_root else {}  # a resumed epoch's sums are the whole group's
+        totals = DeviceSums(self.xp, ("loss", "objective", "top1", "top5"), start=mine)
+        n_mine = int(mine.get("n", 0))
         bar = None
         if self.progress and tqdm is not None:
             bar = tqdm(total=steps, initial=start_step, desc=f"epoch {epoch + 1}/{self.epochs}",
                        unit="batch", leave=False, dynamic_ncols=True)
         t0 = last_read = time.perf_counter()
-        step = start_step
+        done, skipped_done = start_step, 0  # the last step taken; files skipped up to it
         try:
-            for images, labels in self.train_loader.epoch(epoch, start_batch=start_step):
-                check_labels(labels, num_classes, "training batch")  # on the host: no sync
-                x, y = self._to_model(images, labels)
+            for images, labels in loader.epoch(epoch, start_batch=start_step):
                 # The loader's batch index, not a count of yielded batches: a batch whose
                 # images were all unreadable is never yielded, and resume must not drift.
-                step = self.train_loader.next_batch
-                lr = self.schedule.lr_at(epoch, step - 1, steps)
-                value, loss, scores = train_step(model, opt, x, y, self.regularizer,
-                                                 self.loss_fn, lr, check_finite=False)
-                c1, c5 = accuracy_topk(scores, y, ks=(1, 5))
+                step, skipped = loader.next_batch, len(loader.skipped)
+                check_labels(labels, num_classes, "training batch")  # on the host: no sync
                 n = int(labels.shape[0])
-                totals.add(loss=loss * n, objective=value * n, top1=c1, top5=c5)
-                n_seen += n
-                interrupted = sigint is not None and sigint.raised and step < steps
-                if time.perf_counter() - last_read >= self.log_interval or interrupted:
-                    host = self._read_sums(totals, f"at epoch {epoch + 1}, by step {step}")
+                due = time.perf_counter() - last_read >= self.log_interval
+                total, asked_int, asked_term, due = comm.sum([n, *self._stop_flags(sigint), due])
+                stop = (asked_int or asked_term) and done > start_step  # after one step at least
+                if due or stop:
+                    host = self._read_sums(totals, n_mine, f"at epoch {epoch + 1}, by step {done}")
                     last_read = time.perf_counter()
                     if bar is not None:
                         elapsed = sums["seconds"] + last_read - t0
-                        bar.set_postfix(loss=f"{host['loss'] / n_seen:.3f}",
-                                        acc=f"{100 * host['top1'] / n_seen:.1f}%",
-                                        img_s=f"{n_seen / max(elapsed, 1e-9):.0f}", refresh=False)
+                        seen = max(host["n"], 1)
+                        bar.set_postfix(loss=f"{host['loss'] / seen:.3f}",
+                                        acc=f"{100 * host['top1'] / seen:.1f}%",
+                                        img_s=f"{host['n'] / max(elapsed, 1e-9):.0f}", refresh=False)
+                if stop:  # after the last step taken, on every rank
+                    sums.update(host, top1=int(host["top1"]), top5=int(host["top5"]), n=int(host["n"]))
+                    sums["seconds"] += time.perf_counter() - t0
+                    sums["skipped"] = sums["skipped"] + self._gather_files(loader.skipped[:skipped_done])
+                    self.state.update(epoch=epoch, step=done, partial=sums)
+                    exc = Interrupted(f"interrupted at epoch {epoch + 1}, step {done}")
+                    exc.signum = signal.SIGTERM if asked_term else signal.SIGINT
+                    raise exc
+                if total:
+                    x, y = self._to_model(images, labels) if n else (None, None)
+                    lr = self.schedule.lr_at(epoch, step - 1, steps)
+                    value, loss, scores = train_step(model, opt, x, y, self.regularizer, self.loss_fn,
+                                                     lr, check_finite=False,
+                                                     reduce_gradients=self.reducer)
+                    if n:
+                        c1, c5 = accuracy_topk(scores, y, ks=(1, 5))
+                        totals.add(loss=loss * n, objective=value * n, top1=c1, top5=c5)
+                        n_mine += n
+                done, skipped_done = step, skipped
                 if bar is not None:
                     bar.update(step - bar.n)
-                if interrupted:
-                    sums.update(host, top1=int(host["top1"]), top5=int(host["top5"]), n=n_seen)
-                    sums["seconds"] += time.perf_counter() - t0
-                    sums["skipped"] = sums["skipped"] + list(self.train_loader.skipped)
-                    self.state.update(epoch=epoch, step=step, partial=sums)
-                    raise Interrupted(f"interrupted at epoch {epoch + 1}, step {step}")
         finally:
             if bar is not None:
                 bar.close()
-        host = self._read_sums(totals, f"in epoch {epoch + 1}")  # also waits for the GPU: honest time
+        host = self._read_sums(totals, n_mine, f"in epoch {epoch + 1}")  # also waits for the GPU
         sums["seconds"] += time.perf_counter() - t0
-        sums["skipped"] = sums["skipped"] + list(self.train_loader.skipped)
-        n = max(n_seen, 1)
+        sums["skipped"] = sums["skipped"] + self._gather_files(loader.skipped)
+        n = max(int(host["n"]), 1)
         return {"loss": host["loss"] / n, "objective": host["objective"] / n,
                 "train_top1": host["top1"] / n, "train_top5": host["top5"] / n,
-                "images_per_s": n_seen / max(sums["seconds"], 1e-9), "seconds": sums["seconds"],
+                "images_per_s": int(host["n"]) / max(sums["seconds"], 1e-9), "seconds": sums["seconds"],
                 "skipped": len(sums["skipped"]), "skipped_files": sums["skipped"][:20]}
 
     def evaluate(self, loader=None, mode=None):
@@ -207,7 +273,10 @@ class Trainer:
 
         For a ten-crop loader (batches (N, 10, 3, h, w)) the softmax probabilities of the ten
         crops are averaged before ranking (sec. 5.1).  The sums stay on the device until the
-        end (one sync per evaluation).  Returns a dict.
+        end (one sync per evaluation).  With several ranks each evaluates its own shard
+        (its loader's) and the counts are summed: every rank returns the whole split's
+        result, equal to one process's (the accuracies exactly, the loss up to rounding).
+        Returns a dict.
         """
         loader = loader or self.val_loader
         model, xp = self.model, self.xp
@@ -235,18 +304,26 @@ class Trainer:
         finally:
             model.release_caches()
             model.train(was)
+        host = totals.read()  # this rank's shard; summed over the ranks: the whole split's
+        top1, top5, loss, n, skipped = self.comm.sum([host["top1"], host["top5"], host["loss"], n,
+                                                      len(getattr(loader, "skipped", []))])
+        n, skipped = int(n), int(skipped)
         if n == 0:
             raise NoImages(f"no image of the evaluation split could be read "
-                           f"({len(getattr(loader, 'skipped', []))} skipped with a warning)")
-        host = totals.read()
-        return {"top1": host["top1"] / n, "top5": host["top5"] / n, "loss": host["loss"] / n,
-                "n": n, "skipped": len(getattr(loader, "skipped", []))}
+                           f"({skipped} skipped with a warning)")
+        return {"top1": top1 / n, "top5": top5 / n, "loss": loss / n, "n": n, "skipped": skipped}
 
     # -- checkpoints -----------------------------------------------------------------------
     def _train_state(self):
         return dict(self.state, mean=self.mean, std=self.std, settings=self.settings)
 
     def save(self, name):
+        """Write checkpoint ``name`` into ``out_dir`` (nothing without one: the other ranks);
+        with several ranks, call it on every rank: it first checks that all replicas are
+        bit-identical (``ReplicasDiffer`` on every rank otherwise)."""
+        if self.comm.size > 1 and not check_replicas(self.model, self.comm):
+            raise ReplicasDiffer(f"the {self.comm.size} ranks no longer hold the same model; "
+                                 f"{name} was not written (please report this as a bug)")
         if self.out_dir is None:
             return None
         path = os.path.join(self.out_dir, name)
@@ -260,6 +337,8 @@ class Trainer:
     def load_state(self, arrays, opt_state, state):
         """``resume`` from a checkpoint already read with ``checkpoint.load_checkpoint``."""
         self.model.load_state_arrays(arrays)
+        if self.comm.size > 1:  # every rank read the same file; rank 0's copy is the one
+            broadcast_model(self.model, self.comm)
         if opt_state:
             self.optimizer.load_state_dict(opt_state)
         for key in ("epoch", "step", "best_top1", "history", "partial"):
@@ -286,7 +365,7 @@ class Trainer:
 
         Raises ``Interrupted`` (after writing last.npz) on Ctrl-C or SIGTERM, ``NonFiniteLoss``
         (without writing) when the loss diverges and ``NoImages`` when a whole split was
-        unreadable.
+        unreadable — with several ranks on every rank together, at the same point.
         """
         if self.out_dir is not None:
             os.makedirs(self.out_dir, exist_ok=True)
@@ -297,9 +376,8 @@ class Trainer:
                 epoch, step = self.state["epoch"], self.state["step"]
                 try:
                     stats = self.train_epoch(epoch, step, sigint)
-                except Interrupted as exc:
+                except Interrupted:
                     self.save("last.npz")
-                    exc.signum = sigint.signum
                     raise
                 if stats["skipped"] and stats["skipped"] >= len(getattr(self.train_loader, "paths", ())):
                     raise NoImages(f"epoch {epoch + 1} could read none of the {stats['skipped']} training "
@@ -320,8 +398,9 @@ class Trainer:
                     self.state["best_top1"] = val["top1"]
                     self.save("best.npz")
                 self.save("last.npz")
-                if sigint.raised:
+                signum = self._asked_to_stop(sigint)
+                if signum is not None:
                     exc = Interrupted(f"interrupted after epoch {epoch + 1}")
-                    exc.signum = sigint.signum
+                    exc.signum = signum
                     raise exc
         return self.state["history"]

@@ -6,7 +6,14 @@ Every rank runs the same check; each compares what the ranks computed together w
 one process computes alone (recomputed on every rank, no communication), and raises on a
 mismatch, which ends all ranks (``distributed.init`` installs the abort hook).  Rank 0
 prints ``OK CHECK`` at the end.  Not collected by pytest (no ``test_`` prefix).
+
+tests/test_run_distributed.py also runs run.py through here with a fault injected on one
+rank, at one training step (``mpiexec -n 2 python tests/mpi_checks.py fault RANK KIND STEP
+-- RUN.PY ARGS``): KIND is a signal name (SIGTERM, SIGINT: sent to that rank alone) or
+"raise" (a RuntimeError on that rank).
 """
+import os
+import signal
 import sys
 import tempfile
 
@@ -14,7 +21,8 @@ import numpy as np
 
 from minicompact.data.sharding import eval_shard, rank_batch
 from minicompact.distributed import (GradientAllReduce, MPICommunicator, average_buffers,
-                                     broadcast_model, check_replicas, init, reduce_evaluation)
+                                     broadcast_model, check_replicas, init)
+from minicompact.distributed.launcher import launcher_rank
 from minicompact.layers.sync_batchnorm import use_sync_batchnorm
 from minicompact.model import CompactNet, ModelConfig
 from minicompact.objective import Regularizer, objective, train_step
@@ -200,13 +208,6 @@ def sync_batchnorm_steps():
     return comm
 
 
-class _Shard:
-    """The samples of one rank's evaluation shard (what BatchLoader reads)."""
-
-    def __init__(self, dataset, part):
-        self.samples = dataset.samples[part]
-
-
 @check
 def sharded_evaluation():
     """Each rank evaluates its shard (centre crop and ten crops); the reduced report equals
@@ -230,20 +231,84 @@ def sharded_evaluation():
     for bn in model.bns:  # non-trivial running statistics
         bn.buffers["running_mean"][:] = rng.standard_normal(bn.channels)
         bn.buffers["running_var"][:] = rng.uniform(0.5, 2, bn.channels)
-    trainer = Trainer(model, None, None, None, softmax_cross_entropy, None, None,
-                      mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), epochs=1, progress=False)
+    kw = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), epochs=1, progress=False)
+    alone = Trainer(model, None, None, None, softmax_cross_entropy, None, None, **kw)
+    together = Trainer(model, None, None, None, softmax_cross_entropy, None, None, comm=comm, **kw)
     for mode in ("center", "tencrop"):
-        whole = trainer.evaluate(BatchLoader(val, 4, resize=16, crop=8, mode=mode))
-        shard = _Shard(val, eval_shard(len(val.samples), comm.rank, comm.size))
-        mine = trainer.evaluate(BatchLoader(shard, 4, resize=16, crop=8, mode=mode))
-        got = reduce_evaluation(comm, mine)
-        assert 0 < mine["n"] < whole["n"] == got["n"] == len(val.samples), (mine, whole, got)
+        whole = alone.evaluate(BatchLoader(val, 4, resize=16, crop=8, mode=mode))
+        mine = BatchLoader(val, 4, resize=16, crop=8, mode=mode, rank=comm.rank, ranks=comm.size)
+        assert np.array_equal(mine.order(0), np.arange(len(val.samples))[eval_shard(len(val.samples),
+                                                                                    comm.rank, comm.size)])
+        got = together.evaluate(mine)
+        assert 0 < len(mine.order(0)) < whole["n"] == got["n"] == len(val.samples), (whole, got)
         assert (got["top1"], got["top5"]) == (whole["top1"], whole["top5"]), (mode, got, whole)
         assert abs(got["loss"] - whole["loss"]) <= 1e-6 * abs(whole["loss"]), (mode, got, whole)
     comm.barrier()
     if comm.rank == 0:
         import shutil
         shutil.rmtree(root)
+    return comm
+
+
+@check
+def per_rank_batchnorm_buffers_follow_the_global_batch():
+    """GradientAllReduce(buffers=True): after each step every rank's running statistics are
+    the image-weighted mean of what each rank's own would be, bit-identical on all ranks."""
+    comm = init("cpu")
+    n, steps = global_batches(3, comm.size)
+    x, y = data(n, np.float64)
+    par, own = tiny(np.float64), tiny(np.float64)  # own: this rank's part, no reduction
+    reducer = GradientAllReduce(comm, par, buffers=True)
+    for order, step in steps:
+        mine = rank_batch(order, step, 3, comm.rank, comm.size)
+        own.load_state_arrays(par.state_arrays())
+        if len(mine):
+            objective(own, x[mine], y[mine])
+            objective(par, x[mine], y[mine], reduce_gradients=reducer)
+        else:
+            objective(par, None, None, reduce_gradients=reducer)
+        total = comm.sum([len(mine)])[0]
+        for key, b in own.state_arrays().items():
+            if "running" not in key:
+                continue
+            want = comm.allreduce(b * len(mine)) / total  # a rank without images: weight 0
+            np.testing.assert_allclose(par.state_arrays()[key], want, rtol=1e-13, atol=1e-15,
+                                       err_msg=key)
+        assert check_replicas(par, comm), "running statistics differ between ranks"
+    return comm
+
+
+class Refused(Exception):
+    """An error for the ``agree`` check (module level: it travels between ranks pickled)."""
+
+
+@check
+def agree():
+    """comm.agree: one rank's failure is every rank's; root_only sends rank 0's result; root_first
+    runs rank 0 before the others."""
+    comm = init("cpu")
+
+    def fails_on(rank):
+        if comm.rank == rank:
+            raise Refused(f"refused on rank {rank}")
+        return comm.rank
+
+    assert comm.agree(fails_on, 5, errors=Refused) == comm.rank
+    for rank in (0, 1):
+        try:
+            comm.agree(fails_on, rank, errors=Refused)
+        except Refused as exc:
+            assert str(exc) == f"refused on rank {rank}", exc
+        else:
+            raise AssertionError("every rank should raise")
+    assert comm.agree(lambda: f"from {comm.rank}", root_only=True) == "from 0"
+    marks = []
+    path = os.path.join(tempfile.gettempdir(), f"minicompact-agree-{os.getppid()}")
+    comm.agree(lambda: marks.append(os.path.exists(path)) or open(path, "w").close(), root_first=True)
+    comm.barrier()
+    if comm.rank == 0:
+        os.remove(path)
+    assert marks == [comm.rank == 1], marks  # rank 1 ran after rank 0 had written the file
     return comm
 
 
@@ -270,8 +335,32 @@ def exit_ends_every_rank():
     return comm
 
 
+def fault(rank, kind, step, argv):
+    """run.py's main on this rank, with ``kind`` injected on rank ``rank`` right after its
+    ``step``-th SGD step (counted from 1 over the whole run)."""
+    import run
+    from minicompact import optim
+
+    real_step, calls = optim.SGD.step, []
+
+    def step_then_fault(self):
+        real_step(self)
+        calls.append(1)
+        if len(calls) == step and launcher_rank() == rank:
+            if kind == "raise":
+                raise RuntimeError(f"a deliberate failure on rank {rank}")
+            os.kill(os.getpid(), getattr(signal, kind))
+
+    optim.SGD.step = step_then_fault
+    return run.main(argv)
+
+
 if __name__ == "__main__":
     name = sys.argv[1]
+    if name == "fault":
+        split = sys.argv.index("--")
+        rank, kind, step = sys.argv[2:split]
+        sys.exit(fault(int(rank), kind, int(step), sys.argv[split + 1:]))
     used = CHECKS[name]()
     if used.rank == 0:
         print(f"OK {name}", flush=True)

@@ -155,6 +155,42 @@ def test_bad_files_are_skipped_counted_and_warned_once(bad_split, workers):
         assert len(loader.skipped) == 6
 
 
+def test_ranks_read_their_parts_of_every_global_batch(split):
+    """Two ranks × batch 4 read, batch by batch, the two halves of one process's batch of 8
+    (same images, crops and flips); both have the same number of batches."""
+    whole = _all(BatchLoader(split, 8, SIDE, 8, "train", seed=3), 1)
+    parts = [_all(BatchLoader(split, 4, SIDE, 8, "train", seed=3, rank=r, ranks=2), 1) for r in (0, 1)]
+    assert len(parts[0]) == len(parts[1]) == len(whole) == 3  # 21 images: 8, 8, 5 (3 + 2)
+    for (x, y), (x0, y0), (x1, y1) in zip(whole, *parts):
+        assert np.array_equal(np.concatenate([x0, x1]), x) and np.array_equal(np.concatenate([y0, y1]), y)
+    assert [len(y) for _, y in parts[0]] == [4, 4, 3] and [len(y) for _, y in parts[1]] == [4, 4, 2]
+    with pytest.raises(ValueError, match="rank"):
+        BatchLoader(split, 4, SIDE, 8, "train", rank=2, ranks=2)
+
+
+def test_a_rank_with_no_readable_image_gets_an_empty_batch(bad_split):
+    """The unreadable part of a data-parallel rank is yielded empty (the ranks stay in step);
+    one process skips such a batch.  Evaluation shards are contiguous blocks."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnreadableImageWarning)
+        for rank in (0, 1):
+            loader = BatchLoader(bad_split, 3, SIDE, 8, "center", rank=rank, ranks=2)
+            assert np.array_equal(loader.order(0), np.arange(6) if rank == 0 else np.arange(6, 11))
+        train = BatchLoader(bad_split, 3, SIDE, 8, "train", rank=1, ranks=2)
+        counts = [len(y) for _, y in train.epoch(0)]
+        assert len(counts) == len(train) == 2 and train.next_batch == 2
+        order = train.order(0)
+        readable = [sum("good" in bad_split.samples[i][0] or "/c0/" in bad_split.samples[i][0]
+                        for i in part) for part in (order[3:6], order[9:11])]
+        assert counts == readable
+        batches = _all(BatchLoader(bad_split, 11, SIDE, 8, "train", rank=0, ranks=2), 0)
+        assert len(batches) == 1  # ranks 0 and 1 take 6 and 5 of the 11 images
+        empty = [(x, y) for x, y in _all(BatchLoader(bad_split, 1, SIDE, 8, "train", rank=1, ranks=2), 0)
+                 if len(y) == 0]
+        assert empty and all(x.shape == (0, 3, 8, 8) and x.dtype == np.uint8 and y.dtype == np.int64
+                             for x, y in empty)
+
+
 def test_cache_round_trip_reuse_and_rebuild(split, tmp_path, monkeypatch):
     cache = open_cache(split, 10, tmp_path / "c")
     assert cache.images.shape == (N, 10, 10, 3) and cache.failed == {}

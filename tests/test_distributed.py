@@ -16,6 +16,8 @@ import pytest
 
 from minicompact.data.sharding import eval_shard, rank_batch, steps_per_epoch
 from minicompact.distributed import Communicator, GradientAllReduce, init, launched_by_mpi
+from minicompact.distributed.launcher import (THREAD_VARIABLES, is_first_process, launcher_rank,
+                                              share_cores)
 from minicompact.gradcheck import check_layer
 from minicompact.layers.batchnorm import BatchNorm2D
 from minicompact.layers.sync_batchnorm import SyncBatchNorm2D, use_sync_batchnorm
@@ -50,6 +52,42 @@ def test_launcher_detection(monkeypatch):
     for name in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMIX_RANK"):
         monkeypatch.delenv(name, raising=False)
     assert type(init("cpu")) is Communicator  # plain `python run.py`: no MPI at all
+
+
+def test_launcher_rank_and_the_first_process():
+    assert launcher_rank({}) is None and is_first_process({})
+    assert launcher_rank({"PMI_RANK": "3"}) == 3 and not is_first_process({"PMI_RANK": "3"})
+    assert launcher_rank({"OMPI_COMM_WORLD_RANK": "0"}) == 0 and is_first_process({"PMIX_RANK": "0"})
+
+
+def test_ranks_of_a_machine_share_its_cores_for_blas():
+    env = {"PMI_SIZE": "2", "PMI_RANK": "1", "MPI_LOCALNRANKS": "2"}
+    assert share_cores(env, cores=8, machine_cores=8) == 4
+    assert {k: env[k] for k in THREAD_VARIABLES} == dict.fromkeys(THREAD_VARIABLES, "4")
+    three = {"PMI_SIZE": "3", "MPI_LOCALNRANKS": "3"}
+    assert share_cores(three, cores=2, machine_cores=2) == 1  # at least one thread each
+    bound = {"OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_SIZE": "4"}
+    assert share_cores(bound, cores=6, machine_cores=24) == 6  # already given its own cores
+    for env in ({}, {"PMI_SIZE": "2"}, {"PMI_SIZE": "1", "MPI_LOCALNRANKS": "1"},
+                {"PMI_SIZE": "2", "MPI_LOCALNRANKS": "2", "OMP_NUM_THREADS": "3"}):
+        before = dict(env)
+        assert share_cores(env, cores=8, machine_cores=8) is None and env == before
+
+
+def test_agree_on_one_process_is_the_call():
+    comm = Communicator()
+    assert comm.agree(lambda a, b: a + b, 1, 2) == 3
+    assert comm.agree(lambda: "root", root_only=True) == comm.agree(lambda: "root", root_first=True) == "root"
+    with pytest.raises(KeyError):
+        comm.agree({}.__getitem__, "missing", errors=KeyError)
+
+
+def test_importing_the_launcher_imports_no_numpy():
+    code = ("import sys; import minicompact.distributed.launcher; "
+            "sys.exit('numpy' in sys.modules or 'minicompact.distributed.comm' in sys.modules)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (os.path.dirname(HERE),
+                                                                  os.environ.get("PYTHONPATH")) if p))
+    assert subprocess.run([sys.executable, "-c", code], env=env, check=False).returncode == 0
 
 
 def test_nccl_module_is_never_imported_without_a_gpu_run():
@@ -186,6 +224,8 @@ def run_ranks(check, ranks=2, timeout=120):
     "per_rank_batchnorm_steps",
     "sync_batchnorm_steps",
     "sharded_evaluation",
+    "per_rank_batchnorm_buffers_follow_the_global_batch",
+    "agree",
 ])
 def test_two_ranks(check):
     code, output, _ = run_ranks(check)

@@ -21,6 +21,13 @@ Unreadable images are skipped with one warning per file and listed in ``loader.s
 yielded at all — which is why a trainer should resume from ``loader.next_batch`` (the index
 of the batch after the one just yielded), not from a count of yielded batches.
 
+Data-parallel runs (``rank``, ``ranks``; ``data/sharding.py``): in training mode batch b is
+rank ``rank``'s part of global batch b of ``ranks`` × ``batch_size`` images, so every rank
+has ``len(loader)`` batches, and every one is yielded — a part with no readable image (or
+none at all, in a short last global batch) as an empty batch, (0, 3, crop, crop) and (0,),
+so that the ranks stay in step.  In ``"center"`` and ``"tencrop"`` mode the loader reads
+rank ``rank``'s contiguous block of the dataset (``eval_shard``).
+
 ``workers > 0`` decodes in a process pool ("fork" where available, else "spawn") with at
 most ``max(prefetch, workers)`` batches in flight; ``workers = 0`` decodes inline.  The
 workers exit with the main process however it ends, ``kill -9`` included
@@ -39,6 +46,7 @@ import numpy as np
 from ..processes import die_with_parent
 from .cache import ImageCache, _dataset_key, open_cache
 from .images import BadImageError, load_rgb
+from .sharding import eval_shard, rank_batch, steps_per_epoch
 from .transforms import center_crop, crop_flip, hashed_crop_params, ten_crop
 
 MODES = ("train", "center", "tencrop")
@@ -138,13 +146,17 @@ class BatchLoader:
         prefetch: batches decoded ahead (at least one per worker).
         cache: None, an ``ImageCache`` of this dataset at ``resize``, or a path (``.npy``
             file or folder) where one is reused or built with this loader's workers.
-        drop_last: drop a final batch shorter than ``batch_size``.
+        drop_last: drop a final (global) batch shorter than ``batch_size`` (× ``ranks``).
+        rank, ranks: this process's part of a data-parallel run of ``ranks`` processes (see
+            the module docstring); 0 and 1 for one process.
     """
 
     def __init__(self, dataset, batch_size, resize, crop, mode, workers=0, seed=0,
-                 prefetch=4, cache=None, drop_last=False):
+                 prefetch=4, cache=None, drop_last=False, rank=0, ranks=1):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not 0 <= rank < ranks:
+            raise ValueError(f"need 0 <= rank < ranks, got rank {rank} of {ranks}")
         if batch_size < 1 or workers < 0 or prefetch < 1:
             raise ValueError(f"need batch_size >= 1, workers >= 0, prefetch >= 1; got "
                              f"{batch_size}, {workers}, {prefetch}")
@@ -154,6 +166,7 @@ class BatchLoader:
         self.batch_size, self.resize, self.crop = int(batch_size), int(resize), int(crop)
         self.workers, self.seed, self.prefetch = int(workers), int(seed), int(prefetch)
         self.drop_last = bool(drop_last)
+        self.rank, self.ranks = int(rank), int(ranks)
         self.paths = [p for p, _ in dataset.samples]
         self.labels = np.array([label for _, label in dataset.samples], dtype=np.int64)
         if len(self.paths) == 0:
@@ -172,14 +185,18 @@ class BatchLoader:
         self.cache = cache
 
     def __len__(self):
-        n, b = len(self.paths), self.batch_size
+        if self.mode == "train":
+            return steps_per_epoch(len(self.paths), self.batch_size, self.ranks, self.drop_last)
+        n, b = len(self.order(0)), self.batch_size
         return n // b if self.drop_last else -(-n // b)
 
     def order(self, epoch):
-        """(N,) int64 dataset indices of ``epoch``: a pure function of (seed, epoch)."""
+        """Dataset indices (int64) of ``epoch``: in training mode all N, shuffled, a pure
+        function of (seed, epoch) (the same on every rank); otherwise this rank's block of
+        them in dataset order."""
         n = len(self.paths)
         if self.mode != "train":
-            return np.arange(n, dtype=np.int64)
+            return np.arange(n, dtype=np.int64)[eval_shard(n, self.rank, self.ranks)]
         return np.random.default_rng([self.seed, int(epoch)]).permutation(n).astype(np.int64)
 
     def _pool(self):
@@ -216,7 +233,10 @@ class BatchLoader:
 
     def _job(self, epoch, order, b):
         """The job of batch ``b``; cached failures are dropped here and reported at once."""
-        idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+        if self.mode == "train":
+            idx = rank_batch(order, b, self.batch_size, self.rank, self.ranks)
+        else:
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
         bad = []
         if self.cache is not None and self.cache.failed:
             keep = np.array([i not in self.cache.failed for i in idx.tolist()], dtype=bool)
@@ -243,16 +263,19 @@ class BatchLoader:
         images, ok, reasons = result
         for pos, reason in reasons.items():
             self._skip(int(job["indices"][pos]), reason)
-        if images is None:
-            return None
-        return images, self.labels[job["indices"][ok]]
+        if images is not None:
+            return images, self.labels[job["indices"][ok]]
+        if self.mode == "train" and self.ranks > 1:  # a placeholder keeps the ranks in step
+            return (np.empty((0, 3, self.crop, self.crop), dtype=np.uint8),
+                    np.empty(0, dtype=np.int64))
+        return None
 
     def epoch(self, epoch, start_batch=0):
         """Iterate over the batches of ``epoch`` from batch ``start_batch`` on.
 
         Yields:
             (images, labels): uint8 (N, 3, crop, crop) — (N, 10, 3, crop, crop) for
-            tencrop — and int64 (N,), N <= batch_size.
+            tencrop — and int64 (N,), N <= batch_size (N = 0: a data-parallel placeholder).
         """
         if not 0 <= start_batch <= len(self):
             raise ValueError(f"start_batch must be in [0, {len(self)}], got {start_batch}")

@@ -9,6 +9,7 @@ the same order::
     comm.sum([loss_sum, n, ...])              # a few host numbers (logs, counts) -> floats
     comm.broadcast_object(obj), comm.gather_object(obj)   # small picklable objects
     comm.barrier()
+    comm.agree(fn, *args)                     # fn on every rank; one rank's failure raised on all
     comm.abort(message)                       # end every rank now, with a message
     with comm.abort_on_failure(): main()      # one rank's failure or exit(N) ends them all
 
@@ -25,31 +26,15 @@ the same order::
 import contextlib
 import os
 import sys
+import time
 import traceback
 
 import numpy as np
 
 from ..backend import BackendError, is_gpu_array, to_cpu
+from .launcher import launched_by_mpi
 
 OPS = ("sum", "mean")
-
-# Variables that MPI launchers set in every process they start.  None is set by a plain
-# ``python run.py``, so a single-process run never imports mpi4py.
-_LAUNCHER_SIZE = ("PMI_SIZE",               # MPICH's hydra (the mpich wheel), Intel MPI, srun --mpi=pmi2
-                  "OMPI_COMM_WORLD_SIZE",   # Open MPI
-                  "MV2_COMM_WORLD_SIZE")    # MVAPICH
-_LAUNCHER_RANK = ("PMIX_RANK",)             # PMIx launchers (srun --mpi=pmix, prterun): no size
-
-
-def launched_by_mpi(environ=None):
-    """(launched, size): whether an MPI launcher started this process, and the number of
-    processes it says it started (None when the launcher does not say)."""
-    env = os.environ if environ is None else environ
-    for name in _LAUNCHER_SIZE:
-        if env.get(name, "").strip().isdigit():
-            return True, int(env[name])
-    return any(name in env for name in _LAUNCHER_RANK), None
-
 
 def _check_op(op):
     if op not in OPS:
@@ -109,6 +94,21 @@ class Communicator:
 
     def barrier(self):
         """Wait until every rank has reached this call."""
+
+    def agree(self, fn, *args, root_only=False, root_first=False, errors=(Exception,)):
+        """``fn(*args)`` as one step of the whole group: its result, or one failure for all.
+
+        Every rank runs fn and gets its own result; root_only: rank 0 alone runs it, and its
+        result is sent to every rank; root_first: rank 0 runs it, then the others do (say,
+        rank 0 builds a cache that the others then open).
+        If fn raises one of ``errors`` on any rank, every rank raises the same exception —
+        rank 0's, else the lowest failing rank's — so all ranks stop at the same point, the
+        same way, instead of some waiting for the others in a collective for ever.  fn must
+        not itself call collectives (a rank that failed before one would leave the others
+        waiting in it); the exceptions and root_only's result must be picklable.
+        Here (one process): fn(*args).
+        """
+        return fn(*args)
 
     def abort(self, message, code=1):
         """End every rank now with ``message`` on stderr and exit status ``code`` (here: the
@@ -196,11 +196,34 @@ class MPICommunicator(Communicator):
     def barrier(self):
         self.comm.Barrier()
 
+    def agree(self, fn, *args, root_only=False, root_first=False, errors=(Exception,)):
+        if root_first:
+            first = self.agree(lambda: fn(*args) if self.rank == 0 else None, errors=errors)
+            later = self.agree(lambda: None if self.rank == 0 else fn(*args), errors=errors)
+            return first if self.rank == 0 else later
+        result, error = None, None
+        if self.rank == 0 or not root_only:
+            try:
+                result = fn(*args)
+            except errors as exc:
+                error = exc
+        failures = self.comm.gather(error, root=0)
+        first = next((e for e in failures if e is not None), None) if self.rank == 0 else None
+        first = self.comm.bcast(first, root=0)
+        if first is not None:
+            raise first
+        return self.comm.bcast(result, root=0) if root_only else result
+
     def abort(self, message, code=1):
         """Print ``message`` (prefixed with this rank) and end every rank with MPI_Abort."""
         print(f"[rank {self.rank} of {self.size}] {message}", file=sys.stderr, flush=True)
         sys.stdout.flush()
+        time.sleep(0.5)  # the launcher forwards what this rank printed before it ends the job
         self.comm.Abort(code)
+        # MPICH's MPI_Abort returns, and the launcher then kills every rank: wait for that
+        # without running more of the program (which would print again), but not for ever.
+        time.sleep(10)
+        os._exit(code)
 
     @contextlib.contextmanager
     def abort_on_failure(self):

@@ -1,5 +1,5 @@
 """Data parallelism on top of a communicator: the gradient all-reduce, the initial broadcast,
-the replica check, and the reductions of batch-norm buffers and evaluation counts.
+the replica check and the averaging of batch-norm running statistics.
 
 Every rank holds a full replica of the model.  A step is::
 
@@ -37,36 +37,51 @@ from ..backend import get_array_module, to_cpu
 class GradientAllReduce:
     """The ``reduce_gradients`` argument of ``objective``/``train_step``: one all-reduce per step.
 
-    comm: a communicator; model: a ``CompactNet`` (its ``param_layers``, in order).
+    comm: a communicator; model: a ``CompactNet`` (its ``param_layers``, in order);
+    buffers: also carry the batch-norm running statistics (per-rank batch-norm; see below).
 
     Gradients of every parameter are packed into one persistent flat buffer, laid out as::
 
-        flat = [ g_1 ... g_P | Σ loss | N ]     (P = number of parameter values, model dtype)
+        flat = [ g_1 ... g_P | s_1 ... s_Q | Σ loss | N ]     (model dtype)
 
-    ``__call__(data_loss, n)`` writes n·g (this rank's sum of per-image gradients), n·loss and
-    n into it, all-reduces it (the sums over ranks), divides by the global N, and points each
-    layer's ``grads[name]`` at its view of the buffer: no allocation per step, one copy in,
-    none out.  Batches of different sizes are weighted by their image counts, so a rank with
-    a short or empty batch (unreadable images, the last batch of an epoch) is counted exactly.
-    A model with F float32 parameters moves 4·(F+2) bytes per step (21.4 M parameters: 86 MB).
+    (P parameter values; Q running-statistic values, 0 unless ``buffers``).
+    ``__call__(data_loss, n)`` writes n·g (this rank's sum of per-image gradients), n·s, n·loss
+    and n into it, all-reduces it (the sums over ranks), divides by the global N, and points
+    each layer's ``grads[name]`` at its view of the buffer: no allocation per step, one copy
+    in, none out.  Batches of different sizes are weighted by their image counts, so a rank
+    with a short or empty batch (unreadable images, the last batch of an epoch) is counted
+    exactly.  A model with F float32 parameters moves 4·(F+Q+2) bytes per step (21.4 M
+    parameters: 86 MB).
+
+    ``buffers=True``: with per-rank batch-norm each rank's running mean and variance follow
+    its own images and would drift apart.  Carried in the same message, they are replaced
+    every step by their image-weighted mean over ranks — for the running mean exactly the
+    running mean of the global batch's means (the running average is linear), for the
+    variance the mean of the ranks' variances (``SyncBatchNorm2D`` gives the exact global
+    one) — so they are bit-identical on every rank after every step, at no extra message:
+    evaluation and checkpoints need no further reduction, and a checkpoint taken mid-epoch
+    resumes bit-identically.  (A rank without images adds nothing, with weight 0.)
 
     For one process pass ``reduce_gradients=None`` instead: nothing to reduce.
     """
 
-    def __init__(self, comm, model):
+    def __init__(self, comm, model, buffers=False):
         self.comm, self.model = comm, model
         entries = [(layer, name, p) for layer in model.param_layers
                    for name, p in layer.params.items()]
-        dtypes = {p.dtype for _, _, p in entries}
+        stats = [(layer, name, b) for layer in (model.bns if buffers else ())
+                 for name, b in layer.buffers.items()]
+        dtypes = {p.dtype for _, _, p in entries + stats}
         if len(dtypes) != 1:
             raise ValueError(f"GradientAllReduce needs one parameter dtype, got {sorted(map(str, dtypes))}")
         xp = get_array_module(entries[0][2])
-        size = sum(int(p.size) for _, _, p in entries)
+        size = sum(int(p.size) for _, _, p in entries + stats)
         self.flat = xp.zeros(size + 2, dtype=entries[0][2].dtype)
-        self.slots, offset = [], 0
-        for layer, name, p in entries:
-            self.slots.append((layer, name, self.flat[offset:offset + p.size].reshape(p.shape)))
-            offset += int(p.size)
+        self.slots, self.stat_slots, offset = [], [], 0
+        for slots, group in ((self.slots, entries), (self.stat_slots, stats)):
+            for layer, name, p in group:
+                slots.append((layer, name, self.flat[offset:offset + p.size].reshape(p.shape)))
+                offset += int(p.size)
 
     def __call__(self, data_loss, n):
         """data_loss: this rank's mean loss (float or 0-d array); n: its number of images (> 0).
@@ -82,6 +97,8 @@ class GradientAllReduce:
                                  f"{None if g is None else tuple(g.shape)}, parameter "
                                  f"{tuple(view.shape)}; run backward first")
             xp.multiply(g, n, out=view)  # n · mean gradient = the batch's sum (g may be view)
+        for layer, name, view in self.stat_slots:
+            xp.multiply(layer.buffers[name], n, out=view)
         self.flat[-2] = data_loss * n
         self.flat[-1] = n
         return self._reduce()
@@ -103,6 +120,8 @@ class GradientAllReduce:
         self.flat[:-1] /= self.flat[-1:]       # Σ_r N_r·(mean of r) / N = the global mean
         for layer, name, view in self.slots:
             layer.grads[name] = view
+        for layer, name, view in self.stat_slots:
+            layer.buffers[name][...] = view    # in place: the layer keeps its own arrays
         return self.flat[-2]
 
 
@@ -121,7 +140,8 @@ def average_buffers(model, comm):
     every rank afterwards).
 
     With per-rank batch-norm each rank's running statistics follow its own batches and
-    drift apart; call this before evaluating and before each checkpoint.  For equal batch
+    drift apart; call this before evaluating them (``GradientAllReduce(buffers=True)`` does
+    the same at every step, in its own message, which is what training uses).  For equal batch
     sizes the averaged running mean is exactly the running mean of the global batches' means
     (the running average is linear); the averaged variance omits the spread of the ranks'
     means (use ``SyncBatchNorm2D`` for exact global statistics).
@@ -146,19 +166,3 @@ def check_replicas(model, comm):
     digests = comm.gather_object(replica_digest(model))
     same = None if digests is None else len(set(digests)) == 1
     return comm.broadcast_object(same)
-
-
-def reduce_evaluation(comm, result):
-    """Combine the ranks' evaluations of disjoint shards into the whole set's.
-
-    result: this rank's dict as ``Trainer.evaluate`` returns it (top1, top5: fractions; loss:
-    mean; n: images; skipped).  Returns the same dict for the union, identical on every rank:
-    the accuracies are exact (counts are summed), the loss equal up to float rounding.
-    """
-    n = int(result["n"])
-    sums = comm.sum([round(result["top1"] * n), round(result["top5"] * n),
-                     result["loss"] * n, n, result.get("skipped", 0)])
-    top1, top5, loss_sum, total, skipped = sums
-    total_ = max(total, 1)
-    return dict(result, top1=top1 / total_, top5=top5 / total_, loss=loss_sum / total_,
-                n=int(total), skipped=int(skipped))
