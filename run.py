@@ -119,6 +119,9 @@ def build_parser(given_only=False):
       help="subgradient (paper) or proximal group soft-thresholding after each step (exact zeros)")
     a("--loss", choices=("cross_entropy", "hinge"), default="cross_entropy", help="data loss L of eq. 1")
     a("--device", choices=("auto", "cpu", "gpu"), default="auto", help="gpu uses CuPy; auto picks the GPU when present")
+    a("--precision", choices=("fp32", "tf32"), default="fp32",
+      help="float32 matrix products on the GPU: fp32, or tf32 (TF32 tensor cores, as PyTorch's default "
+           "convolutions; no effect on the CPU)")
     a("--workers", type=int, help="image-decoding processes (default: CPU cores - 1, at most 8)")
     a("--cache", action="store_true", help="decode and resize the dataset once into a uint8 memory-mapped "
       "cache in OUT/cache (refreshed when files change)")
@@ -387,6 +390,7 @@ def _main(args, given):
         with warnings.catch_warnings(record=True) as device_notes:
             warnings.simplefilter("always")
             device = backend.resolve_device(args.device)
+        backend.set_precision(args.precision)
         comm = init(device)  # one process without a launcher; mpiexec/srun: MPI (NCCL on GPUs)
     except backend.BackendError as exc:
         fail(str(exc))
@@ -436,6 +440,8 @@ def _on_every_rank(args, given, comm, device, device_notes):
     # Everything below may be slow; every cheap check has passed.
     for w in device_notes:  # "auto" fell back to the CPU: say so once, in one line
         note(str(w.message))
+    if args.precision == "tf32" and device == "cpu":
+        note("--precision tf32 changes nothing on the CPU (NumPy has no TF32)")
     if s["data"] is None:
         from minicompact.data.synthetic import ensure_synthetic_dataset
         say("run.py: no --data given: using the generated demo dataset (see README)")

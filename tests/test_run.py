@@ -208,3 +208,17 @@ def test_checkpoint_for_other_classes_is_a_one_line_error(data, tmp_path, capsys
     other = write_folder(tmp_path / "other", classes=("a", "b", "c", "d"))
     _expect_error(capsys, "--evaluate", out / "last.npz", "--data", other, "--workers", 0,
                   match="does not match")
+
+
+def test_precision_flag_sets_the_backend_and_is_a_no_op_on_the_cpu(data, tmp_path, capsys):
+    from minicompact import backend
+    previous = backend.get_precision()
+    try:
+        assert main("--data", data, "--epochs", 1, "--out", tmp_path / "tf32", "--precision", "tf32",
+                    "--device", "cpu", *TINY) == 0
+        assert backend.get_precision() == "tf32"
+        assert "--precision tf32 changes nothing on the CPU" in capsys.readouterr().err
+        report = json.loads((tmp_path / "tf32" / "report.json").read_text())
+        assert report["settings"]["precision"] == "tf32"
+    finally:
+        backend.set_precision(previous)
