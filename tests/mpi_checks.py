@@ -23,7 +23,8 @@ from minicompact.data.sharding import eval_shard, rank_batch
 from minicompact.distributed import (GradientAllReduce, MPICommunicator, average_buffers,
                                      broadcast_model, check_replicas, init)
 from minicompact.distributed.launcher import launcher_rank
-from minicompact.layers.sync_batchnorm import use_sync_batchnorm
+from minicompact.gradcheck import GradientCheckError, assert_gradients_close, numerical_gradient
+from minicompact.layers.sync_batchnorm import SyncBatchNorm2D, use_sync_batchnorm
 from minicompact.model import CompactNet, ModelConfig
 from minicompact.objective import Regularizer, objective, train_step
 from minicompact.optim import SGD
@@ -205,6 +206,80 @@ def sync_batchnorm_steps():
             assert_close(par.state_arrays(), one.state_arrays(), rtol, atol,
                          f"sync-BN, {np.dtype(dtype).name}, {update}")
             assert check_replicas(par, comm), f"replicas differ ({np.dtype(dtype).name}, {update})"
+    return comm
+
+
+class _EquallyWeightedSyncBatchNorm2D(SyncBatchNorm2D):
+    """A plausible mistake: weight every rank's gradient sums by 1/R instead of M_r/M."""
+
+    def _batch_count(self, m):
+        total = super()._batch_count(m)
+        self.share = 1.0 / self.comm.size
+        return total
+
+
+def _sync_batchnorm_gradcheck(comm, layer_class, sizes):
+    """Central differences of the global loss through one sync batch-norm layer, over ranks
+    holding ``sizes`` images each; raises GradientCheckError on a mismatch.
+
+    Rank r's loss is L_r = Σ out_r·dout_r (a random dout_r); the step minimises
+    L = Σ_r (N_r/N) L_r, so ∂L/∂x_r = (N_r/N)·dx_r (backward returns rank r's own scale) and
+    ∂L/∂gamma = Σ_r (N_r/N)·dgamma_r (what the gradient all-reduce computes).  The numerical
+    side perturbs one entry of one rank's x (or gamma, beta on every rank alike) and runs
+    the whole group's forward: every rank calls the loss in the same order.
+    Returns the relative errors of x, gamma and beta on this rank.
+    """
+    rng = np.random.default_rng(0)
+    total = sum(sizes)
+    x_all = rng.standard_normal((total, 3, 4, 5)) * 2 + 0.5
+    dout_all = rng.standard_normal(x_all.shape)
+    gamma, beta = rng.uniform(0.5, 2.0, 3), rng.standard_normal(3)
+    start = sum(sizes[:comm.rank])
+    x = x_all[start:start + sizes[comm.rank]].copy()
+    dout = dout_all[start:start + sizes[comm.rank]]
+    weight = sizes[comm.rank] / total
+    bn = layer_class(3, comm, dtype=np.float64)
+    bn.params["gamma"], bn.params["beta"] = gamma, beta
+
+    def global_loss():
+        return comm.sum([weight * (bn.forward(x) * dout).sum()])[0]
+
+    bn.forward(x)
+    analytic = {"x": weight * bn.backward(dout)}
+    for name in ("gamma", "beta"):
+        analytic[name] = comm.allreduce(weight * bn.grads[name])
+    # Five-point stencil, h = 1e-3, as tests/test_batchnorm.py's gradient check.
+    numeric = {}
+    for owner in range(comm.size):
+        size = comm.broadcast_object(x.size if comm.rank == owner else None, root=owner)
+        target = x if comm.rank == owner else np.zeros(size)  # the others only keep in step
+        g = numerical_gradient(global_loss, target, h=1e-3, points=4)
+        if comm.rank == owner:
+            numeric["x"] = g
+    for name in ("gamma", "beta"):
+        numeric[name] = numerical_gradient(global_loss, bn.params[name], h=1e-3, points=4)
+
+    def compare():  # on every rank; one rank's failure is raised on all (no rank left waiting)
+        return [assert_gradients_close(f"{name} on rank {comm.rank}", analytic[name],
+                                       numeric[name], tol=1e-7) for name in analytic]
+    return comm.agree(compare, errors=GradientCheckError)
+
+
+@check
+def sync_batchnorm_gradcheck():
+    """Finite differences through SyncBatchNorm2D over 2 ranks with unequal batches (3 and 1
+    images) agree with its backward; weighting the ranks equally instead of by image count,
+    a mistake equal batches would hide, fails the same check."""
+    comm = init("cpu")
+    for sizes in ((3, 1), (2, 2)):
+        _sync_batchnorm_gradcheck(comm, SyncBatchNorm2D, sizes)
+    _sync_batchnorm_gradcheck(comm, _EquallyWeightedSyncBatchNorm2D, (2, 2))  # equal: no harm
+    try:
+        _sync_batchnorm_gradcheck(comm, _EquallyWeightedSyncBatchNorm2D, (3, 1))
+    except GradientCheckError:
+        pass
+    else:
+        raise AssertionError("the check missed equally weighted gradient sums")
     return comm
 
 

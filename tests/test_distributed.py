@@ -223,6 +223,7 @@ def run_ranks(check, ranks=2, timeout=120):
     "gradients_are_the_weighted_mean_of_the_parts",
     "per_rank_batchnorm_steps",
     "sync_batchnorm_steps",
+    "sync_batchnorm_gradcheck",
     "sharded_evaluation",
     "per_rank_batchnorm_buffers_follow_the_global_batch",
     "agree",
