@@ -6,8 +6,10 @@ makes the host wait until the GPU has finished everything queued before it: a *s
 Nothing on the CPU shows them, so this module plays the GPU:
 
 * ``DeviceArray`` is a NumPy array subclass standing for a CuPy array.  NumPy keeps the
-  subclass through ufuncs, methods and views, and reductions return 0-d arrays instead of
-  scalars, as CuPy does.  Every way of reading its values into Python is recorded.
+  subclass through ufuncs, methods and views; reductions and element reads (``a[i]``, and
+  iterating) return 0-d arrays instead of scalars, as CuPy does.  Every way of reading its
+  values into Python is recorded, and an operation mixing it with a NumPy array raises
+  TypeError, as CuPy does.
 * ``FakeCupy`` is the module: every NumPy function, with array results made ``DeviceArray``;
   ``asnumpy`` and ``cuda.get_current_stream().synchronize()`` are recorded syncs.
 
@@ -84,11 +86,36 @@ class DeviceArray(np.ndarray):
     def __getitem__(self, index):
         if _is_mask(index):   # the output's size depends on the mask's values
             SYNCS.record("boolean-mask index")
-        return super().__getitem__(index)
+        item = super().__getitem__(index)
+        # CuPy's a[i] is a 0-d device array, not a host scalar: keep it one, so that a
+        # float(a[i]) (or of a value met iterating over a) is seen as the sync it is.
+        return np.asarray(item).view(DeviceArray) if isinstance(item, np.generic) else item
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        # CuPy raises TypeError on an operation mixing a device array with a NumPy array
+        # (NumPy scalars are fine): a step that does so would crash on a GPU.
+        for a in inputs + tuple(kwargs.get("out", ())):
+            if type(a) is np.ndarray and a.ndim > 0:
+                raise TypeError(f"fake GPU: {ufunc.__name__} mixes a device array with a NumPy "
+                                f"array of shape {a.shape} (CuPy raises TypeError)")
+        host = lambda arrays: tuple(a.view(np.ndarray) if isinstance(a, DeviceArray) else a  # noqa: E731
+                                    for a in arrays)
+        out = kwargs.get("out")
+        if out is not None:
+            kwargs["out"] = host(out)
+        result = getattr(ufunc, method)(*host(inputs), **kwargs)
+        if out is not None:  # in place (a += b): the very arrays given, as NumPy returns them
+            return out[0] if len(out) == 1 else out
+        return _to_device(result)
 
     def __setitem__(self, index, value):
         if _is_mask(index):   # CuPy counts the mask's True entries on the host
             SYNCS.record("boolean-mask assignment")
+        if isinstance(value, DeviceArray):   # a copy on the device (NumPy would float() it)
+            value = value.view(np.ndarray)
         super().__setitem__(index, value)
 
 

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 import fake_gpu
+from minicompact.distributed import Communicator, GradientAllReduce
+from minicompact.layers.sync_batchnorm import use_sync_batchnorm
 from minicompact.losses import multiclass_hinge_loss, softmax_cross_entropy
 from minicompact.model import CompactNet, ModelConfig
 from minicompact.objective import NonFiniteLoss, Regularizer, train_step
@@ -99,6 +101,39 @@ def test_the_counter_sees_a_sync_in_the_step(monkeypatch):
     syncs.clear()
     train_step(trainer.model, trainer.optimizer, x, y, trainer.regularizer, check_finite=False)
     assert syncs == []
+
+
+def test_the_counter_sees_element_reads_and_refuses_mixed_arrays(monkeypatch):
+    """The fake GPU's own controls: a[i] is a 0-d device array as on CuPy (so float(a[i]) or
+    a float of an iterated value is a counted sync, not a free host scalar), and an
+    operation mixing a device array with a NumPy array raises, as CuPy does."""
+    syncs = fake_gpu.install(monkeypatch)
+    a = fake_gpu.FAKE.arange(3.0)
+    assert type(a[1]) is fake_gpu.DeviceArray
+    float(a[1])
+    [float(v) for v in a]
+    assert [what for what, _ in syncs] == ["float()"] * 4, syncs
+    with pytest.raises(TypeError, match="mixes a device array with a NumPy array"):
+        a + np.ones(3)
+    a += np.float32(1)                                       # NumPy scalars are fine
+    assert type(a) is fake_gpu.DeviceArray
+
+
+def test_a_data_parallel_step_reads_nothing_from_the_device(monkeypatch):
+    """The code around the collectives (GradientAllReduce's flat buffer, SyncBatchNorm2D's
+    shares and sums) adds no sync to a step; a one-process communicator makes the collectives
+    themselves the identity (NCCL enqueues them on the stream: no sync either)."""
+    syncs = fake_gpu.install(monkeypatch)
+    trainer = make_trainer("gpu")
+    model, comm = trainer.model, Communicator()
+    use_sync_batchnorm(model, comm)
+    reducer = GradientAllReduce(comm, model, buffers=True)
+    x, y = trainer._to_model(*trainer.train_loader.batches[0])
+    syncs.clear()
+    value, loss, _ = train_step(model, trainer.optimizer, x, y, trainer.regularizer,
+                                check_finite=False, reduce_gradients=reducer)
+    assert syncs == []
+    assert type(loss) is type(value) is fake_gpu.DeviceArray
 
 
 def test_epoch_sums_equal_the_per_step_values():
