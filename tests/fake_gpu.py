@@ -11,7 +11,9 @@ Nothing on the CPU shows them, so this module plays the GPU:
   values into Python is recorded, and an operation mixing it with a NumPy array raises
   TypeError, as CuPy does.
 * ``FakeCupy`` is the module: every NumPy function, with array results made ``DeviceArray``;
-  ``asnumpy`` and ``cuda.get_current_stream().synchronize()`` are recorded syncs.
+  ``asnumpy``, ``cuda.get_current_stream().synchronize()`` and the functions whose result
+  size depends on the values (``nonzero``, one-argument ``where``, ``unique``, ...) are
+  recorded syncs.
 
 ``install(monkeypatch)`` puts it behind ``minicompact.backend`` (as if ``import cupy`` had
 succeeded), so the code under test takes the very branches it takes on a real GPU: ``to_device``
@@ -83,6 +85,9 @@ class DeviceArray(np.ndarray):
     def get(self):
         return np.array(self._sync("get()"))
 
+    def nonzero(self):
+        return _to_device(self._sync("nonzero()").nonzero())
+
     def __getitem__(self, index):
         if _is_mask(index):   # the output's size depends on the mask's values
             SYNCS.record("boolean-mask index")
@@ -131,10 +136,21 @@ def _to_device(value):
     return value
 
 
+# CuPy functions whose result size depends on the values: they read the device (a sync).
+_SIZED_BY_VALUES = ("nonzero", "argwhere", "flatnonzero", "unique", "extract", "compress")
+
+
 def _device_function(fn):
+    name = getattr(fn, "__name__", "wrapped")
+
     def wrapped(*args, **kwargs):
-        return _to_device(fn(*args, **kwargs))
-    wrapped.__name__ = getattr(fn, "__name__", "wrapped")
+        before = len(SYNCS)
+        result = _to_device(fn(*args, **kwargs))
+        sized = name in _SIZED_BY_VALUES or (name == "where" and len(args) == 1)
+        if sized and len(SYNCS) == before:   # once (NumPy may call a.nonzero(), a sync itself)
+            SYNCS.record(f"{name}()")
+        return result
+    wrapped.__name__ = name
     return wrapped
 
 

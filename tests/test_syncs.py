@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 import fake_gpu
-from minicompact.distributed import Communicator, GradientAllReduce
-from minicompact.layers.sync_batchnorm import use_sync_batchnorm
+from minicompact.distributed import Communicator
 from minicompact.losses import multiclass_hinge_loss, softmax_cross_entropy
 from minicompact.model import CompactNet, ModelConfig
 from minicompact.objective import NonFiniteLoss, Regularizer, train_step
@@ -105,35 +104,59 @@ def test_the_counter_sees_a_sync_in_the_step(monkeypatch):
 
 def test_the_counter_sees_element_reads_and_refuses_mixed_arrays(monkeypatch):
     """The fake GPU's own controls: a[i] is a 0-d device array as on CuPy (so float(a[i]) or
-    a float of an iterated value is a counted sync, not a free host scalar), and an
-    operation mixing a device array with a NumPy array raises, as CuPy does."""
+    a float of an iterated value is a counted sync, not a free host scalar), functions whose
+    result size depends on the values are syncs, and an operation mixing a device array
+    with a NumPy array raises, as CuPy does."""
     syncs = fake_gpu.install(monkeypatch)
     a = fake_gpu.FAKE.arange(3.0)
     assert type(a[1]) is fake_gpu.DeviceArray
     float(a[1])
     [float(v) for v in a]
     assert [what for what, _ in syncs] == ["float()"] * 4, syncs
+    syncs.clear()
+    fake_gpu.FAKE.nonzero(a > 0), fake_gpu.FAKE.where(a > 0), (a > 0).nonzero()
+    fake_gpu.FAKE.where(a > 0, a, 0)                        # three arguments: no sync
+    assert [what for what, _ in syncs] == ["nonzero()", "where()", "nonzero()"], syncs
     with pytest.raises(TypeError, match="mixes a device array with a NumPy array"):
         a + np.ones(3)
     a += np.float32(1)                                       # NumPy scalars are fine
     assert type(a) is fake_gpu.DeviceArray
 
 
-def test_a_data_parallel_step_reads_nothing_from_the_device(monkeypatch):
-    """The code around the collectives (GradientAllReduce's flat buffer, SyncBatchNorm2D's
-    shares and sums) adds no sync to a step; a one-process communicator makes the collectives
-    themselves the identity (NCCL enqueues them on the stream: no sync either)."""
+class MirrorCommunicator(Communicator):
+    """Two ranks that hold the same data, in one process: every sum doubles.  Its collectives
+    stay on the device, as NCCL's do, so what the fake GPU counts is the data-parallel code
+    around them (GradientAllReduce, SyncBatchNorm2D, the Trainer's multi-rank branches)."""
+
+    def __init__(self):
+        super().__init__()
+        self.size = 2
+
+    def allreduce(self, x, op="sum"):
+        if op == "sum":
+            x *= 2
+        return x
+
+    def sum(self, values):
+        return [2 * float(v) for v in values]
+
+    def gather_object(self, obj, root=0):
+        return [obj] * self.size
+
+
+@pytest.mark.parametrize("sync_bn", [False, True])
+def test_a_data_parallel_epoch_reads_the_device_once(monkeypatch, sync_bn):
     syncs = fake_gpu.install(monkeypatch)
-    trainer = make_trainer("gpu")
-    model, comm = trainer.model, Communicator()
-    use_sync_batchnorm(model, comm)
-    reducer = GradientAllReduce(comm, model, buffers=True)
-    x, y = trainer._to_model(*trainer.train_loader.batches[0])
+    one = make_trainer("gpu")
+    trainer = Trainer(one.model, one.optimizer, one.schedule, one.regularizer, one.loss_fn,
+                      one.train_loader, one.val_loader, mean=one.mean, std=one.std, epochs=1,
+                      progress=False, comm=MirrorCommunicator(), sync_bn=sync_bn)
+    assert trainer.reducer is not None
+    trainer.log_interval = math.inf
     syncs.clear()
-    value, loss, _ = train_step(model, trainer.optimizer, x, y, trainer.regularizer,
-                                check_finite=False, reduce_gradients=reducer)
-    assert syncs == []
-    assert type(loss) is type(value) is fake_gpu.DeviceArray
+    stats = trainer.train_epoch(0)
+    assert [what for what, _ in syncs] == ["asnumpy()"], syncs
+    assert math.isfinite(stats["loss"])
 
 
 def test_epoch_sums_equal_the_per_step_values():
