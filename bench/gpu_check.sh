@@ -10,7 +10,7 @@
 # A device call may last 10 minutes at most, so run it as two calls (limits in brackets):
 #   bash bench/gpu_check.sh env tests layers fp32     [8 min; expected about 4, more if
 #                                                      CuPy compiles its kernels afresh]
-#   bash bench/gpu_check.sh tf32 model run            [6 min; expected about 3]
+#   bash bench/gpu_check.sh tf32 model run dist       [8.5 min; expected about 4]
 # with OUT pointing at the folder whose files come back (the device tool's $OUT).
 #   env     nvidia-smi, library versions                                    -> env.log
 #   tests   the CuPy-parametrised test cases (pytest -k gpu) + the sync test -> tests.log
@@ -19,6 +19,9 @@
 #   tf32    bench_vs_pytorch.py, 4 networks, TF32 in both                    -> vs_tf32.log/.json
 #   model   bench_model.py, paper network, per-layer shares                -> model_fp32/tf32.log
 #   run     run.py on the GPU: demo preset, then depth 8 x1/4 batch 128      -> run_*.log
+#   dist    the NCCL path with one rank (mpiexec -n 1): training steps through the
+#           gradient all-reduce, with and without sync-BN, and the all-reduce of the
+#           paper network's 21,395,560 gradients                              -> dist*.log
 # A summary of exit codes and times goes to summary.txt.  Nothing stops at a failed step.
 set -u
 
@@ -27,18 +30,20 @@ STEPS=()
 for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY=1 ;;
-        env|tests|layers|fp32|tf32|model|run) STEPS+=("$arg") ;;
+        env|tests|layers|fp32|tf32|model|run|dist) STEPS+=("$arg") ;;
         *) echo "gpu_check.sh: unknown argument '$arg'" >&2; exit 2 ;;
     esac
 done
 if [ "${#STEPS[@]}" -eq 0 ]; then
-    STEPS=(env tests layers fp32 tf32 model run)
+    STEPS=(env tests layers fp32 tf32 model run dist)
 fi
 
 OUT="${OUT:-$PWD/gpu-check}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export MINICOMPACT_CACHE="${MINICOMPACT_CACHE:-$OUT/cache}"
+# The mpiexec of the mpich wheel, beside this Python (else one on PATH).
+MPIEXEC="$(python -c 'import os, sysconfig; p = os.path.join(sysconfig.get_path("scripts"), "mpiexec"); print(p if os.access(p, os.X_OK) else "mpiexec")')"
 
 if [ "$DRY" -eq 1 ]; then
     # The same commands on the CPU at toy sizes: checks the plumbing, not the GPU.
@@ -47,6 +52,7 @@ if [ "$DRY" -eq 1 ]; then
     VS_ARGS=(--nets demo --batch 4 --repeats 1 --warmup 1 --layer-steps 1 --check-batch 2)
     MODEL_ARGS=(--net demo --batch 4 --repeats 1 --warmup 1)
     RUN_ARGS=(--epochs 1 --device cpu --workers 0)
+    DIST_STEPS=1; DIST_ARGS=(--repeats 1 --allreduce 1000)
     SCALE=10   # every time limit x10: the CPU is slow
 else
     DEVICE=gpu
@@ -54,6 +60,7 @@ else
     VS_ARGS=(--nets "paper,quarter,demo,depth8" --repeats 20 --warmup 3)
     MODEL_ARGS=(--net paper --repeats 10 --warmup 3)
     RUN_ARGS=(--epochs 2 --device gpu --workers 8 --cache)
+    DIST_STEPS=10; DIST_ARGS=(--repeats 10 --allreduce 21395560)
     SCALE=1
 fi
 
@@ -118,6 +125,15 @@ except Exception as exc:
             run_step run_demo 90 python run.py --no-progress --out "$OUT/run_demo" "${RUN_ARGS[@]}"
             run_step run_depth8 90 python run.py --no-progress --out "$OUT/run_depth8" --depth 8 \
                 --width-mult 0.25 --batch-size 128 --lr 0.04 "${RUN_ARGS[@]}"
+            ;;
+        dist)
+            # Issue 9 on one GPU: one rank runs NCCL's code path of many (communicator set-up,
+            # the unique id over MPI, all-reduces on the stream); 21,395,560 floats are the
+            # paper network's gradients, whose all-reduce time feeds the 8-GPU estimate.
+            run_step dist 90 "$MPIEXEC" -n 1 python bench/bench_data_parallel.py --device "$DEVICE" \
+                --steps "$DIST_STEPS" "${DIST_ARGS[@]}"
+            run_step dist_sync_bn 60 "$MPIEXEC" -n 1 python bench/bench_data_parallel.py \
+                --device "$DEVICE" --steps "$DIST_STEPS" --sync-bn
             ;;
     esac
 done
