@@ -92,8 +92,9 @@ def check_layer(layer, x, dout=None, tol=1e-7, h=1e-5, floor=1e-12, seed=0, chec
     layer: an object with ``forward(x)``, ``backward(dout)``, ``params`` and ``grads`` (all
     arrays float64). x: the layer's input, float64. dout: upstream gradient of the output's
     shape (random normal when omitted). points: 2 or 4, the stencil of ``numerical_gradient``
-    (4 for layers such as batch-norm whose curvature makes a two-point difference noisy). Checks dL/dx and every parameter gradient, raising
-    ``GradientCheckError`` naming the first one that fails. Returns ``{name: rel_error}``.
+    (4 for layers such as batch-norm whose curvature makes a two-point difference noisy).
+    Checks dL/dx and every parameter gradient, raising ``GradientCheckError`` naming the
+    first one that fails. Returns ``{name: rel_error}``.
     """
     out = layer.forward(x)
     if dout is None:
