@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 
+from minicompact.backend import to_cpu
 from minicompact.data.sharding import eval_shard, rank_batch, steps_per_epoch
 from minicompact.distributed import Communicator, GradientAllReduce, init, launched_by_mpi
 from minicompact.distributed.launcher import (THREAD_VARIABLES, is_first_process, launcher_rank,
@@ -166,20 +167,22 @@ def test_use_sync_batchnorm_shares_parameters_and_keeps_the_output():
     np.testing.assert_array_equal(model.forward(x), want)
 
 
-def test_gradient_all_reduce_on_one_rank_keeps_the_gradients():
+def test_gradient_all_reduce_on_one_rank_keeps_the_gradients(xp, device):
     model = CompactNet(ModelConfig(depth=3, num_classes=4, width_mult=1 / 64, stem="small"),
-                       seed=0, dtype=np.float64)
-    x = np.random.default_rng(0).standard_normal((3, 3, 8, 8))
-    y = np.array([0, 3, 1])
+                       seed=0, dtype=np.float64).to(device)
+    x = xp.asarray(np.random.default_rng(0).standard_normal((3, 3, 8, 8)))
+    y = xp.asarray(np.array([0, 3, 1]))
     _, want_loss, _ = objective(model, x, y)
-    want = {(i, k): g.copy() for i, layer in enumerate(model.param_layers) for k, g in layer.grads.items()}
+    want = {(i, k): to_cpu(g).copy() for i, layer in enumerate(model.param_layers)
+            for k, g in layer.grads.items()}
     reducer = GradientAllReduce(Communicator(), model)
     _, loss, _ = objective(model, x, y, reduce_gradients=reducer)
-    assert abs(loss - want_loss) < 1e-15
+    assert abs(float(loss) - float(want_loss)) < 1e-15
     for i, layer in enumerate(model.param_layers):
         for k, g in layer.grads.items():
-            np.testing.assert_allclose(g, want[i, k], rtol=1e-15, atol=1e-18)
-            assert np.shares_memory(g, reducer.flat)  # the persistent buffer, no copies out
+            np.testing.assert_allclose(to_cpu(g), want[i, k], rtol=1e-15, atol=1e-18)
+    reducer.flat.fill(0)  # every gradient is a view of the persistent buffer: no copies out
+    assert all(not to_cpu(g).any() for layer in model.param_layers for g in layer.grads.values())
 
 
 # -- several ranks: mpiexec -n 2 -------------------------------------------------------------
