@@ -151,7 +151,9 @@ def test_sync_batchnorm_gradcheck_on_one_rank():
     sync = SyncBatchNorm2D(3, Communicator(), dtype=np.float64)
     sync.params["gamma"] = np.random.default_rng(1).uniform(0.5, 2, 3)
     x = np.random.default_rng(2).standard_normal((3, 3, 4, 5)) + 0.5
-    assert set(check_layer(sync, x, seed=3)) == {"x", "gamma", "beta"}
+    # The stencil of test_batchnorm.py: over 40 seeds the two-point default reached 1.1e-6
+    # (a pass at tol 1e-7 was luck), the five-point one with h = 1e-3 at most 1.8e-8.
+    assert set(check_layer(sync, x, seed=3, h=1e-3, points=4)) == {"x", "gamma", "beta"}
 
 
 def test_use_sync_batchnorm_shares_parameters_and_keeps_the_output():
