@@ -98,6 +98,9 @@ def objective(model, x, labels, regularizer=None, loss="cross_entropy", reduce_g
     is read back to the host), scores (N, Y) (None without images).
     """
     if x is None:
+        if reduce_gradients is None:
+            raise ValueError("objective got no images (x is None); only a data-parallel rank "
+                             "with no readable image may do that, with reduce_gradients")
         scores, data_loss = None, reduce_gradients.without_data()
     else:
         scores = model.forward(x)

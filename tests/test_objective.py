@@ -87,3 +87,9 @@ def test_non_finite_loss_raises_before_any_update(device):
     np.testing.assert_array_equal(to_cpu(model.classifier.params["W"]), before)
     assert opt.velocity == {}
 
+
+
+def test_no_images_without_a_data_parallel_reduce_is_a_clear_error():
+    model, _, _ = tiny()
+    with pytest.raises(ValueError, match="no images"):
+        objective(model, None, None)
