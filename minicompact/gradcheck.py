@@ -77,8 +77,8 @@ def assert_gradients_close(name, analytic, numeric, tol=1e-7, floor=1e-12):
     """Raise ``GradientCheckError`` if ``rel_error(analytic, numeric) > tol``."""
     err, worst = rel_error(analytic, numeric, floor)
     if not err <= tol:  # also catches NaN
-        a = to_cpu(analytic)[worst] if np.ndim(analytic) else to_cpu(analytic)
-        n = to_cpu(numeric)[worst] if np.ndim(numeric) else to_cpu(numeric)
+        a = float(to_cpu(analytic)[worst] if np.ndim(analytic) else to_cpu(analytic))
+        n = float(to_cpu(numeric)[worst] if np.ndim(numeric) else to_cpu(numeric))
         raise GradientCheckError(
             f"gradient of {name} (shape {tuple(np.shape(analytic))}) has relative error "
             f"{err:.3e} > {tol:.0e}; worst element {worst}: analytic {a!r}, numeric {n!r}")

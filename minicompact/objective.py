@@ -108,8 +108,9 @@ def objective(model, x, labels, regularizer=None, loss="cross_entropy", reduce_g
         model.backward(dscores)  # sets (does not accumulate) every gradient
         if reduce_gradients is not None:
             data_loss = reduce_gradients(data_loss, labels.shape[0])
-    reg = regularizer.add_gradient() if regularizer is not None else 0.0
-    return data_loss + reg, data_loss, scores
+    if regularizer is None:
+        return data_loss, data_loss, scores
+    return data_loss + regularizer.add_gradient(), data_loss, scores
 
 
 def train_step(model, optimizer, x, labels, regularizer=None, loss="cross_entropy", lr=None,

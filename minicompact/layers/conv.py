@@ -46,10 +46,11 @@ def conv2d_backward(dout, cols, W, x_shape, stride=1, padding=0, overwrite_cols=
     """
     xp = get_array_module(dout)
     k, _, kh, kw = W.shape
-    # (K, N·Ho·Wo): the one transpose of backward, on an array kh·kw times smaller than cols
+    # (K, N·Ho·Wo): the one transpose of backward, on an array C·kh·kw/K times smaller than cols
     dout2 = xp.ascontiguousarray(dout.transpose(1, 0, 2, 3)).reshape(k, -1)
     # dWᵀ = cols · dout2ᵀ (dout2ᵀ a view BLAS reads transposed).  The same product as
-    # dout2 · colsᵀ, but OpenBLAS splits this shape well; that one ran 2-30x slower on 2 busy cores.
+    # dout2 · colsᵀ, but written this way OpenBLAS splits its long inner dimension across
+    # threads, which it does poorly for the other order (measured much slower on 2 cores).
     dW = (cols @ dout2.T).T.reshape(W.shape)
     if not input_grad:
         return None, dW
