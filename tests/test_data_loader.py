@@ -4,6 +4,8 @@ The images are 12x12 PNGs whose pixels encode (row * 10, column * 10, sample num
 every crop can be traced back to its sample and window.
 """
 import os
+import signal
+import time
 import warnings
 
 import numpy as np
@@ -14,7 +16,7 @@ from minicompact.data import cache as cache_module
 from minicompact.data.cache import open_cache
 from minicompact.data.folders import ImageFolder
 from minicompact.data.images import load_rgb
-from minicompact.data.loader import BatchLoader, UnreadableImageWarning
+from minicompact.data.loader import BatchLoader, UnreadableImageWarning, WorkerError
 from minicompact.data.transforms import hashed_crop_params, ten_crop
 
 SIDE, PER_CLASS, CLASSES = 12, 7, 3
@@ -260,6 +262,23 @@ def test_workers_stop_on_errors(split, error):
     loader.close()  # idempotent
     assert len(_all(loader, 0)) == len(loader)  # a closed loader starts a new pool on demand
     loader.close()
+
+
+def test_a_dead_worker_is_a_worker_error_not_a_broken_pool(split):
+    """A worker killed while the main process trains (the out-of-memory killer) breaks the
+    pool; the loader's next ``submit`` then raised a bare ``BrokenProcessPool`` (a traceback
+    from run.py) instead of the one-line ``WorkerError``."""
+    with BatchLoader(split, 2, SIDE, 8, "train", workers=1, prefetch=1) as loader:
+        batches = loader.epoch(0)
+        next(batches)
+        for p in list(loader._executor._processes.values()):
+            os.kill(p.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not loader._executor._broken and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the pool has noticed: its next submit fails
+        with pytest.raises(WorkerError, match="worker process died"):
+            next(batches)
+        assert loader._executor is None
 
 
 def test_start_batch_is_checked_at_call_time(split):

@@ -34,6 +34,7 @@ workers exit with the main process however it ends, ``kill -9`` included
 (``processes.die_with_parent``).
 """
 import collections
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -176,7 +177,8 @@ class BatchLoader:
         self._warned = set()
         self._executor = None
         if cache is not None and not isinstance(cache, ImageCache):
-            cache = open_cache(dataset, self.resize, cache, executor=self._pool())
+            with self._worker_deaths():
+                cache = open_cache(dataset, self.resize, cache, executor=self._pool())
         if cache is not None and (cache.resize != self.resize or len(cache) != len(self.paths)
                                   or cache.key != _dataset_key(dataset, self.resize)):
             raise ValueError(f"cache {cache.npy_path} was built for another dataset or size "
@@ -210,6 +212,18 @@ class BatchLoader:
                                                  initargs=(os.getpid(),))
         return self._executor
 
+    @contextlib.contextmanager
+    def _worker_deaths(self):
+        """A worker that dies (killed, out of memory) breaks the whole pool, which then raises
+        ``BrokenProcessPool`` from whichever call uses it next (``submit``, ``map`` or a
+        result): stop the pool and raise one-line ``WorkerError`` instead."""
+        try:
+            yield
+        except BrokenProcessPool as exc:
+            self.close()
+            raise WorkerError("a data-loading worker process died (out of memory? "
+                              "try fewer --workers or a smaller batch)") from exc
+
     def classes_without_images(self):
         """Labels of the classes none of whose images can be read, sorted (empty: all fine).
 
@@ -228,7 +242,8 @@ class BatchLoader:
         if pool is None:
             found = [first_readable(paths, self.resize) for paths in jobs]
         else:
-            found = list(pool.map(first_readable, jobs, [self.resize] * len(jobs)))
+            with self._worker_deaths():
+                found = list(pool.map(first_readable, jobs, [self.resize] * len(jobs)))
         return [c for c, i in zip(labels, found) if i is None]
 
     def _job(self, epoch, order, b):
@@ -300,21 +315,17 @@ class BatchLoader:
         in_flight = max(self.prefetch, self.workers)
         try:
             while True:
-                while len(pending) < in_flight:
-                    b = next(todo, None)
-                    if b is None:
-                        break
-                    job, bad = self._job(epoch, order, b)
-                    pending.append((b, job, bad, pool.submit(make_batch, job)))
-                if not pending:
-                    return
-                b, job, bad, future = pending.popleft()
-                try:
+                with self._worker_deaths():
+                    while len(pending) < in_flight:
+                        b = next(todo, None)
+                        if b is None:
+                            break
+                        job, bad = self._job(epoch, order, b)
+                        pending.append((b, job, bad, pool.submit(make_batch, job)))
+                    if not pending:
+                        return
+                    b, job, bad, future = pending.popleft()
                     result = future.result()
-                except BrokenProcessPool as exc:
-                    self.close()
-                    raise WorkerError("a data-loading worker process died (out of memory? "
-                                      "try fewer --workers or a smaller batch)") from exc
                 out = self._finish(job, bad, result)
                 self.next_batch = b + 1
                 if out is not None:
