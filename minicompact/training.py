@@ -17,7 +17,9 @@
   (``DeviceSums``) and read once per ``Trainer.log_interval`` seconds, at the end of an
   epoch and before any checkpoint; that read is also where a NaN or infinite loss is noticed
   (``Trainer._read_sums``), so it stops the run at most one log interval after it appeared,
-  never having written a checkpoint of the diverged model;
+  never having written a checkpoint of the diverged model.  A step's loss is that of the
+  weights before its update, so the epoch's last updates are checked through the validation
+  loss, before the epoch's checkpoints;
 * data-parallel training when given a communicator of several ranks (``distributed``):
   the loaders read each rank's part of the data (``BatchLoader(rank=, ranks=)``), one
   all-reduce per step turns the ranks' gradients into the global batch's, rank 0's weights
@@ -383,6 +385,10 @@ class Trainer:
                     raise NoImages(f"epoch {epoch + 1} could read none of the {stats['skipped']} training "
                                    "images; the last good checkpoint is kept")
                 val = self.evaluate()
+                if not math.isfinite(val["loss"]):  # the epoch's last updates diverged
+                    raise NonFiniteLoss(f"the validation loss became {val['loss']} after epoch "
+                                        f"{epoch + 1}; lower --lr or raise --warmup; the last good "
+                                        "checkpoint is kept")
                 record = {"epoch": epoch + 1, "lr": float(self.optimizer.lr), **stats,
                           "val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"],
                           "val_skipped": val["skipped"]}

@@ -192,6 +192,29 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, mo
         np.testing.assert_array_equal(v, good[k])
 
 
+def test_weights_diverged_by_an_epochs_last_update_are_not_checkpointed(data, tmp_path, monkeypatch, capsys):
+    """A step's loss is computed before its update, so the last update of an epoch can leave
+    infinite weights behind finite losses; they used to be written to last.npz."""
+    out = tmp_path / "out"
+    assert main("--data", data, "--epochs", 1, "--out", out, *TINY) == 0
+    good = arrays(out / "last.npz")
+    from minicompact import optim
+    real_step, calls = optim.SGD.step, []
+
+    def overflowing_last_step(self):
+        real_step(self)
+        calls.append(1)
+        if len(calls) == 3:  # the last of epoch 2's 3 steps
+            self.layers[0].params["W"][...] = np.inf
+    monkeypatch.setattr(optim.SGD, "step", overflowing_last_step)
+    with np.errstate(all="ignore"):
+        assert main("--resume", out / "last.npz", "--epochs", 2, "--workers", 0, "--no-progress") == 1
+    assert "validation loss became nan after epoch 2" in capsys.readouterr().err
+    for k, v in arrays(out / "last.npz").items():
+        np.testing.assert_array_equal(v, good[k])
+    assert len(read_log(out)) == 1
+
+
 def test_help_explains_every_flag(capsys):
     with pytest.raises(SystemExit):
         main("--help")
