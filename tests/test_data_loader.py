@@ -249,6 +249,22 @@ def test_sample_list_change_rebuilds_cache(tmp_path):
     assert second.images[PER_CLASS - 1, 0, 0, 2] == 99  # c0: 001..006, zzz
 
 
+def test_a_rebuilt_cache_is_read_again_by_the_same_process(tmp_path):
+    """A loader reads cache rows through a memory map kept per process; a cache rebuilt under
+    the same name (a file added: a new sample list) is a new file, and the old map served
+    the old file (stale pixels; here an IndexError for the new row)."""
+    ds = _make_split(str(tmp_path / "train"))
+    with BatchLoader(ds, N, SIDE, 8, "center", cache=tmp_path / "c") as loader:
+        assert next(loader.epoch(0))[0].shape[0] == N
+    for k in range(N):  # every image replaced, and one added
+        Image.fromarray(_coord_image(100 + k)).save(tmp_path / "train" / f"c{k // PER_CLASS}" / f"{k:03d}.png")
+    Image.fromarray(_coord_image(99)).save(tmp_path / "train" / "c2" / "zzz.png")
+    ds = ImageFolder(str(tmp_path / "train"))
+    with BatchLoader(ds, N + 1, SIDE, 8, "center", cache=tmp_path / "c") as loader:
+        images, _ = next(loader.epoch(0))
+    assert images[:, 2, 0, 0].tolist() == [100 + k for k in range(N)] + [99]
+
+
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
 def test_workers_stop_on_errors(split, error):
     loader = BatchLoader(split, 2, SIDE, 8, "train", workers=2, prefetch=3)

@@ -84,13 +84,23 @@ def first_readable(paths, resize):
     return None
 
 
-_open_maps = {}  # per process: cache .npy path -> memmap, opened once
+_open_maps = {}  # per process: cache .npy path -> (file identity, memmap)
 
 
 def _cached_rows(npy_path, indices):
-    if npy_path not in _open_maps:
-        _open_maps[npy_path] = np.load(npy_path, mmap_mode="r")
-    return _open_maps[npy_path][indices]  # (N, R, R, 3) copy of the rows
+    """Rows ``indices`` of a cache file, (N, R, R, 3) uint8 (a copy).
+
+    The memory map is opened once per process and file.  A cache rebuilt under the same name
+    is a new file (``build_cache`` renames it into place), so the map is keyed on the file's
+    identity too: the old map would serve the old pixels, and old row numbers.  (While
+    mapped, the old file keeps its inode, so a new file cannot reuse it.)
+    """
+    st = os.stat(npy_path)
+    identity = (st.st_dev, st.st_ino)
+    held = _open_maps.get(npy_path)
+    if held is None or held[0] != identity:
+        held = _open_maps[npy_path] = (identity, np.load(npy_path, mmap_mode="r"))
+    return held[1][indices]
 
 
 def make_batch(job):
