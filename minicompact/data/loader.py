@@ -195,6 +195,10 @@ class BatchLoader:
                              f"({len(cache)} images at {cache.resize} px; this loader has "
                              f"{len(self.paths)} at {self.resize} px)")
         self.cache = cache
+        self._failed = None  # with a cache that has failures: (N,) bool, True for a failed image
+        if cache is not None and cache.failed:
+            self._failed = np.zeros(len(self.paths), dtype=bool)
+            self._failed[list(cache.failed)] = True
 
     def __len__(self):
         if self.mode == "train":
@@ -245,7 +249,7 @@ class BatchLoader:
         for index, label in enumerate(self.labels.tolist()):
             by_class[label].append(index)
         if self.cache is not None:
-            return sorted(c for c, idx in by_class.items() if all(i in self.cache.failed for i in idx))
+            return sorted(c for c, idx in by_class.items() if self._failed is not None and self._failed[idx].all())
         labels = sorted(by_class)
         jobs = [[self.paths[i] for i in by_class[c]] for c in labels]
         pool = self._pool()
@@ -263,8 +267,8 @@ class BatchLoader:
         else:
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
         bad = []
-        if self.cache is not None and self.cache.failed:
-            keep = np.array([i not in self.cache.failed for i in idx.tolist()], dtype=bool)
+        if self._failed is not None:
+            keep = ~self._failed[idx]
             bad = [(int(i), self.cache.failed[int(i)]) for i in idx[~keep]]
             idx = idx[keep]
         job = {"mode": self.mode, "crop": self.crop, "resize": self.resize, "seed": self.seed,
