@@ -580,9 +580,14 @@ def run(s, device, train_set, val_set, checkpoint=None, comm=None):
             if checkpoint is not None:
                 trainer.load_state(*checkpoint)
             if not s["evaluate"]:
-                t0 = time.time()
+                t0, first = time.time(), trainer.state["epoch"] + 1
                 trainer.fit()
-                say(f"run.py: trained {s['epochs']} epochs in {time.time() - t0:.0f} s")
+                last = s["epochs"]  # a resumed run names the epochs it trained now, not all of them
+                if first == 1:
+                    say(f"run.py: trained {last} epoch{'s' if last > 1 else ''} in {time.time() - t0:.0f} s")
+                elif first <= last:
+                    which = f"epoch {last}" if first == last else f"epochs {first}-{last}"
+                    say(f"run.py: trained {which} in {time.time() - t0:.0f} s")
             report = write_report(trainer, ten_loader, out, s["threshold"],
                                   {k: s[k] for k in ("model", "depth", "rho")})
     # Interrupted, NonFiniteLoss, NoImages and ReplicasDiffer are raised by every rank at once.

@@ -68,11 +68,13 @@ def test_train_two_epochs_writes_everything(data, tmp_path):
         assert sp["effective_parameters"]["structural"] <= sp["effective_parameters"]["nonzero"]
 
 
-def test_resume_from_first_checkpoint_is_bit_identical(data, tmp_path):
+def test_resume_from_first_checkpoint_is_bit_identical(data, tmp_path, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     assert main("--data", data, "--epochs", 2, "--out", a, *TINY) == 0
     assert main("--data", data, "--epochs", 1, "--out", b, *TINY) == 0
+    capsys.readouterr()
     assert main("--resume", b / "last.npz", "--epochs", 2, "--workers", 0, "--no-progress") == 0
+    assert "run.py: trained epoch 2 in" in capsys.readouterr().out  # not "2 epochs": it trained one
     wa, wb = arrays(a / "last.npz"), arrays(b / "last.npz")
     assert wa.keys() == wb.keys()
     for k in wa:
