@@ -47,7 +47,9 @@ PRESET = dict(epochs=10, batch_size=32, lr=0.01, momentum=0.9, lr_step=8, warmup
 # Settings that change the arithmetic: a resumed run takes them from its checkpoint.
 MATH_KEYS = ("depth", "rho", "model", "batch_size", "lr", "momentum", "lr_step", "warmup", "cw",
              "ctheta", "image_size", "width_mult", "stem", "reg_update", "loss", "seed",
-             "compressed_beta", "cache", "sync_bn")
+             "compressed_beta", "sync_bn")
+# Settings a resumed run keeps unless they are given again (they change no number).
+KEPT_KEYS = ("cache",)
 FLOAT_FLAGS = ("rho", "lr", "momentum", "warmup", "cw", "ctheta", "compressed_beta", "threshold",
                "width_mult")
 
@@ -174,6 +176,9 @@ def resolve_settings(args, given, checkpoint=None, ranks=1, ranks_per_node=1):
             if k in saved:
                 if k in given and s[k] != saved[k]:
                     note(f"--{k.replace('_', '-')} {s[k]} ignored; the checkpoint's value {saved[k]} is used")
+                s[k] = saved[k]
+        for k in KEPT_KEYS:
+            if k in saved and k not in given:
                 s[k] = saved[k]
         if s.get("epochs") is None:
             s["epochs"] = saved.get("epochs")

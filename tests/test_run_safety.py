@@ -134,6 +134,20 @@ def test_case3_cache_serves_new_pixels_and_retries_fixed_files(data, tmp_path):
     assert val.images[0].min() >= 250 and val.failed == {}
 
 
+def test_cache_can_be_added_on_resume_and_is_kept(data, tmp_path, capsys):
+    """--cache changes no number (the cache holds what decoding gives), so a resumed run may
+    add it; it used to be refused ("--cache True ignored; the checkpoint's value False is
+    used").  Once on, a resume without the flag keeps it."""
+    out = tmp_path / "x"
+    assert main("--data", data, "--epochs", 1, "--out", out, *TINY) == 0
+    capsys.readouterr()
+    code, _, err = outcome(capsys, "--resume", out / "last.npz", "--epochs", 2, "--cache", "--workers", 0,
+                           "--no-progress")
+    assert code == 0 and "ignored" not in err and (out / "cache" / "train_18px.npy").exists(), err
+    assert main("--resume", out / "last.npz", "--epochs", 3, "--workers", 0, "--no-progress") == 0
+    assert json.loads(str(np.load(out / "last.npz")["__train__"]))["settings"]["cache"] is True
+
+
 # -- 4. A symlink loop (and a FIFO, case 8) ---------------------------------------------------------
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
 def test_case4_and_8_symlink_loop_and_fifo_are_listed_never_opened(data, tmp_path, capsys):
