@@ -333,20 +333,31 @@ def test_cache_follows_files_replaced_in_place_and_retries_fixed_ones(tmp_path, 
     assert 20 in open_cache(ds, SIDE, tmp_path / "c").failed and decoded == []  # unchanged: not retried
 
 
-def test_interrupted_cache_refresh_is_redone(tmp_path, monkeypatch):
-    """The cache key, a case the issue does not list: a refresh killed half-way (a file
-    replaced by rename, its new pixels half written) is completed by the next open."""
+@pytest.mark.parametrize("then", ["kept", "undone"])
+def test_interrupted_cache_refresh_is_redone(tmp_path, monkeypatch, then):
+    """The cache key, a case the issue does not list: a refresh killed after writing a
+    changed file's new pixels but before recording its size and time is redone by the next
+    open, also when the edit was undone meanwhile, old modification time included (``cp -p``,
+    ``rsync -t``): the row is marked unknown before its pixels are touched.  (Killed before
+    writing, as this test once did, it passed without the mark.)"""
     ds = _make_split(str(tmp_path / "train"))
     open_cache(ds, SIDE, tmp_path / "c")
+    target = tmp_path / "train" / "c1" / "010.png"
+    original, st = target.read_bytes(), os.stat(target)
     new = tmp_path / "new.png"
     Image.fromarray(_coord_image(55)).save(new)
-    os.replace(new, tmp_path / "train" / "c1" / "010.png")
+    os.replace(new, target)
+    real = cache_module._fill_rows
 
-    def killed(*args):
+    def killed_after_writing(*args):
+        real(*args)
         raise KeyboardInterrupt
     with monkeypatch.context() as m:
-        m.setattr(cache_module, "_fill_rows", killed)
+        m.setattr(cache_module, "_fill_rows", killed_after_writing)
         with pytest.raises(KeyboardInterrupt):
             open_cache(ds, SIDE, tmp_path / "c")
+    if then == "undone":
+        target.write_bytes(original)
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
     cache = open_cache(ds, SIDE, tmp_path / "c")
-    assert cache.images[10, 0, 0, 2] == 55 and cache.failed == {}
+    assert cache.images[10, 0, 0, 2] == (55 if then == "kept" else 10) and cache.failed == {}
