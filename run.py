@@ -251,12 +251,15 @@ def validate(s):
     for ok, message in checks:
         if not ok:
             fail(message)
-    if s["warmup"] > s["epochs"]:
+    if s["warmup"] > s["epochs"] and not s["evaluate"]:  # an evaluation trains nothing
         message = (f"--warmup {s['warmup']:g} is longer than the run (--epochs {s['epochs']}): the learning "
                    f"rate would never reach --lr {s['lr']:g}")
-        if "warmup" in s["_given"]:
+        if s["resume"]:  # the checkpoint's warmup, which --warmup cannot change
+            note(message)
+        elif "warmup" in s["_given"]:
             fail(message)
-        note(message + " (the preset's warmup; set --warmup to change it)")
+        else:
+            note(message + " (the preset's warmup; set --warmup to change it)")
     config = ModelConfig(depth=s["depth"], width_mult=s["width_mult"], stem=s["stem"])
     try:
         config.check_image_size(s["image_size"])

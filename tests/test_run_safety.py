@@ -205,6 +205,25 @@ def test_case6_and_10_flags_are_finite_and_in_range(args, match, capsys):
     one_line_failure(capsys, *TINY, *args, match=match)
 
 
+def test_a_checkpoints_warmup_longer_than_the_run_is_not_blamed_on_flags(data, tmp_path, capsys):
+    """A checkpoint whose warmup exceeds --epochs: --evaluate trains nothing, so no note;
+    --resume notes it without 'set --warmup' (which a resume ignores) and is not refused."""
+    out = tmp_path / "x"
+    assert main("--data", data, "--epochs", 1, "--out", out, *TINY) == 0
+    with np.load(out / "last.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    state = json.loads(str(arrays["__train__"]))
+    state["settings"]["warmup"] = 3.0
+    arrays["__train__"] = np.array(json.dumps(state))
+    np.savez(out / "long.npz", **arrays)
+    capsys.readouterr()
+    code, _, err = outcome(capsys, "--evaluate", out / "long.npz", "--workers", 0, "--no-progress")
+    assert code == 0 and "warmup" not in err, err
+    code, _, err = outcome(capsys, "--resume", out / "long.npz", "--epochs", 2, "--warmup", 3, "--workers", 0,
+                           "--no-progress", "--out", tmp_path / "y")
+    assert code == 0 and "--warmup 3 is longer than the run (--epochs 2)" in err and "set --warmup" not in err, err
+
+
 def test_case10_checkpoint_files_that_are_not_checkpoints(tmp_path, data, capsys):
     (tmp_path / "notes.txt").write_text("hello")
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "photo.jpg")
