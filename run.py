@@ -213,10 +213,11 @@ def keep_global_batch(s, was, ranks, path):
     total = was * s["batch_size"]
     who = {n: "1 process" if n == 1 else f"{n} ranks" for n in (was, ranks)}
     if total % ranks:
+        able = [n for n in range(1, total + 1) if total % n == 0]
         fail(f"{path} was trained by {who[was]} x batch {s['batch_size']} (global batch {total}), which "
              f"{ranks} ranks cannot share equally; resume it with "
-             f"{f'mpiexec -n {was}' if was > 1 else 'one process (no mpiexec)'} or with a number of "
-             f"ranks that divides {total}")
+             f"{f'mpiexec -n {was}' if was > 1 else 'one process (no mpiexec)'} or another number of "
+             f"ranks that divides {total}: {', '.join(map(str, able[:12]))}{', ...' if len(able) > 12 else ''}")
     bn = "" if s["sync_bn"] else ", and batch-norm statistics come from each rank's part"
     note(f"{path} was trained by {who[was]} x batch {s['batch_size']}; continuing with {who[ranks]} x "
          f"batch {total // ranks} keeps its global batch of {total}, its steps and learning rates (not "
