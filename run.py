@@ -353,7 +353,7 @@ def choose_output(s, checkpoint):
         if not s["overwrite"]:
             hint = (f"continue it with --resume {os.path.join(out, 'last.npz')}, "
                     if "last.npz" in held and not s["evaluate"] else "")
-            what = "an evaluation" if s["evaluate"] else "a run"
+            what = "a run" if held_files(out, ("last.npz",)) else "an evaluation"  # whatever wrote them
             fail(f"--out {out} already holds {what} ({', '.join(held[:3])}"
                  f"{', ...' if len(held) > 3 else ''}): {hint}choose another --out, or add "
                  "--overwrite to replace it")

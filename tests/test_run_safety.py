@@ -107,6 +107,8 @@ def test_case2_evaluate_writes_beside_the_run_and_reads_model_npz(data, tmp_path
     assert again == trained  # the thresholded model, evaluated again: the same numbers
     capsys.readouterr()
     one_line_failure(capsys, "--evaluate", out / "best.npz", "--out", out, "--workers", 0,
+                     match="already holds a run")  # the run's model.npz and report.json
+    one_line_failure(capsys, "--evaluate", out / "best.npz", "--out", out / "eval-best", "--workers", 0,
                      match="already holds an evaluation")
     assert snapshot(out) == before
     from minicompact.model import CompactNet
