@@ -69,7 +69,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Adds "(default: X)" only where there is a default that the help does not already state."""
 
     def _get_help_string(self, action):
-        if any(action.default is v for v in (None, False, argparse.SUPPRESS)) or "default" in (action.help or ""):
+        if any(action.default is v for v in (None, False, argparse.SUPPRESS)) or "(default:" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 

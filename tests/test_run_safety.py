@@ -348,6 +348,7 @@ def test_case11_help_has_no_empty_defaults(capsys):
     text = capsys.readouterr().out
     assert "(default: None)" not in text and "(default: False)" not in text
     assert "(default: 12)" in text and "(default: 0)" in text
+    assert "(default: fp32)" in text  # its help says "PyTorch's default convolutions"
 
 
 # -- 7. Signals and process hygiene (subprocesses) --------------------------------------------------
