@@ -194,27 +194,34 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, mo
         np.testing.assert_array_equal(v, good[k])
 
 
-def test_weights_diverged_by_an_epochs_last_update_are_not_checkpointed(data, tmp_path, monkeypatch, capsys):
-    """A step's loss is computed before its update, so the last update of an epoch can leave
-    infinite weights behind finite losses; they used to be written to last.npz."""
+@pytest.mark.parametrize("then, where", [("epoch end", "after epoch 2"), ("Ctrl-C", "at epoch 2, step 2")])
+def test_weights_diverged_by_the_last_update_are_never_checkpointed(data, tmp_path, monkeypatch, capsys,
+                                                                    then, where):
+    """A step's loss is computed before its update, so an update that overflows the weights
+    leaves every summed loss finite: last.npz was overwritten by the diverged model, at the
+    end of the epoch or on Ctrl-C right after that update, while the run said the last good
+    checkpoint was kept."""
     out = tmp_path / "out"
     assert main("--data", data, "--epochs", 1, "--out", out, *TINY) == 0
-    good = arrays(out / "last.npz")
+    good, log = arrays(out / "last.npz"), read_log(out)
     from minicompact import optim
     real_step, calls = optim.SGD.step, []
 
-    def overflowing_last_step(self):
+    def overflowing_step(self):
         real_step(self)
         calls.append(1)
-        if len(calls) == 3:  # the last of epoch 2's 3 steps
+        if len(calls) == (3 if then == "epoch end" else 2):  # epoch 2 has 3 steps
             self.layers[0].params["W"][...] = np.inf
-    monkeypatch.setattr(optim.SGD, "step", overflowing_last_step)
+            if then == "Ctrl-C":
+                os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(optim.SGD, "step", overflowing_step)
+    capsys.readouterr()
     with np.errstate(all="ignore"):
         assert main("--resume", out / "last.npz", "--epochs", 2, "--workers", 0, "--no-progress") == 1
-    assert "validation loss became nan after epoch 2" in capsys.readouterr().err
+    assert f"the model's weights became inf or NaN {where}" in capsys.readouterr().err
     for k, v in arrays(out / "last.npz").items():
         np.testing.assert_array_equal(v, good[k])
-    assert len(read_log(out)) == 1
+    assert read_log(out) == log  # the log never runs ahead of last.npz
 
 
 def test_help_explains_every_flag(capsys):
