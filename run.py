@@ -47,7 +47,9 @@ PRESET = dict(epochs=10, batch_size=32, lr=0.01, momentum=0.9, lr_step=8, warmup
 # Settings that change the arithmetic: a resumed run takes them from its checkpoint.
 MATH_KEYS = ("depth", "rho", "model", "batch_size", "lr", "momentum", "lr_step", "warmup", "cw",
              "ctheta", "image_size", "width_mult", "stem", "reg_update", "loss", "seed",
-             "compressed_beta", "cache", "sync_bn")
+             "compressed_beta", "sync_bn")
+# Settings a resumed run keeps unless they are given again (they change no number).
+KEPT_KEYS = ("cache",)
 FLOAT_FLAGS = ("rho", "lr", "momentum", "warmup", "cw", "ctheta", "compressed_beta", "threshold",
                "width_mult")
 
@@ -67,7 +69,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Adds "(default: X)" only where there is a default that the help does not already state."""
 
     def _get_help_string(self, action):
-        if any(action.default is v for v in (None, False, argparse.SUPPRESS)) or "default" in (action.help or ""):
+        if any(action.default is v for v in (None, False, argparse.SUPPRESS)) or "(default:" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
@@ -175,6 +177,9 @@ def resolve_settings(args, given, checkpoint=None, ranks=1, ranks_per_node=1):
                 if k in given and s[k] != saved[k]:
                     note(f"--{k.replace('_', '-')} {s[k]} ignored; the checkpoint's value {saved[k]} is used")
                 s[k] = saved[k]
+        for k in KEPT_KEYS:
+            if k in saved and k not in given:
+                s[k] = saved[k]
         if s.get("epochs") is None:
             s["epochs"] = saved.get("epochs")
         if s.get("data") is None:  # the run's own data unless --data says where it is now
@@ -208,10 +213,11 @@ def keep_global_batch(s, was, ranks, path):
     total = was * s["batch_size"]
     who = {n: "1 process" if n == 1 else f"{n} ranks" for n in (was, ranks)}
     if total % ranks:
+        able = [n for n in range(1, total + 1) if total % n == 0]
         fail(f"{path} was trained by {who[was]} x batch {s['batch_size']} (global batch {total}), which "
              f"{ranks} ranks cannot share equally; resume it with "
-             f"{f'mpiexec -n {was}' if was > 1 else 'one process (no mpiexec)'} or with a number of "
-             f"ranks that divides {total}")
+             f"{f'mpiexec -n {was}' if was > 1 else 'one process (no mpiexec)'} or another number of "
+             f"ranks that divides {total}: {', '.join(map(str, able[:12]))}{', ...' if len(able) > 12 else ''}")
     bn = "" if s["sync_bn"] else ", and batch-norm statistics come from each rank's part"
     note(f"{path} was trained by {who[was]} x batch {s['batch_size']}; continuing with {who[ranks]} x "
          f"batch {total // ranks} keeps its global batch of {total}, its steps and learning rates (not "
@@ -246,12 +252,15 @@ def validate(s):
     for ok, message in checks:
         if not ok:
             fail(message)
-    if s["warmup"] > s["epochs"]:
+    if s["warmup"] > s["epochs"] and not s["evaluate"]:  # an evaluation trains nothing
         message = (f"--warmup {s['warmup']:g} is longer than the run (--epochs {s['epochs']}): the learning "
                    f"rate would never reach --lr {s['lr']:g}")
-        if "warmup" in s["_given"]:
+        if s["resume"]:  # the checkpoint's warmup, which --warmup cannot change
+            note(message)
+        elif "warmup" in s["_given"]:
             fail(message)
-        note(message + " (the preset's warmup; set --warmup to change it)")
+        else:
+            note(message + " (the preset's warmup; set --warmup to change it)")
     config = ModelConfig(depth=s["depth"], width_mult=s["width_mult"], stem=s["stem"])
     try:
         config.check_image_size(s["image_size"])
@@ -344,7 +353,7 @@ def choose_output(s, checkpoint):
         if not s["overwrite"]:
             hint = (f"continue it with --resume {os.path.join(out, 'last.npz')}, "
                     if "last.npz" in held and not s["evaluate"] else "")
-            what = "an evaluation" if s["evaluate"] else "a run"
+            what = "a run" if held_files(out, ("last.npz",)) else "an evaluation"  # whatever wrote them
             fail(f"--out {out} already holds {what} ({', '.join(held[:3])}"
                  f"{', ...' if len(held) > 3 else ''}): {hint}choose another --out, or add "
                  "--overwrite to replace it")
@@ -580,9 +589,14 @@ def run(s, device, train_set, val_set, checkpoint=None, comm=None):
             if checkpoint is not None:
                 trainer.load_state(*checkpoint)
             if not s["evaluate"]:
-                t0 = time.time()
+                t0, first = time.time(), trainer.state["epoch"] + 1
                 trainer.fit()
-                say(f"run.py: trained {s['epochs']} epochs in {time.time() - t0:.0f} s")
+                last = s["epochs"]  # a resumed run names the epochs it trained now, not all of them
+                if first == 1:
+                    say(f"run.py: trained {last} epoch{'s' if last > 1 else ''} in {time.time() - t0:.0f} s")
+                elif first <= last:
+                    which = f"epoch {last}" if first == last else f"epochs {first}-{last}"
+                    say(f"run.py: trained {which} in {time.time() - t0:.0f} s")
             report = write_report(trainer, ten_loader, out, s["threshold"],
                                   {k: s[k] for k in ("model", "depth", "rho")})
     # Interrupted, NonFiniteLoss, NoImages and ReplicasDiffer are raised by every rank at once.

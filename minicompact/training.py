@@ -17,7 +17,8 @@
   (``DeviceSums``) and read once per ``Trainer.log_interval`` seconds, at the end of an
   epoch and before any checkpoint; that read is also where a NaN or infinite loss is noticed
   (``Trainer._read_sums``), so it stops the run at most one log interval after it appeared,
-  never having written a checkpoint of the diverged model;
+  and every checkpoint first checks that the weights are finite (``Trainer.save``), so a
+  diverged model is never written;
 * data-parallel training when given a communicator of several ranks (``distributed``):
   the loaders read each rank's part of the data (``BatchLoader(rank=, ranks=)``), one
   all-reduce per step turns the ranks' gradients into the global batch's, rank 0's weights
@@ -317,13 +318,32 @@ class Trainer:
     def _train_state(self):
         return dict(self.state, mean=self.mean, std=self.std, settings=self.settings)
 
+    def _model_is_finite(self):
+        """Whether every parameter and buffer is finite: a reduction per array on the device,
+        one read (a sync; taken only when a checkpoint is written)."""
+        xp = self.xp
+        flags = [xp.isfinite(a).all() for _, layer in self.model.named_layers()
+                 for store in (layer.params, layer.buffers) for a in store.values()]
+        return bool(xp.stack(flags).all())
+
     def save(self, name):
         """Write checkpoint ``name`` into ``out_dir`` (nothing without one: the other ranks);
         with several ranks, call it on every rank: it first checks that all replicas are
-        bit-identical (``ReplicasDiffer`` on every rank otherwise)."""
+        bit-identical (``ReplicasDiffer`` on every rank otherwise).
+
+        A diverged model is never written: a step's loss is that of the weights before its
+        update, so the sums ``_read_sums`` checks cannot see an update that overflowed the
+        weights; ``NonFiniteLoss`` (on every rank: the replicas are identical) if any weight
+        or batch-norm statistic is inf or NaN.
+        """
         if self.comm.size > 1 and not check_replicas(self.model, self.comm):
             raise ReplicasDiffer(f"the {self.comm.size} ranks no longer hold the same model; "
                                  f"{name} was not written (please report this as a bug)")
+        if not self._model_is_finite():
+            epoch, step = self.state["epoch"], self.state["step"]
+            where = f"after epoch {epoch}" if step == 0 else f"at epoch {epoch + 1}, step {step}"
+            raise NonFiniteLoss(f"the model's weights became inf or NaN {where}; {name} was not written; "
+                                "lower --lr or raise --warmup; the last good checkpoint is kept")
         if self.out_dir is None:
             return None
         path = os.path.join(self.out_dir, name)
@@ -388,7 +408,6 @@ class Trainer:
                           "val_skipped": val["skipped"]}
                 self.state["history"].append(record)
                 self.state.update(epoch=epoch + 1, step=0, partial=None)
-                self._write_log()
                 self.log(f"epoch {epoch + 1:3d}/{self.epochs}  loss {stats['loss']:.4f}  "
                          f"train top-1 {100 * stats['train_top1']:5.1f}%  "
                          f"val top-1 {100 * val['top1']:5.1f}%  top-5 {100 * val['top5']:5.1f}%  "
@@ -398,6 +417,7 @@ class Trainer:
                     self.state["best_top1"] = val["top1"]
                     self.save("best.npz")
                 self.save("last.npz")
+                self._write_log()  # after the checkpoints: the log never runs ahead of last.npz
                 signum = self._asked_to_stop(sigint)
                 if signum is not None:
                     exc = Interrupted(f"interrupted after epoch {epoch + 1}")

@@ -68,11 +68,13 @@ def test_train_two_epochs_writes_everything(data, tmp_path):
         assert sp["effective_parameters"]["structural"] <= sp["effective_parameters"]["nonzero"]
 
 
-def test_resume_from_first_checkpoint_is_bit_identical(data, tmp_path):
+def test_resume_from_first_checkpoint_is_bit_identical(data, tmp_path, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     assert main("--data", data, "--epochs", 2, "--out", a, *TINY) == 0
     assert main("--data", data, "--epochs", 1, "--out", b, *TINY) == 0
+    capsys.readouterr()
     assert main("--resume", b / "last.npz", "--epochs", 2, "--workers", 0, "--no-progress") == 0
+    assert "run.py: trained epoch 2 in" in capsys.readouterr().out  # not "2 epochs": it trained one
     wa, wb = arrays(a / "last.npz"), arrays(b / "last.npz")
     assert wa.keys() == wb.keys()
     for k in wa:
@@ -190,6 +192,36 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, mo
     assert "loss became nan" in capsys.readouterr().err
     for k, v in arrays(out / "last.npz").items():
         np.testing.assert_array_equal(v, good[k])
+
+
+@pytest.mark.parametrize("then, where", [("epoch end", "after epoch 2"), ("Ctrl-C", "at epoch 2, step 2")])
+def test_weights_diverged_by_the_last_update_are_never_checkpointed(data, tmp_path, monkeypatch, capsys,
+                                                                    then, where):
+    """A step's loss is computed before its update, so an update that overflows the weights
+    leaves every summed loss finite: last.npz was overwritten by the diverged model, at the
+    end of the epoch or on Ctrl-C right after that update, while the run said the last good
+    checkpoint was kept."""
+    out = tmp_path / "out"
+    assert main("--data", data, "--epochs", 1, "--out", out, *TINY) == 0
+    good, log = arrays(out / "last.npz"), read_log(out)
+    from minicompact import optim
+    real_step, calls = optim.SGD.step, []
+
+    def overflowing_step(self):
+        real_step(self)
+        calls.append(1)
+        if len(calls) == (3 if then == "epoch end" else 2):  # epoch 2 has 3 steps
+            self.layers[0].params["W"][...] = np.inf
+            if then == "Ctrl-C":
+                os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(optim.SGD, "step", overflowing_step)
+    capsys.readouterr()
+    with np.errstate(all="ignore"):
+        assert main("--resume", out / "last.npz", "--epochs", 2, "--workers", 0, "--no-progress") == 1
+    assert f"the model's weights became inf or NaN {where}" in capsys.readouterr().err
+    for k, v in arrays(out / "last.npz").items():
+        np.testing.assert_array_equal(v, good[k])
+    assert read_log(out) == log  # the log never runs ahead of last.npz
 
 
 def test_help_explains_every_flag(capsys):

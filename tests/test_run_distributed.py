@@ -144,7 +144,7 @@ def test_sync_bn_two_ranks_train_like_one_process_with_twice_the_batch(data, tmp
     code, out, err = launch(["--resume", two / "last.npz", "--epochs", 3], ranks=3)
     assert code == 2 and not out, out + err
     assert err.count("run.py: error:") == 1 and err.count("\n") == 1, err
-    assert "global batch 16), which 3 ranks cannot share equally" in err, err
+    assert "global batch 16), which 3 ranks cannot share equally" in err and "divides 16: 1, 2, 4, 8, 16" in err, err
 
 
 def test_a_bad_flag_is_one_line_from_one_rank(tmp_path):

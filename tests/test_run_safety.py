@@ -107,6 +107,8 @@ def test_case2_evaluate_writes_beside_the_run_and_reads_model_npz(data, tmp_path
     assert again == trained  # the thresholded model, evaluated again: the same numbers
     capsys.readouterr()
     one_line_failure(capsys, "--evaluate", out / "best.npz", "--out", out, "--workers", 0,
+                     match="already holds a run")  # the run's model.npz and report.json
+    one_line_failure(capsys, "--evaluate", out / "best.npz", "--out", out / "eval-best", "--workers", 0,
                      match="already holds an evaluation")
     assert snapshot(out) == before
     from minicompact.model import CompactNet
@@ -132,6 +134,20 @@ def test_case3_cache_serves_new_pixels_and_retries_fixed_files(data, tmp_path):
     from minicompact.data.cache import ImageCache
     val = ImageCache(str(out / "cache" / "val_18px.npy"), str(out / "cache" / "val_18px.json"))
     assert val.images[0].min() >= 250 and val.failed == {}
+
+
+def test_cache_can_be_added_on_resume_and_is_kept(data, tmp_path, capsys):
+    """--cache changes no number (the cache holds what decoding gives), so a resumed run may
+    add it; it used to be refused ("--cache True ignored; the checkpoint's value False is
+    used").  Once on, a resume without the flag keeps it."""
+    out = tmp_path / "x"
+    assert main("--data", data, "--epochs", 1, "--out", out, *TINY) == 0
+    capsys.readouterr()
+    code, _, err = outcome(capsys, "--resume", out / "last.npz", "--epochs", 2, "--cache", "--workers", 0,
+                           "--no-progress")
+    assert code == 0 and "ignored" not in err and (out / "cache" / "train_18px.npy").exists(), err
+    assert main("--resume", out / "last.npz", "--epochs", 3, "--workers", 0, "--no-progress") == 0
+    assert json.loads(str(np.load(out / "last.npz")["__train__"]))["settings"]["cache"] is True
 
 
 # -- 4. A symlink loop (and a FIFO, case 8) ---------------------------------------------------------
@@ -189,6 +205,25 @@ def test_case5_evaluation_of_zero_images_is_an_error_not_100_percent(data):
     (["--epochs", "ten"], "argument --epochs: invalid int value: 'ten'")])
 def test_case6_and_10_flags_are_finite_and_in_range(args, match, capsys):
     one_line_failure(capsys, *TINY, *args, match=match)
+
+
+def test_a_checkpoints_warmup_longer_than_the_run_is_not_blamed_on_flags(data, tmp_path, capsys):
+    """A checkpoint whose warmup exceeds --epochs: --evaluate trains nothing, so no note;
+    --resume notes it without 'set --warmup' (which a resume ignores) and is not refused."""
+    out = tmp_path / "x"
+    assert main("--data", data, "--epochs", 1, "--out", out, *TINY) == 0
+    with np.load(out / "last.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    state = json.loads(str(arrays["__train__"]))
+    state["settings"]["warmup"] = 3.0
+    arrays["__train__"] = np.array(json.dumps(state))
+    np.savez(out / "long.npz", **arrays)
+    capsys.readouterr()
+    code, _, err = outcome(capsys, "--evaluate", out / "long.npz", "--workers", 0, "--no-progress")
+    assert code == 0 and "warmup" not in err, err
+    code, _, err = outcome(capsys, "--resume", out / "long.npz", "--epochs", 2, "--warmup", 3, "--workers", 0,
+                           "--no-progress", "--out", tmp_path / "y")
+    assert code == 0 and "--warmup 3 is longer than the run (--epochs 2)" in err and "set --warmup" not in err, err
 
 
 def test_case10_checkpoint_files_that_are_not_checkpoints(tmp_path, data, capsys):
@@ -313,6 +348,7 @@ def test_case11_help_has_no_empty_defaults(capsys):
     text = capsys.readouterr().out
     assert "(default: None)" not in text and "(default: False)" not in text
     assert "(default: 12)" in text and "(default: 0)" in text
+    assert "(default: fp32)" in text  # its help says "PyTorch's default convolutions"
 
 
 # -- 7. Signals and process hygiene (subprocesses) --------------------------------------------------

@@ -34,6 +34,7 @@ workers exit with the main process however it ends, ``kill -9`` included
 (``processes.die_with_parent``).
 """
 import collections
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -83,13 +84,23 @@ def first_readable(paths, resize):
     return None
 
 
-_open_maps = {}  # per process: cache .npy path -> memmap, opened once
+_open_maps = {}  # per process: cache .npy path -> (file identity, memmap)
 
 
 def _cached_rows(npy_path, indices):
-    if npy_path not in _open_maps:
-        _open_maps[npy_path] = np.load(npy_path, mmap_mode="r")
-    return _open_maps[npy_path][indices]  # (N, R, R, 3) copy of the rows
+    """Rows ``indices`` of a cache file, (N, R, R, 3) uint8 (a copy).
+
+    The memory map is opened once per process and file.  A cache rebuilt under the same name
+    is a new file (``build_cache`` renames it into place), so the map is keyed on the file's
+    identity too: the old map would serve the old pixels, and old row numbers.  (While
+    mapped, the old file keeps its inode, so a new file cannot reuse it.)
+    """
+    st = os.stat(npy_path)
+    identity = (st.st_dev, st.st_ino)
+    held = _open_maps.get(npy_path)
+    if held is None or held[0] != identity:
+        held = _open_maps[npy_path] = (identity, np.load(npy_path, mmap_mode="r"))
+    return held[1][indices]
 
 
 def make_batch(job):
@@ -176,13 +187,18 @@ class BatchLoader:
         self._warned = set()
         self._executor = None
         if cache is not None and not isinstance(cache, ImageCache):
-            cache = open_cache(dataset, self.resize, cache, executor=self._pool())
+            with self._worker_deaths():
+                cache = open_cache(dataset, self.resize, cache, executor=self._pool())
         if cache is not None and (cache.resize != self.resize or len(cache) != len(self.paths)
                                   or cache.key != _dataset_key(dataset, self.resize)):
             raise ValueError(f"cache {cache.npy_path} was built for another dataset or size "
                              f"({len(cache)} images at {cache.resize} px; this loader has "
                              f"{len(self.paths)} at {self.resize} px)")
         self.cache = cache
+        self._failed = None  # with a cache that has failures: (N,) bool, True for a failed image
+        if cache is not None and cache.failed:
+            self._failed = np.zeros(len(self.paths), dtype=bool)
+            self._failed[list(cache.failed)] = True
 
     def __len__(self):
         if self.mode == "train":
@@ -210,6 +226,18 @@ class BatchLoader:
                                                  initargs=(os.getpid(),))
         return self._executor
 
+    @contextlib.contextmanager
+    def _worker_deaths(self):
+        """A worker that dies (killed, out of memory) breaks the whole pool, which then raises
+        ``BrokenProcessPool`` from whichever call uses it next (``submit``, ``map`` or a
+        result): stop the pool and raise one-line ``WorkerError`` instead."""
+        try:
+            yield
+        except BrokenProcessPool as exc:
+            self.close()
+            raise WorkerError("a data-loading worker process died (out of memory? "
+                              "try fewer --workers or a smaller batch)") from exc
+
     def classes_without_images(self):
         """Labels of the classes none of whose images can be read, sorted (empty: all fine).
 
@@ -221,14 +249,15 @@ class BatchLoader:
         for index, label in enumerate(self.labels.tolist()):
             by_class[label].append(index)
         if self.cache is not None:
-            return sorted(c for c, idx in by_class.items() if all(i in self.cache.failed for i in idx))
+            return sorted(c for c, idx in by_class.items() if self._failed is not None and self._failed[idx].all())
         labels = sorted(by_class)
         jobs = [[self.paths[i] for i in by_class[c]] for c in labels]
         pool = self._pool()
         if pool is None:
             found = [first_readable(paths, self.resize) for paths in jobs]
         else:
-            found = list(pool.map(first_readable, jobs, [self.resize] * len(jobs)))
+            with self._worker_deaths():
+                found = list(pool.map(first_readable, jobs, [self.resize] * len(jobs)))
         return [c for c, i in zip(labels, found) if i is None]
 
     def _job(self, epoch, order, b):
@@ -238,8 +267,8 @@ class BatchLoader:
         else:
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
         bad = []
-        if self.cache is not None and self.cache.failed:
-            keep = np.array([i not in self.cache.failed for i in idx.tolist()], dtype=bool)
+        if self._failed is not None:
+            keep = ~self._failed[idx]
             bad = [(int(i), self.cache.failed[int(i)]) for i in idx[~keep]]
             idx = idx[keep]
         job = {"mode": self.mode, "crop": self.crop, "resize": self.resize, "seed": self.seed,
@@ -300,21 +329,17 @@ class BatchLoader:
         in_flight = max(self.prefetch, self.workers)
         try:
             while True:
-                while len(pending) < in_flight:
-                    b = next(todo, None)
-                    if b is None:
-                        break
-                    job, bad = self._job(epoch, order, b)
-                    pending.append((b, job, bad, pool.submit(make_batch, job)))
-                if not pending:
-                    return
-                b, job, bad, future = pending.popleft()
-                try:
+                with self._worker_deaths():
+                    while len(pending) < in_flight:
+                        b = next(todo, None)
+                        if b is None:
+                            break
+                        job, bad = self._job(epoch, order, b)
+                        pending.append((b, job, bad, pool.submit(make_batch, job)))
+                    if not pending:
+                        return
+                    b, job, bad, future = pending.popleft()
                     result = future.result()
-                except BrokenProcessPool as exc:
-                    self.close()
-                    raise WorkerError("a data-loading worker process died (out of memory? "
-                                      "try fewer --workers or a smaller batch)") from exc
                 out = self._finish(job, bad, result)
                 self.next_batch = b + 1
                 if out is not None:
