@@ -12,47 +12,21 @@ Layout of a training checkpoint (all NumPy arrays, no pickles):
 """
 import json
 import os
-import secrets
 import zipfile
 
 import numpy as np
+
+from .atomic import atomic_write
 
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable or not one of ours (one-line message)."""
 
 
-def _create_temp(folder, suffix):
-    """A new, empty temporary file in ``folder``: (fd, path).
-
-    Unlike ``tempfile.mkstemp`` (always mode 0600) it is created with 0666 minus the umask,
-    so the renamed result has the same permissions as every other file a run writes.
-    """
-    for _ in range(100):
-        path = os.path.join(folder, f".tmp-{os.getpid()}-{secrets.token_hex(4)}{suffix}")
-        try:
-            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"could not create a temporary file in {folder}")
-
-
 def atomic_savez(path, arrays):
     """Write ``arrays`` (dict name -> array) to ``path`` as an uncompressed ``.npz``, atomically."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = _create_temp(folder, ".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def _check_file(path):

@@ -9,6 +9,8 @@ import os
 
 from matplotlib.figure import Figure
 
+from .atomic import atomic_write
+
 
 def plot_curves(history, path, loss_name="cross-entropy"):
     """Loss and top-1 accuracy (train and val) per epoch.
@@ -70,8 +72,6 @@ def plot_sparsity(layers, path, title="Per-layer sparsity (paper Fig. 5)"):
 
 
 def _save(fig, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
     return path

@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 
+from .atomic import atomic_write
 from .backend import to_cpu
 from .checkpoint import save_checkpoint
 from .metrics import sparsity_report, threshold_
@@ -84,10 +85,8 @@ def write_report(trainer, tencrop_loader, out_dir, threshold, header):
     # ``CompactNet.load`` reads it, and so does ``run.py --evaluate``.
     save_checkpoint(os.path.join(out_dir, "model.npz"), model, None,
                     dict(trainer._train_state(), final=True))
-    path = os.path.join(out_dir, "report.json")
-    with open(path + ".tmp", "w") as f:
+    with atomic_write(os.path.join(out_dir, "report.json")) as f:
         json.dump(report, f, indent=2)
-    os.replace(path + ".tmp", path)
     loss = LOSS_NAMES.get(trainer.settings.get("loss"), "loss")
     plot_curves(trainer.state["history"], os.path.join(out_dir, "curves.png"), loss)
     plot_sparsity(report["after_threshold"]["sparsity"]["layers"], os.path.join(out_dir, "sparsity.png"))

@@ -34,6 +34,7 @@ import os
 import signal
 import time
 
+from .atomic import atomic_write
 from .backend import get_array_module
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data.transforms import normalize
@@ -374,10 +375,8 @@ class Trainer:
         """
         if self.out_dir is None:
             return
-        path = os.path.join(self.out_dir, "log.jsonl")
-        with open(path + ".tmp", "w") as f:
+        with atomic_write(os.path.join(self.out_dir, "log.jsonl")) as f:
             f.writelines(json.dumps(record) + "\n" for record in self.state["history"])
-        os.replace(path + ".tmp", path)
 
     # -- the whole run ---------------------------------------------------------------------
     def fit(self):

@@ -36,6 +36,7 @@ import shutil
 
 import numpy as np
 
+from ..atomic import atomic_write
 from ..processes import pid_alive
 from .images import BadImageError, load_rgb
 
@@ -154,22 +155,15 @@ def _decode_into(npy_path, rows, paths, resize, executor=None, progress=False):
 
 def _save_npy(path, array):
     """``np.save`` to a temporary name, then rename: readers see the old or the new file."""
-    tmp = f"{path}.tmp{os.getpid()}.npy"
-    try:
-        np.save(tmp, array)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write(path, "wb") as f:
+        np.save(f, array)
 
 
 def _write_meta(json_path, dataset, resize, n, failed):
     meta = {"version": CACHE_VERSION, "key": _dataset_key(dataset, resize), "resize": resize,
             "count": n, "failed": {str(k): v for k, v in sorted(failed.items())}}
-    tmp = f"{json_path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_write(json_path) as f:
         json.dump(meta, f, indent=1)
-    os.replace(tmp, json_path)
 
 
 def _rows(stats, failed):
