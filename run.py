@@ -272,16 +272,32 @@ def validate(s):
         fail(f"{where} {s['data']!r} is not a folder{hint}")
 
 
+def model_config(s, classes):
+    """The ``ModelConfig`` the settings ``s`` build for these class names."""
+    from minicompact.model import ModelConfig
+    return ModelConfig(depth=s["depth"], num_classes=len(classes), width_mult=s["width_mult"],
+                       stem=s["stem"], classes=list(classes))
+
+
 def check_checkpoint(s, checkpoint, train_set):
     """The checkpoint fits this data and this kind of run (one line otherwise)."""
     from minicompact.model import ModelConfig
     path = s["resume"] or s["evaluate"]
     arrays, opt_state, state = checkpoint
-    saved = ModelConfig.from_json(str(arrays["__config__"]))
+    try:
+        saved = ModelConfig.from_json(str(arrays["__config__"]))
+    except (TypeError, ValueError) as exc:
+        fail(f"{path} holds a model configuration run.py cannot read ({exc})")
     if saved.classes != list(train_set.classes) or saved.num_classes != len(train_set.classes):
         fail(f"{path} holds a model for {len(saved.classes)} classes "
              f"({', '.join(saved.classes[:3])}, ...); it does not match this data "
              f"({len(train_set.classes)} classes: {', '.join(train_set.classes[:3])}, ...)")
+    built = model_config(s, train_set.classes)
+    if saved != built:
+        differ = [k for k in vars(built) if getattr(saved, k) != getattr(built, k)]
+        fail(f"{path} holds a model run.py would not build from its settings "
+             f"({', '.join(f'{k} {getattr(saved, k)} vs {getattr(built, k)}' for k in differ)}); "
+             "was it saved by another program?")
     if not s["resume"]:
         return
     if state.get("final"):
@@ -521,7 +537,7 @@ def run(s, device, train_set, val_set, checkpoint=None, comm=None):
     from minicompact.data.transforms import estimate_mean_std, scaled_sizes
     from minicompact.distributed import Communicator
     from minicompact.losses import multiclass_hinge_loss, softmax_cross_entropy
-    from minicompact.model import CompactNet, ModelConfig
+    from minicompact.model import CompactNet
     from minicompact.objective import Regularizer
     from minicompact.optim import SGD, StepLR
     from minicompact.regularizers import variant
@@ -531,8 +547,7 @@ def run(s, device, train_set, val_set, checkpoint=None, comm=None):
     comm = comm or Communicator()
     resize, crop = scaled_sizes(s["image_size"])
     state = checkpoint[2] if checkpoint else None
-    config = ModelConfig(depth=s["depth"], num_classes=len(train_set.classes), width_mult=s["width_mult"],
-                         stem=s["stem"], classes=list(train_set.classes))
+    config = model_config(s, train_set.classes)
     model = CompactNet(config, seed=s["seed"]).to(device)
     reg_config = variant(s["model"], s["depth"], s["rho"], compressed_beta=s["compressed_beta"])
     optimizer = SGD(model.param_layers, lr=s["lr"], momentum=s["momentum"])

@@ -5,7 +5,6 @@ machines with no display (servers, CI), and importing this module neither picks 
 backend nor registers figures with pyplot, so a notebook that imports it keeps its inline
 figures.  ``draw_sparsity`` draws into any Axes (a notebook's, say); ``plot_*`` write files.
 """
-import os
 
 from matplotlib.figure import Figure
 

@@ -433,3 +433,18 @@ def test_case7_kill_9_of_the_main_process_takes_the_workers_with_it(data, tmp_pa
             proc.kill()
         log.close()
     assert reap(workers) == [], "decoding workers outlived kill -9 of run.py"
+
+
+def test_a_checkpoint_of_a_model_run_py_would_not_build_is_one_line(data, tmp_path, capsys):
+    """A checkpoint whose model configuration differs from what its settings build (saved by
+    another program, say) is refused before any array is loaded, not with a traceback."""
+    from minicompact.checkpoint import atomic_savez
+    assert main("--data", data, "--epochs", 1, "--out", tmp_path / "a", *TINY) == 0
+    with np.load(tmp_path / "a" / "last.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    config = json.loads(str(arrays["__config__"]))
+    config["widths"] = [64, 128, 256]
+    arrays["__config__"] = np.array(json.dumps(config))
+    atomic_savez(tmp_path / "other.npz", arrays)
+    one_line_failure(capsys, "--evaluate", tmp_path / "other.npz", "--out", tmp_path / "e",
+                     match="widths (64, 128, 256) vs (128, 256, 512)")
