@@ -17,12 +17,18 @@ import signal
 import sys
 import tempfile
 
+# As run.py does, before NumPy starts its BLAS threads (this imports no NumPy): a fault launch
+# stands in for `mpiexec ... run.py`, and its results are compared bit for bit with one, which
+# they only match with the same number of BLAS threads per rank.
+from minicompact.distributed.launcher import launcher_rank, share_cores
+
+share_cores()
+
 import numpy as np
 
 from minicompact.data.sharding import eval_shard, rank_batch
 from minicompact.distributed import (GradientAllReduce, MPICommunicator, average_buffers,
                                      broadcast_model, check_replicas, init)
-from minicompact.distributed.launcher import launcher_rank
 from minicompact.gradcheck import GradientCheckError, assert_gradients_close, numerical_gradient
 from minicompact.layers.sync_batchnorm import SyncBatchNorm2D, use_sync_batchnorm
 from minicompact.model import CompactNet, ModelConfig

@@ -91,6 +91,26 @@ def test_importing_the_launcher_imports_no_numpy():
     assert subprocess.run([sys.executable, "-c", code], env=env, check=False).returncode == 0
 
 
+def test_sharing_cores_after_numpy_is_imported_warns():
+    """NumPy's BLAS reads the thread variables once, when NumPy is imported: share_cores() after
+    that shares nothing, and says so (with one BLAS thread per core, float32 products round
+    differently, so such a launch does not train bit-identically to `mpiexec ... run.py`)."""
+    env = dict(os.environ, PMI_SIZE="2", PMI_RANK="0", MPI_LOCALNRANKS="2",  # as mpiexec -n 2
+               PYTHONPATH=os.pathsep.join(p for p in (os.path.dirname(HERE), os.environ.get("PYTHONPATH")) if p))
+    for name in THREAD_VARIABLES:
+        env.pop(name, None)
+    code = ("{first}from minicompact.distributed.launcher import share_cores; "
+            "import os; print(share_cores(), os.environ['OPENBLAS_NUM_THREADS'])")
+    runs = {first: subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", code.format(first=first)],
+                                  env=env, capture_output=True, text=True, check=False)
+            for first in ("", "import numpy; ")}
+    before, after = runs[""], runs["import numpy; "]
+    threads = max(1, len(os.sched_getaffinity(0)) // 2) if hasattr(os, "sched_getaffinity") else None
+    assert before.returncode == 0 and before.stderr == "", before.stderr
+    assert threads is None or before.stdout == f"{threads} {threads}\n", before.stdout
+    assert after.returncode != 0 and "RuntimeWarning: NumPy was imported before share_cores()" in after.stderr, after.stderr
+
+
 def test_nccl_module_is_never_imported_without_a_gpu_run():
     assert "minicompact.distributed.nccl" not in sys.modules
 

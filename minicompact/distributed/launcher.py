@@ -5,6 +5,8 @@ run.py uses it to print a bad flag's message on rank 0 only and to share the CPU
 between the ranks of a node before OpenBLAS starts its threads.
 """
 import os
+import sys
+import warnings
 
 # Variables that MPI launchers set in every process they start.  None is set by a plain
 # ``python run.py``, so a single-process run never imports mpi4py.
@@ -59,7 +61,9 @@ def share_cores(environ=None, cores=None, machine_cores=None):
     cores: the CPUs this process may run on (default: its affinity mask); when that is fewer
     than machine_cores (default: ``os.cpu_count()``), the launcher or scheduler bound each
     rank to its own cores, and they are all this rank's.
-    Must run before NumPy is imported.  Returns the number set, or None.
+    Must run before NumPy is imported: the BLAS that NumPy loads reads these variables once, when
+    it starts its threads.  Called later, it still sets them (for child processes) but warns
+    that this process's BLAS keeps the threads it started with.  Returns the number set, or None.
     """
     env = os.environ if environ is None else environ
     local = _first_int(env, _LOCAL_SIZE)
@@ -71,4 +75,12 @@ def share_cores(environ=None, cores=None, machine_cores=None):
     threads = cores if cores < machine_cores else max(1, cores // local)
     for name in THREAD_VARIABLES:
         env[name] = str(threads)
+    if environ is None and "numpy" in sys.modules:
+        # Not only slower: OpenBLAS's float32 products round differently with another number
+        # of threads, so such a launch (a script that imports NumPy, then calls run.main)
+        # trains differently from `mpiexec ... run.py`, and a run resumed across the two is
+        # not bit-identical to an uninterrupted one.
+        warnings.warn(f"NumPy was imported before share_cores(): its BLAS keeps its own threads "
+                      f"instead of {threads} per rank; call share_cores() before importing NumPy",
+                      RuntimeWarning, stacklevel=2)
     return threads
