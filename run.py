@@ -316,9 +316,9 @@ def check_checkpoint(s, checkpoint, train_set):
 
 
 def choose_output(s, checkpoint):
-    """Decide the output folder (see ``minicompact.rundir``), refuse to overwrite, probe it."""
-    from minicompact.checkpoint import CheckpointError, read_train_state
-    from minicompact.rundir import (EVAL_FILES, RUN_FILES, OutputError, check_writable, claim_new_folder,
+    """Decide the output folder (see ``minicompact.harness.rundir``), refuse to overwrite, probe it."""
+    from minicompact.harness.checkpoint import CheckpointError, read_train_state
+    from minicompact.harness.rundir import (EVAL_FILES, RUN_FILES, OutputError, check_writable, claim_new_folder,
                                     held_files, remove_files)
     path = s["resume"] or s["evaluate"]
     explicit = s["out"] is not None
@@ -387,7 +387,7 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     given = set(vars(build_parser(given_only=True).parse_args(argv)))
-    from minicompact.training import StopSignals
+    from minicompact.harness.trainer import StopSignals
     old_format = warnings.formatwarning
     warnings.formatwarning = _one_line_warning
     try:
@@ -430,7 +430,7 @@ def _main(args, given):
         except KeyboardInterrupt:
             if comm.size == 1:
                 raise
-            from minicompact.training import StopSignals
+            from minicompact.harness.trainer import StopSignals
             signum = StopSignals.last_signum or signal.SIGINT
             comm.abort(f"run.py: stopped by {signal.Signals(signum).name}; ending all {comm.size} "
                        "ranks; any checkpoint already written is kept", 128 + signum)
@@ -438,7 +438,7 @@ def _main(args, given):
 
 
 def _on_every_rank(args, given, comm, device, device_notes):
-    from minicompact.checkpoint import CheckpointError, load_checkpoint
+    from minicompact.harness.checkpoint import CheckpointError, load_checkpoint
     from minicompact.data.cache import cache_key
     from minicompact.data.folders import DatasetError, open_dataset
 
@@ -541,8 +541,8 @@ def run(s, device, train_set, val_set, checkpoint=None, comm=None):
     from minicompact.objective import Regularizer
     from minicompact.optim import SGD, StepLR
     from minicompact.regularizers import variant
-    from minicompact.report import format_report, write_report
-    from minicompact.training import Interrupted, NoImages, NonFiniteLoss, ReplicasDiffer, Trainer
+    from minicompact.harness.report import format_report, write_report
+    from minicompact.harness.trainer import Interrupted, NoImages, NonFiniteLoss, ReplicasDiffer, Trainer
 
     comm = comm or Communicator()
     resize, crop = scaled_sizes(s["image_size"])

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .backend import to_cpu, to_device
+from .harness.checkpoint import atomic_savez, read_npz
 from .layers import BatchNorm2D, Conv2D, MaxPool2D, ReLU, SoftmaxClassifier, SpatialPyramidPool
 
 STEMS = {"imagenet": (2, 2), "small": (1, 1)}  # stem name -> (first conv stride, first pool stride)
@@ -276,7 +277,6 @@ class CompactNet:
 
     def save(self, path):
         """Write config, weights and BN running statistics to one ``.npz`` (atomically)."""
-        from .checkpoint import atomic_savez
         arrays = self.state_arrays()
         arrays["__config__"] = np.array(self.config.to_json())
         atomic_savez(path, arrays)
@@ -284,7 +284,6 @@ class CompactNet:
     @classmethod
     def load(cls, path, dtype=np.float32):
         """Rebuild a model saved with ``save`` (or from a training checkpoint)."""
-        from .checkpoint import read_npz
         arrays = read_npz(path)
         if "__config__" not in arrays:
             raise ValueError(f"{path} holds no model configuration")

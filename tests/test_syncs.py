@@ -17,7 +17,7 @@ from minicompact.model import CompactNet, ModelConfig
 from minicompact.objective import NonFiniteLoss, Regularizer, train_step
 from minicompact.optim import SGD, StepLR
 from minicompact.regularizers import variant
-from minicompact.training import Interrupted, Trainer
+from minicompact.harness.trainer import Interrupted, Trainer
 
 CLASSES, SIZE, BATCH = 5, 8, 4
 

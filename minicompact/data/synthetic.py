@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..processes import pid_alive
+from ..harness.processes import pid_alive
 
 VERSION = "synthetic-v1"
 MARKER = "synthetic.json"

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..backend import device_of, get_array_module
 from ..im2col import col2im, im2col, output_size
-from .base import Layer, check_input
+from .base import Layer, check_input, kernel_pair
 
 
 def conv2d_forward(x, W, stride=1, padding=0, workspace=None):
@@ -60,14 +60,6 @@ def conv2d_backward(dout, cols, W, x_shape, stride=1, padding=0, overwrite_cols=
     return dx, dW
 
 
-def _pair(v, name):
-    """An int or a pair of ints → a pair of positive ints."""
-    pair = (v, v) if np.isscalar(v) else tuple(v)
-    if len(pair) != 2 or not all(isinstance(a, (int, np.integer)) and a >= 1 for a in pair):
-        raise ValueError(f"{name} must be a positive int or a pair of them, got {v!r}")
-    return int(pair[0]), int(pair[1])
-
-
 class Conv2D(Layer):
     """A bias-free 2-D convolution with filters Θ^l (paper sec. 3.1), He-initialised.
 
@@ -97,7 +89,7 @@ class Conv2D(Layer):
             raise ValueError(f"Conv2D needs an int stride >= 1 and padding >= 0, got "
                              f"stride={stride!r}, padding={padding!r}")
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.kernel_size = kernel_pair(kernel_size, "kernel_size")
         self.stride, self.padding = int(stride), int(padding)
         self.need_input_grad = bool(need_input_grad)
         kh, kw = self.kernel_size

@@ -34,16 +34,16 @@ import os
 import signal
 import time
 
+from ..backend import get_array_module
+from ..data.transforms import normalize
+from ..distributed.comm import Communicator
+from ..distributed.data_parallel import GradientAllReduce, broadcast_model, check_replicas
+from ..distributed.sync_batchnorm import use_sync_batchnorm
+from ..losses import accuracy_topk, check_labels, softmax
+from ..objective import NonFiniteLoss, train_step
 from .atomic import atomic_write
-from .backend import get_array_module
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data.transforms import normalize
 from .device_sums import DeviceSums
-from .distributed.comm import Communicator
-from .distributed.data_parallel import GradientAllReduce, broadcast_model, check_replicas
-from .layers.sync_batchnorm import use_sync_batchnorm
-from .losses import accuracy_topk, check_labels, softmax
-from .objective import NonFiniteLoss, train_step
 
 try:
     from tqdm.auto import tqdm

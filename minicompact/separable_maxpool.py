@@ -23,8 +23,8 @@ Memory kept for backward: the winning taps, one byte each, about (H+2p)(W+2p)/s 
 """
 import numpy as np
 
-from ..backend import get_array_module
-from ..im2col import output_size
+from .backend import get_array_module
+from .im2col import output_size
 
 
 def _first_max(taps, out=None):

@@ -10,7 +10,7 @@ costs nothing.
 """
 import numpy as np
 
-from .backend import to_cpu
+from ..backend import to_cpu
 
 
 class DeviceSums:

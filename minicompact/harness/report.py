@@ -10,10 +10,10 @@ import os
 
 import numpy as np
 
+from ..backend import to_cpu
+from ..metrics import sparsity_report, threshold_
 from .atomic import atomic_write
-from .backend import to_cpu
 from .checkpoint import save_checkpoint
-from .metrics import sparsity_report, threshold_
 from .plots import plot_curves, plot_sparsity
 
 
