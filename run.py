@@ -387,7 +387,7 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     given = set(vars(build_parser(given_only=True).parse_args(argv)))
-    from minicompact.harness.trainer import StopSignals
+    from minicompact.harness.stopping import StopSignals
     old_format = warnings.formatwarning
     warnings.formatwarning = _one_line_warning
     try:
@@ -430,7 +430,7 @@ def _main(args, given):
         except KeyboardInterrupt:
             if comm.size == 1:
                 raise
-            from minicompact.harness.trainer import StopSignals
+            from minicompact.harness.stopping import StopSignals
             signum = StopSignals.last_signum or signal.SIGINT
             comm.abort(f"run.py: stopped by {signal.Signals(signum).name}; ending all {comm.size} "
                        "ranks; any checkpoint already written is kept", 128 + signum)
@@ -542,7 +542,8 @@ def run(s, device, train_set, val_set, checkpoint=None, comm=None):
     from minicompact.optim import SGD, StepLR
     from minicompact.regularizers import variant
     from minicompact.harness.report import format_report, write_report
-    from minicompact.harness.trainer import Interrupted, NoImages, NonFiniteLoss, ReplicasDiffer, Trainer
+    from minicompact.harness.stopping import Interrupted
+    from minicompact.harness.trainer import NoImages, NonFiniteLoss, ReplicasDiffer, Trainer
 
     comm = comm or Communicator()
     resize, crop = scaled_sizes(s["image_size"])
