@@ -29,7 +29,7 @@ UPDATES = ("subgradient", "proximal")
 
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite (``train_step`` raises it before updating anything;
-    ``training.Trainer`` when it reads its running sums, before any checkpoint is written)."""
+    ``harness.trainer.Trainer`` when it reads its running sums, before any checkpoint is written)."""
 
 
 def check_weights(cw, ctheta):

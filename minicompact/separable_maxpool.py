@@ -1,6 +1,6 @@
 """The fast max-pool on NumPy: separable, over contiguous phase planes.
 
-Same results as the readable ``pooling.max_pool_forward`` / ``max_pool_backward`` (the
+Same results as the readable ``layers.pooling.max_pool_forward`` / ``max_pool_backward`` (the
 tests hold the two against each other and against the loops of ``minicompact.reference``),
 in fewer and cheaper passes:
 

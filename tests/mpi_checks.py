@@ -17,7 +17,11 @@ import signal
 import sys
 import tempfile
 
-import numpy as np
+from minicompact.distributed.launcher import share_cores
+
+share_cores()  # before NumPy, as run.py does: a faulted run computes with run.py's BLAS threads
+
+import numpy as np  # noqa: E402
 
 from minicompact.data.sharding import eval_shard, rank_batch
 from minicompact.distributed import (GradientAllReduce, MPICommunicator, average_buffers,

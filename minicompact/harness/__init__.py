@@ -7,8 +7,11 @@ Read in this order (each module imports only those above it, and the maths core)
 * ``checkpoint.py``   the ``.npz`` checkpoint format: weights, momentum, the run's state
 * ``rundir.py``       the output-folder rule: claim a fresh folder, never overwrite a run
 * ``device_sums.py``  a step's statistics summed on the device, read once per interval
-* ``stopping.py``     Ctrl-C / SIGTERM as one request, and the ways a run stops
-* ``settings.py``     the paper's and the demo's settings, and how a run's are resolved
+* ``stopping.py``     Ctrl-C / SIGTERM as one request, agreed by every rank
+* ``progress.py``     the progress bar of an epoch
+* ``console.py``      what run.py prints: one line per message, ``RunError``, argparse's shape
+* ``settings.py``     the paper's and the demo's settings, how a run's resolve, their checks
+* ``inputs.py``       the run's images: folders, loaders, normalisation, their one-line errors
 * ``trainer.py``      ``Trainer``: epochs of ``objective.train_step``, evaluation, resume
 * ``plots.py``        training curves and sparsity figures (matplotlib, no pyplot)
 * ``report.py``       the final report: thresholding, sparsity, report.json, figures

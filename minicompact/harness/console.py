@@ -25,6 +25,15 @@ def fail(message):
     raise RunError(message, 2)
 
 
+def fail_alone(comm, message):
+    """A failure of this rank alone: ``RunError`` (exit 1) with one process; with several,
+    end them all now with the message (the others cannot be told: they may be waiting in a
+    collective)."""
+    if comm.size > 1:
+        comm.abort(f"run.py: error: {message}", 1)
+    raise RunError(message, 1) from None
+
+
 def say(message, file=None):
     """Print, on rank 0 only (every rank would say the same)."""
     if is_first_process():

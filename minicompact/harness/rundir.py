@@ -13,6 +13,9 @@ The rule (README, "What a run writes"):
 """
 import os
 
+from .checkpoint import CheckpointError, read_train_state
+from .console import fail, note
+
 # What a training run writes, and what an evaluation writes.
 RUN_FILES = ("log.jsonl", "last.npz", "best.npz", "model.npz", "report.json", "curves.png", "sparsity.png")
 EVAL_FILES = ("model.npz", "report.json", "curves.png", "sparsity.png")
@@ -74,3 +77,67 @@ def check_writable(folder):
         os.remove(probe)
     except OSError as exc:
         raise OutputError(f"the output folder {folder} is not writable ({exc.strerror or exc})") from None
+
+
+def choose_output(s, how, checkpoint):
+    """The run's output folder by the rule above: refuse to overwrite, claim, probe (one line
+    on failure).  A default folder this creates is recorded in ``how.claimed``."""
+    path = s.resume or s.evaluate
+    explicit = s.out is not None
+    names = EVAL_FILES if s.evaluate else RUN_FILES
+    run_dir = os.path.dirname(os.path.abspath(path)) if path else None
+    if explicit:
+        out = s.out
+    elif s.resume:
+        out = run_dir
+    else:
+        base = (os.path.join(run_dir, "eval-" + os.path.splitext(os.path.basename(path))[0]) if s.evaluate
+                else os.path.join("runs", f"{s.model}-d{s.depth}-rho{s.rho:g}"))
+        try:
+            out = claim_new_folder(base)
+        except OSError as exc:
+            fail(f"cannot create the output folder {base} ({exc.strerror or exc}); give --out DIR")
+        how.claimed = out
+        if out != base:
+            note(f"{base} exists; {'this evaluation' if s.evaluate else 'this run'} goes to {out}")
+    out = os.path.abspath(out)
+    # The checkpoint's folder is its run's folder when it is the run's last/best.npz or holds
+    # a last.npz; a checkpoint kept anywhere else is treated like any --out.
+    same_run = (s.resume and os.path.isdir(out) and os.path.samefile(out, run_dir)
+                and (os.path.basename(path) in ("last.npz", "best.npz")
+                     or os.path.exists(os.path.join(run_dir, "last.npz"))))
+    held = held_files(out, names) if os.path.isdir(out) else []
+    if same_run:  # continuing a run in its own folder: its files are this run's
+        state = checkpoint[2]
+        last = os.path.join(out, "last.npz")
+        branch = os.path.exists(last) and not os.path.samefile(last, path)
+        if branch and not s.overwrite:
+            try:
+                later = read_train_state(last)
+            except CheckpointError:
+                later = {}
+            here, there = (state.get("epoch", 0), state.get("step", 0)), (later.get("epoch", 0), later.get("step", 0))
+            if there > here:
+                fail(f"{last} is further along (epoch {there[0]}, step {there[1]}) than {path} "
+                     f"(epoch {here[0]}, step {here[1]}); resuming here would overwrite it: give "
+                     "another --out to branch off, or add --overwrite")
+        finished = state.get("epoch", 0) >= s.epochs and not state.get("partial")
+        if finished and held_files(out, ("report.json", "model.npz")) and not s.overwrite:
+            fail(f"{path} has already trained {state.get('epoch', 0)} epochs (--epochs {s.epochs}) "
+                 f"and {out} holds its report; raise --epochs to train longer, or use --evaluate")
+        if branch and s.overwrite:
+            remove_files(out, names, keep=path)  # the branch replaces the later state
+    elif held:
+        if not s.overwrite:
+            hint = (f"continue it with --resume {os.path.join(out, 'last.npz')}, "
+                    if "last.npz" in held and not s.evaluate else "")
+            what = "a run" if held_files(out, ("last.npz",)) else "an evaluation"  # whatever wrote them
+            fail(f"--out {out} already holds {what} ({', '.join(held[:3])}"
+                 f"{', ...' if len(held) > 3 else ''}): {hint}choose another --out, or add "
+                 "--overwrite to replace it")
+        remove_files(out, names, keep=path)
+    try:
+        check_writable(out)
+    except OutputError as exc:
+        fail(f"{exc}{'' if explicit else '; give --out DIR to write elsewhere'}")
+    return out
