@@ -1,5 +1,5 @@
 """Issue 10 — nothing lost, nothing silent: every numbered case, and one case per principle
-that the issue does not list (output folders, the tree walk, the cache key, signals).
+that the original list of requirements left out (output folders, the tree walk, the cache key, signals).
 
 Tiny runs on generated folders (see test_run.py); the signal and kill -9 tests run run.py in
 a subprocess with a timeout, so a regression fails instead of hanging.
@@ -73,7 +73,7 @@ def test_case1_an_earlier_run_is_never_overwritten(data, tmp_path, monkeypatch, 
 
 
 def test_output_rule_resuming_an_earlier_checkpoint_keeps_the_later_state(data, tmp_path, capsys):
-    """Not in the issue: --resume OUT/early.npz (epoch 1) while OUT/last.npz is at epoch 2 would
+    """Not in the original requirements: --resume OUT/early.npz (epoch 1) while OUT/last.npz is at epoch 2 would
     overwrite last.npz and rewrite the log.  A branch goes to another --out; a finished run
     is neither trained nor reported again."""
     out = tmp_path / "x"
@@ -400,7 +400,7 @@ LONG = ["--depth", "3", "--width-mult", "0.03", "--image-size", "16", "--batch-s
 @pytest.mark.parametrize("target", ["process", "group"])
 def test_case7_sigterm_checkpoints_and_stops_the_workers(data, tmp_path, target):
     """SIGTERM to run.py (``timeout``, ``kill``) or to its whole process group (a scheduler,
-    the case the issue does not list) is Ctrl-C: finish the step, checkpoint, exit 143."""
+    a case the original requirements left out) is Ctrl-C: finish the step, checkpoint, exit 143."""
     out = tmp_path / "x"
     proc, log = start(["--data", data, "--out", out, *LONG], tmp_path)
     try:
