@@ -169,7 +169,7 @@ def _decode_into(npy_path, rows, paths, resize, executor=None, progress=False):
         results = executor.map(_fill_rows, [npy_path] * len(chunks), [r for r, _ in chunks],
                                [p for _, p in chunks], [resize] * len(chunks))
     if progress:
-        from tqdm import tqdm
+        from tqdm import tqdm  # only when a bar is drawn: a worker process never needs it
         results = tqdm(results, total=len(chunks), desc=f"caching images at {resize} px", unit="chunk")
     failed = {}
     for f in results:
