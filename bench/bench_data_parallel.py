@@ -20,7 +20,7 @@ import numpy as np
 
 from minicompact.backend import array_module, resolve_device, synchronize
 from minicompact.distributed import GradientAllReduce, broadcast_model, init
-from minicompact.layers.sync_batchnorm import use_sync_batchnorm
+from minicompact.distributed.sync_batchnorm import use_sync_batchnorm
 from minicompact.model import CompactNet, ModelConfig
 from minicompact.objective import Regularizer, train_step
 from minicompact.optim import SGD

@@ -7,7 +7,7 @@ GEMM of 2·N·K·C·kh·kw·Ho·Wo flops, backward two of them).  For the memory
 (batch-norm, ReLU, max-pool, pyramid) it prints the achieved bandwidth in GB/s, counting the
 least traffic any implementation needs: forward reads x once and writes y once; backward
 reads x (or what stands for it) and dout once and writes dx once.  Compare it with the
-device's memory bandwidth (an H100 or H200 moves 3–5 TB/s; issue 8 asks for at least half).
+device's memory bandwidth (an H100 or H200 moves 3–5 TB/s; the target is at least half).
 The "(paper)" rows are the largest maps of the paper network at batch 64: 128 maps of
 56×56 in layers 2–4, 512 maps of 14×14 into the pyramid.  A layer whose module is not
 importable yet is skipped with a note.

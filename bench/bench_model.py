@@ -1,7 +1,7 @@
 """Time one training step (forward, backward, regularizer, SGD update) of a whole CompactNet.
 
     python bench/bench_model.py                                   # the demo preset's network
-    python bench/bench_model.py --net depth8                      # a network of issue 8's table
+    python bench/bench_model.py --net depth8                      # a network of the speed table
     python bench/bench_model.py --width-mult 0.25 --image-size 64 --batch 64
     python bench/bench_model.py --device gpu --net paper --precision tf32
 
@@ -21,7 +21,7 @@ from timing import NETWORKS, Setup, describe, layer_times, timed
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--net", choices=sorted(NETWORKS), default="demo",
-                    help="a network of issue 8's table (the flags below override its fields)")
+                    help="a network of the speed table (the flags below override its fields)")
     ap.add_argument("--depth", type=int)
     ap.add_argument("--width-mult", type=float)
     ap.add_argument("--image-size", type=int)

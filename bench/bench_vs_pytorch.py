@@ -1,6 +1,6 @@
 """minicompact against the same CompactNet in PyTorch: one training step, side by side.
 
-    python bench/bench_vs_pytorch.py --device cpu                          # issue 8's four networks
+    python bench/bench_vs_pytorch.py --device cpu                          # the four networks of the speed table
     python bench/bench_vs_pytorch.py --device gpu --precision tf32 --json out.json
     python bench/bench_vs_pytorch.py --nets demo,depth8 --repeats 10 --threads 2
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 8 in one call, for a session that is lent a GPU (one H100/H200,
+# The GPU checks of the speed table in one call, for a session that is lent a GPU (one H100/H200,
 # CuPy and PyTorch installed, no internet).  Run from the repository root:
 #
 #   bash bench/gpu_check.sh                 # everything, logs in $OUT (default ./gpu-check)

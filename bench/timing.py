@@ -1,4 +1,4 @@
-"""What the benchmarks share: the networks of issue 8, a whole training step, its timing, and
+"""What the benchmarks share: the networks of the speed table, a whole training step, its timing, and
 the per-layer attribution pass.
 
 Whole steps are timed with one sync at the end of each step (the GPU's queue drained), never
@@ -18,7 +18,7 @@ from minicompact.objective import Regularizer, train_step
 from minicompact.optim import SGD
 from minicompact.regularizers import variant
 
-# The four networks of issue 8's table: depth, width multiplier, crop, stem, classes, batch.
+# The four networks of the speed table: depth, width multiplier, crop, stem, classes, batch.
 NETWORKS = {
     "paper": dict(depth=12, width_mult=1.0, image_size=224, stem="imagenet", classes=1000, batch=64),
     "quarter": dict(depth=12, width_mult=0.25, image_size=64, stem="small", classes=1000, batch=64),

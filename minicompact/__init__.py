@@ -2,7 +2,8 @@
 
 The house, from the bottom up (each a small module):
 
-    backend → im2col → layers → model, regularizers, objective → optim → data → training → run.py
+    backend → kernels (im2col, separable_maxpool) → layers → model, regularizers, objective
+    → optim → data, distributed → harness (the run machinery, the Trainer) → run.py
 
 Every layer has a hand-written forward and backward; ``gradcheck`` proves them.
 """

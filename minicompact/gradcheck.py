@@ -10,7 +10,7 @@ A correct float64 backward gives errors around 1e-9 or smaller; a wrong factor o
 """
 import numpy as np
 
-from .backend import to_cpu
+from .backend import to_cpu, to_device
 
 
 def rel_error(analytic, numeric, floor=1e-12):
@@ -64,7 +64,6 @@ def numerical_gradient(f, x, h=1e-5, points=2):
                         + at(i, old, -2 * h)) / (12.0 * h)
         flat[i] = old
     if not isinstance(x, np.ndarray):
-        from .backend import to_device
         return to_device(grad, "gpu")
     return grad
 
@@ -101,7 +100,6 @@ def check_layer(layer, x, dout=None, tol=1e-7, h=1e-5, floor=1e-12, seed=0, chec
         rng = np.random.default_rng(seed)
         dout = rng.standard_normal(out.shape)
         if not isinstance(out, np.ndarray):
-            from .backend import to_device
             dout = to_device(dout, "gpu")
     dout_copy = dout.copy()
     dx = layer.backward(dout)

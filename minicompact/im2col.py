@@ -11,11 +11,10 @@ Column layout: ``cols`` has shape (C·kh·kw, N·Ho·Wo) — rows ordered (c, i,
 ``W2 (K, C·kh·kw) @ cols → (K, N·Ho·Wo)`` and backward two, ``dWᵀ = cols @ dout2.T`` and
 ``dcols = W2.T @ dout2``, all large; BLAS reads the ``.T`` views directly, so the big column
 matrix is never transposed.  Only the output and dout are, between NCHW and (K, N·Ho·Wo);
-they are C·kh·kw/K times smaller (9 for a 3×3 layer with C = K).  Measured on 2 CPU cores,
-float32, N=64, 128→128 channels, 28×28, 3×3, pad 1 (forward / backward, ms): this layout
-285 / 535; per-image (N, C·kh·kw, Ho·Wo) with a batched matmul 332 / 628 (N smaller GEMMs,
-dW needs a sum over N); the 2-D (N·Ho·Wo, C·kh·kw) layout of DLFS 443 / 700 (it transposes
-the column matrix itself).
+they are C·kh·kw/K times smaller (9 for a 3×3 layer with C = K).  The alternatives lose
+for a reason: a per-image (N, C·kh·kw, Ho·Wo) layout with a batched matmul runs N smaller
+GEMMs and needs a sum over N for dW; the 2-D (N·Ho·Wo, C·kh·kw) layout of DLFS transposes
+the column matrix itself (the figures are in docs/measurements.md).
 """
 from .backend import get_array_module
 

@@ -22,9 +22,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .backend import to_cpu, to_device
+from .harness.checkpoint import atomic_savez, read_npz
+from .im2col import output_size
 from .layers import BatchNorm2D, Conv2D, MaxPool2D, ReLU, SoftmaxClassifier, SpatialPyramidPool
 
 STEMS = {"imagenet": (2, 2), "small": (1, 1)}  # stem name -> (first conv stride, first pool stride)
+SMALL_STEM_BELOW = 96  # px: "auto" picks the small stem for images narrower than this
 POOL = 3  # every max-pool is 3×3 with padding 1
 
 
@@ -92,16 +95,27 @@ class ModelConfig:
         layers += [(3, 1, 2 if k > prev else 1) for prev, k in zip(sizes, sizes[1:])]
         return layers
 
+    @staticmethod
+    def stem_for(stem, image_size):
+        """``stem`` with ``"auto"`` decided: ``"small"`` below 96 px, else ``"imagenet"``.
+
+        The imagenet stem divides the side by 4 before the first 3×3 pool of a deep net;
+        small images (CIFAR's 32 px) would reach the pyramid as a pixel or two.
+        """
+        if stem != "auto":
+            return stem
+        return "small" if image_size < SMALL_STEM_BELOW else "imagenet"
+
     def pyramid_input_side(self, image_size):
         """Side of the feature maps that reach the spatial pyramid for square ``image_size`` inputs.
 
-        A conv (kernel k, padding k//2) or a 3×3 max-pool (padding 1) of stride s maps a side
-        n to (n + 2·(k//2) - k) // s + 1.
+        Each feature layer is a conv (kernel k, padding k//2) then a 3×3 max-pool (padding 1),
+        with the strides of ``feature_layers``; ``im2col.output_size`` gives each side.
         """
         side = int(image_size)
         for k, conv_stride, pool_stride in self.feature_layers():
-            side = (side + 2 * (k // 2) - k) // conv_stride + 1
-            side = (side + 2 * (POOL // 2) - POOL) // pool_stride + 1
+            side = output_size(side, k, conv_stride, k // 2)
+            side = output_size(side, POOL, pool_stride, POOL // 2)
         return side
 
     def check_image_size(self, image_size):
@@ -276,7 +290,6 @@ class CompactNet:
 
     def save(self, path):
         """Write config, weights and BN running statistics to one ``.npz`` (atomically)."""
-        from .checkpoint import atomic_savez
         arrays = self.state_arrays()
         arrays["__config__"] = np.array(self.config.to_json())
         atomic_savez(path, arrays)
@@ -284,7 +297,6 @@ class CompactNet:
     @classmethod
     def load(cls, path, dtype=np.float32):
         """Rebuild a model saved with ``save`` (or from a training checkpoint)."""
-        from .checkpoint import read_npz
         arrays = read_npz(path)
         if "__config__" not in arrays:
             raise ValueError(f"{path} holds no model configuration")

@@ -29,7 +29,13 @@ UPDATES = ("subgradient", "proximal")
 
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite (``train_step`` raises it before updating anything;
-    ``training.Trainer`` when it reads its running sums, before any checkpoint is written)."""
+    ``harness.trainer.Trainer`` when it reads its running sums, before any checkpoint is written)."""
+
+
+def check_weights(cw, ctheta):
+    """The weights C_W and C_Θ of eq. 1 are >= 0 (ValueError otherwise)."""
+    if cw < 0 or ctheta < 0:
+        raise ValueError(f"C_W and C_Θ must be >= 0, got {cw} and {ctheta}")
 
 
 class Regularizer:
@@ -45,8 +51,7 @@ class Regularizer:
     def __init__(self, model, config, cw=1e-4, ctheta=1e-4, update="subgradient"):
         if update not in UPDATES:
             raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
-        if cw < 0 or ctheta < 0:
-            raise ValueError(f"C_W and C_Θ must be >= 0, got {cw} and {ctheta}")
+        check_weights(cw, ctheta)
         self.model, self.config = model, config
         self.cw, self.ctheta, self.update = cw, ctheta, update
         self.last_value = 0.0

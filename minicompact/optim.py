@@ -120,7 +120,7 @@ class StepLR:
     multiplied by min(1, (s + 1) / W), so the first step uses lr/W, never 0.
 
     Small-data presets need warmup: with lr 0.1, no warmup and He initialisation, the
-    12-layer demo network on 32-px images is still at chance after one epoch (measured; the
+    12-layer demo network on 32-px images is still at chance after one epoch (the
     classifier reads all 21·K pyramid features at once and its first updates blow the logits
     up), while 0.01 with one or two warmup epochs learns.
 

@@ -30,7 +30,7 @@ from minicompact.data.sharding import eval_shard, rank_batch
 from minicompact.distributed import (GradientAllReduce, MPICommunicator, average_buffers,
                                      broadcast_model, check_replicas, init)
 from minicompact.gradcheck import GradientCheckError, assert_gradients_close, numerical_gradient
-from minicompact.layers.sync_batchnorm import SyncBatchNorm2D, use_sync_batchnorm
+from minicompact.distributed.sync_batchnorm import SyncBatchNorm2D, use_sync_batchnorm
 from minicompact.model import CompactNet, ModelConfig
 from minicompact.objective import Regularizer, objective, train_step
 from minicompact.optim import SGD
@@ -297,7 +297,7 @@ def sharded_evaluation():
     from minicompact.data.loader import BatchLoader
     from minicompact.data.synthetic import make_synthetic_dataset
     from minicompact.losses import softmax_cross_entropy
-    from minicompact.training import Trainer
+    from minicompact.harness.trainer import Trainer
 
     comm = init("cpu")
     root = None

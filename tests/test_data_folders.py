@@ -129,7 +129,7 @@ def test_symlink_loop_lists_each_image_once_and_warns(tmp_path):
 
 
 def test_listing_is_a_tree_each_file_once(tmp_path):
-    """Cases the issue does not list: a second path to a folder, a linked file, a hard link,
+    """Cases the original list of requirements left out: a second path to a folder, a linked file, a hard link,
     a link into another class (first class keeps it), a broken link and a socket named *.png."""
     import socket
     root = _tree(tmp_path / "d", classes=("a", "b"), per_class=2)

@@ -335,7 +335,7 @@ def test_cache_follows_files_replaced_in_place_and_retries_fixed_ones(tmp_path, 
 
 @pytest.mark.parametrize("then", ["kept", "undone"])
 def test_interrupted_cache_refresh_is_redone(tmp_path, monkeypatch, then):
-    """The cache key, a case the issue does not list: a refresh killed after writing a
+    """The cache key, a case the original requirements left out: a refresh killed after writing a
     changed file's new pixels but before recording its size and time is redone by the next
     open, also when the edit was undone meanwhile, old modification time included (``cp -p``,
     ``rsync -t``): the row is marked unknown before its pixels are touched.  (Killed before

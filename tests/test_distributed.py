@@ -21,7 +21,7 @@ from minicompact.distributed.launcher import (THREAD_VARIABLES, is_first_process
                                               share_cores)
 from minicompact.gradcheck import check_layer
 from minicompact.layers.batchnorm import BatchNorm2D
-from minicompact.layers.sync_batchnorm import SyncBatchNorm2D, use_sync_batchnorm
+from minicompact.distributed.sync_batchnorm import SyncBatchNorm2D, use_sync_batchnorm
 from minicompact.model import CompactNet, ModelConfig
 from minicompact.objective import objective
 

@@ -1,6 +1,6 @@
 """run.py on two MPI ranks (``mpiexec -n 2 python run.py ...``), end to end on a tiny folder.
 
-What issue 9 asks of the launch: one report, one log and checkpoints written by rank 0 only
+What a launch must do: one report, one log and checkpoints written by rank 0 only
 (the other rank writes nothing, not even a folder); an unreadable file on one rank's part
 handled; a run interrupted on one rank resumes bit-identically; the report equal to one
 process's evaluation of the same checkpoint; with --sync-bn, two ranks × batch B train like
@@ -154,7 +154,7 @@ def test_sync_bn_two_ranks_train_like_one_process_with_twice_the_batch(data, tmp
 
 def test_a_bad_flag_is_one_line_from_one_rank(tmp_path):
     code, out, err = launch(["--rho", "2"], cwd=tmp_path)
-    assert code == 2 and not out and err == "run.py: error: --rho must be in [0, 1], got 2.0\n", err
+    assert code == 2 and not out and err == "run.py: error: --rho: rho must lie in [0, 1], got 2.0\n", err
     assert os.listdir(tmp_path) == []
 
 

@@ -1,5 +1,5 @@
 """Issue 10 — nothing lost, nothing silent: every numbered case, and one case per principle
-that the issue does not list (output folders, the tree walk, the cache key, signals).
+that the original list of requirements left out (output folders, the tree walk, the cache key, signals).
 
 Tiny runs on generated folders (see test_run.py); the signal and kill -9 tests run run.py in
 a subprocess with a timeout, so a regression fails instead of hanging.
@@ -73,7 +73,7 @@ def test_case1_an_earlier_run_is_never_overwritten(data, tmp_path, monkeypatch, 
 
 
 def test_output_rule_resuming_an_earlier_checkpoint_keeps_the_later_state(data, tmp_path, capsys):
-    """Not in the issue: --resume OUT/early.npz (epoch 1) while OUT/last.npz is at epoch 2 would
+    """Not in the original requirements: --resume OUT/early.npz (epoch 1) while OUT/last.npz is at epoch 2 would
     overwrite last.npz and rewrite the log.  A branch goes to another --out; a finished run
     is neither trained nor reported again."""
     out = tmp_path / "x"
@@ -184,7 +184,7 @@ def test_case5_evaluation_of_zero_images_is_an_error_not_100_percent(data):
     from minicompact.data.folders import ImageFolder
     from minicompact.data.loader import BatchLoader
     from minicompact.model import CompactNet, ModelConfig
-    from minicompact.training import NoImages, Trainer
+    from minicompact.harness.trainer import NoImages, Trainer
     for p in (data / "val").rglob("*.jpg"):
         p.write_bytes(b"")
     loader = BatchLoader(ImageFolder(data / "val"), 4, 18, 16, "center")
@@ -292,7 +292,7 @@ def test_case9_unusable_out_fails_in_one_line_before_any_training(data, tmp_path
 def test_case9_read_only_mount_is_found_before_training(data, tmp_path, monkeypatch, capsys):
     """What a read-only mount does to the probe file (simulated: the tests may run as root)."""
     import errno
-    from minicompact import rundir
+    from minicompact.harness import rundir
 
     def read_only(path, *args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system", path)
@@ -303,7 +303,7 @@ def test_case9_read_only_mount_is_found_before_training(data, tmp_path, monkeypa
 
 
 def test_case9_disk_failure_during_training_is_one_line(data, tmp_path, monkeypatch, capsys):
-    from minicompact import checkpoint
+    from minicompact.harness import checkpoint
 
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device", str(tmp_path / "x" / "best.npz"))
@@ -314,7 +314,7 @@ def test_case9_disk_failure_during_training_is_one_line(data, tmp_path, monkeypa
 
 # -- 11. Small things ---------------------------------------------------------------------------------
 def test_case11_small_things(data, tmp_path, monkeypatch, capsys):
-    from minicompact import plots
+    from minicompact.harness import plots
     figures = []
     real_save = plots._save
     monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or real_save(fig, path))
@@ -400,7 +400,7 @@ LONG = ["--depth", "3", "--width-mult", "0.03", "--image-size", "16", "--batch-s
 @pytest.mark.parametrize("target", ["process", "group"])
 def test_case7_sigterm_checkpoints_and_stops_the_workers(data, tmp_path, target):
     """SIGTERM to run.py (``timeout``, ``kill``) or to its whole process group (a scheduler,
-    the case the issue does not list) is Ctrl-C: finish the step, checkpoint, exit 143."""
+    a case the original requirements left out) is Ctrl-C: finish the step, checkpoint, exit 143."""
     out = tmp_path / "x"
     proc, log = start(["--data", data, "--out", out, *LONG], tmp_path)
     try:
@@ -438,7 +438,7 @@ def test_case7_kill_9_of_the_main_process_takes_the_workers_with_it(data, tmp_pa
 def test_a_checkpoint_of_a_model_run_py_would_not_build_is_one_line(data, tmp_path, capsys):
     """A checkpoint whose model configuration differs from what its settings build (saved by
     another program, say) is refused before any array is loaded, not with a traceback."""
-    from minicompact.checkpoint import atomic_savez
+    from minicompact.harness.checkpoint import atomic_savez
     assert main("--data", data, "--epochs", 1, "--out", tmp_path / "a", *TINY) == 0
     with np.load(tmp_path / "a" / "last.npz") as z:
         arrays = {k: z[k] for k in z.files}

@@ -17,7 +17,8 @@ from minicompact.model import CompactNet, ModelConfig
 from minicompact.objective import NonFiniteLoss, Regularizer, train_step
 from minicompact.optim import SGD, StepLR
 from minicompact.regularizers import variant
-from minicompact.training import Interrupted, Trainer
+from minicompact.harness.stopping import Interrupted
+from minicompact.harness.trainer import Trainer
 
 CLASSES, SIZE, BATCH = 5, 8, 4
 

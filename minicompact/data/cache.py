@@ -36,8 +36,8 @@ import shutil
 
 import numpy as np
 
-from ..atomic import atomic_write
-from ..processes import pid_alive
+from ..harness.atomic import atomic_write
+from ..harness.processes import pid_alive
 from .images import BadImageError, load_rgb
 
 CACHE_VERSION = 2
@@ -104,11 +104,35 @@ class ImageCache:
     def __len__(self):
         return self.count
 
+    def holds(self, dataset, resize):
+        """Whether this cache was built for exactly ``dataset``'s files at ``resize`` px."""
+        return (self.resize == resize and self.count == len(dataset.samples)
+                and self.key == _dataset_key(dataset, resize))
+
     def get(self, index):
         """Image ``index`` as (R, R, 3) uint8; ``BadImageError`` if it failed to decode."""
         if index in self.failed:
             raise BadImageError(f"cache entry {index}", self.failed[index])
         return np.asarray(self.images[index])
+
+
+_open_maps = {}  # per process: cache .npy path -> (file identity, memmap)
+
+
+def read_rows(npy_path, indices):
+    """Rows ``indices`` of the cache file ``npy_path`` (what a decoding worker reads), (N, R, R, 3) uint8 (a copy).
+
+    The memory map is opened once per process and file.  A cache rebuilt under the same name
+    is a new file (``build_cache`` renames it into place), so the map is keyed on the file's
+    identity too: the old map would serve the old pixels, and old row numbers.  (While
+    mapped, the old file keeps its inode, so a new file cannot reuse it.)
+    """
+    st = os.stat(npy_path)
+    identity = (st.st_dev, st.st_ino)
+    held = _open_maps.get(npy_path)
+    if held is None or held[0] != identity:
+        held = _open_maps[npy_path] = (identity, np.load(npy_path, mmap_mode="r"))
+    return held[1][indices]
 
 
 def _read_meta(json_path):
@@ -145,7 +169,7 @@ def _decode_into(npy_path, rows, paths, resize, executor=None, progress=False):
         results = executor.map(_fill_rows, [npy_path] * len(chunks), [r for r, _ in chunks],
                                [p for _, p in chunks], [resize] * len(chunks))
     if progress:
-        from tqdm import tqdm
+        from tqdm import tqdm  # only when a bar is drawn: a worker process never needs it
         results = tqdm(results, total=len(chunks), desc=f"caching images at {resize} px", unit="chunk")
     failed = {}
     for f in results:

@@ -44,8 +44,8 @@ from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
-from ..processes import die_with_parent
-from .cache import ImageCache, _dataset_key, open_cache
+from ..harness.processes import die_with_parent
+from .cache import ImageCache, open_cache, read_rows
 from .images import BadImageError, load_rgb
 from .sharding import eval_shard, rank_batch, steps_per_epoch
 from .transforms import center_crop, crop_flip, hashed_crop_params, ten_crop
@@ -84,25 +84,6 @@ def first_readable(paths, resize):
     return None
 
 
-_open_maps = {}  # per process: cache .npy path -> (file identity, memmap)
-
-
-def _cached_rows(npy_path, indices):
-    """Rows ``indices`` of a cache file, (N, R, R, 3) uint8 (a copy).
-
-    The memory map is opened once per process and file.  A cache rebuilt under the same name
-    is a new file (``build_cache`` renames it into place), so the map is keyed on the file's
-    identity too: the old map would serve the old pixels, and old row numbers.  (While
-    mapped, the old file keeps its inode, so a new file cannot reuse it.)
-    """
-    st = os.stat(npy_path)
-    identity = (st.st_dev, st.st_ino)
-    held = _open_maps.get(npy_path)
-    if held is None or held[0] != identity:
-        held = _open_maps[npy_path] = (identity, np.load(npy_path, mmap_mode="r"))
-    return held[1][indices]
-
-
 def make_batch(job):
     """Decode (or read from the cache) and crop one batch.  Runs in a worker or inline.
 
@@ -119,7 +100,7 @@ def make_batch(job):
     ok = np.ones(n, dtype=bool)
     reasons = {}
     if job["cache"] is not None:
-        decoded = _cached_rows(job["cache"], indices)
+        decoded = read_rows(job["cache"], indices)
     else:
         decoded = np.empty((n, resize, resize, 3), dtype=np.uint8)
         for i, path in enumerate(job["paths"]):  # one file at a time: decoding is per file
@@ -189,8 +170,7 @@ class BatchLoader:
         if cache is not None and not isinstance(cache, ImageCache):
             with self._worker_deaths():
                 cache = open_cache(dataset, self.resize, cache, executor=self._pool())
-        if cache is not None and (cache.resize != self.resize or len(cache) != len(self.paths)
-                                  or cache.key != _dataset_key(dataset, self.resize)):
+        if cache is not None and not cache.holds(dataset, self.resize):
             raise ValueError(f"cache {cache.npy_path} was built for another dataset or size "
                              f"({len(cache)} images at {cache.resize} px; this loader has "
                              f"{len(self.paths)} at {self.resize} px)")

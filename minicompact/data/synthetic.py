@@ -20,9 +20,9 @@ Shapes are drawn from signed distance functions on a coordinate grid (negative i
 ``alpha = clip(0.5 - d, 0, 1)`` gives one pixel of anti-aliasing), so drawing is
 vectorised over pixels; the loop over images runs once, when the dataset is made.
 
-Defaults (``DEFAULTS``): 8 classes x (300 train + 50 val) images of 32x32, about 3 s to make
-on 2 CPU cores, 4 MB of JPEGs (12 MB on disk in 4 KiB blocks) -- small enough for a tiny CNN
-to see several epochs in a few CPU minutes.  Measured (tests/test_synthetic.py): ridge
+Defaults (``DEFAULTS``): 8 classes x (300 train + 50 val) images of 32x32, 4 MB of JPEGs
+(12 MB on disk in 4 KiB blocks) -- small enough to make in seconds and for a tiny CNN to see
+several epochs on a laptop CPU.  Measured (tests/test_synthetic.py): ridge
 regression on raw pixels reaches ~20 % val accuracy (chance 12.5 %); the same classifier on
 untrained random conv filters + ReLU + global pooling reaches ~70 %.
 """
@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..processes import pid_alive
+from ..harness.processes import pid_alive
 
 VERSION = "synthetic-v1"
 MARKER = "synthetic.json"

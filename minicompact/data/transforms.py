@@ -88,8 +88,9 @@ def crop_flip(images, crop, oy, ox, flip):
     No per-image loop and no per-pixel index arithmetic: a strided view lists every window
     of every image, shape (N, H-crop+1, W-crop+1, crop, crop, 3), without copying; indexing
     it with (n, oy, ox) copies N whole windows, row by contiguous row.  Transposed copies
-    then write them into the NCHW output, the mirrored ones with reversed columns.  (Ten
-    times faster than gathering pixel by pixel with broadcast row and column indices.)
+    then write them into the NCHW output, the mirrored ones with reversed columns.  (Gathering
+    pixel by pixel with broadcast row and column indices would build and read an index per
+    pixel instead of copying contiguous rows.)
 
     Args:
         images: (N, H, W, 3) uint8 (NHWC).

@@ -5,13 +5,15 @@ batch (``data/sharding.py``) and all-reduce their gradients once per step; the
 regularizer of eq. 1 is applied after that reduce, identically on every rank.
 
 * ``launcher.py``       what ``mpiexec``/``srun`` say in the environment (no MPI, no NumPy)
-* ``comm.py``           the communicator interface; one process; MPI (mpi4py); ``init``
+* ``checks.py``         the argument checks every communicator shares
+* ``comm.py``           the communicator interface; one process; MPI (mpi4py)
+* ``start.py``          ``init``: picks the communicator (and the GPU) of this process
 * ``nccl.py``           NCCL (CuPy) for GPU arrays; imported only by GPU runs; not yet run
 * ``data_parallel.py``  the gradient all-reduce, the initial broadcast, the replica check,
                         averaging batch-norm buffers
 
-``layers/sync_batchnorm.py`` holds ``SyncBatchNorm2D`` (statistics over the global batch);
-``training.Trainer`` runs the loop below when given a communicator with several ranks, and
+``sync_batchnorm.py`` holds ``SyncBatchNorm2D`` (statistics over the global batch);
+``harness.trainer.Trainer`` runs the loop below when given a communicator with several ranks, and
 ``BatchLoader(rank=, ranks=)`` reads each rank's part of the data.  The loop::
 
     comm = distributed.init(device)                     # before any CuPy array exists
@@ -30,7 +32,7 @@ run.py does before NumPy starts its threads — imports nothing else.
 """
 import importlib
 
-_WHERE = {"Communicator": "comm", "MPICommunicator": "comm", "init": "comm",
+_WHERE = {"Communicator": "comm", "MPICommunicator": "comm", "init": "start",
           "launched_by_mpi": "launcher", "GradientAllReduce": "data_parallel",
           "average_buffers": "data_parallel", "broadcast_model": "data_parallel",
           "check_replicas": "data_parallel", "replica_digest": "data_parallel"}

@@ -21,7 +21,7 @@ the same order::
 * ``NCCLCommunicator`` (``distributed/nccl.py``) reduces CuPy arrays with NCCL and keeps MPI
   for everything else.
 
-``init`` picks one of them.
+``start.init`` picks one of them.
 """
 import contextlib
 import os
@@ -31,22 +31,8 @@ import traceback
 
 import numpy as np
 
-from ..backend import BackendError, is_gpu_array, to_cpu
-from .launcher import launched_by_mpi
-
-OPS = ("sum", "mean")
-
-def _check_op(op):
-    if op not in OPS:
-        raise ValueError(f"op must be one of {OPS}, got {op!r}")
-
-
-def _check_buffer(x, what):
-    """Collectives work in place on one contiguous block of memory."""
-    if not (x.flags.c_contiguous and x.size > 0):
-        raise ValueError(f"{what} needs a non-empty C-contiguous array, got shape "
-                         f"{tuple(x.shape)} (contiguous: {bool(x.flags.c_contiguous)})")
-
+from ..backend import is_gpu_array, to_cpu
+from .checks import check_buffer, check_op
 
 class Communicator:
     """The single process: rank 0 of 1, every collective the identity.
@@ -72,7 +58,7 @@ class Communicator:
         Every rank passes an array of the same shape and dtype and gets the same result, bit
         for bit.  Returns x.
         """
-        _check_op(op)
+        check_op(op)
         return x
 
     def broadcast(self, x, root=0):
@@ -155,8 +141,8 @@ class MPICommunicator(Communicator):
             _abort_on_uncaught_exception(self)
 
     def allreduce(self, x, op="sum"):
-        _check_op(op)
-        _check_buffer(x, "allreduce")
+        check_op(op)
+        check_buffer(x, "allreduce")
         if self.size == 1:
             return x
         if is_gpu_array(x):
@@ -170,7 +156,7 @@ class MPICommunicator(Communicator):
         return x
 
     def broadcast(self, x, root=0):
-        _check_buffer(x, "broadcast")
+        check_buffer(x, "broadcast")
         if self.size == 1:
             return x
         if is_gpu_array(x):
@@ -269,53 +255,3 @@ def _abort_on_uncaught_exception(comm):
 
 def _ending_message(exc, size):
     return f"{type(exc).__name__} on this rank: ending all {size} ranks"
-
-
-def init(device="cpu", backend="auto"):
-    """The communicator of this process, and (on GPUs) its device selected.
-
-    device: "cpu" or "gpu" (already resolved, ``backend.resolve_device``).
-    backend: "auto" (the default), "single", "mpi" or "nccl":
-
-    * "auto": launched by ``mpiexec``/``srun`` (``launched_by_mpi``) → NCCL on GPUs, MPI on
-      CPUs; otherwise the single process, without importing mpi4py.
-    * "mpi" / "nccl" force that engine (mpi4py must be installed; "nccl" needs CuPy).
-
-    On GPUs each rank uses GPU ``local_rank % n_gpus``, selected here: call ``init`` before
-    any CuPy array is made.  Raises ``BackendError`` with a one-line reason when the engine
-    cannot be had (mpi4py or CuPy missing), and ends the job with a message when the
-    launcher started N processes but the MPI library that mpi4py loaded sees another number
-    (a launcher from another MPI than the library: each process would train alone).
-    """
-    if backend not in ("auto", "single", "mpi", "nccl"):
-        raise ValueError(f"backend must be auto, single, mpi or nccl, got {backend!r}")
-    if device not in ("cpu", "gpu"):
-        raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
-    launched, launcher_size = launched_by_mpi()
-    if backend == "single" or (backend == "auto" and not launched):
-        return Communicator()
-    try:
-        if device == "gpu" and backend in ("auto", "nccl"):
-            from .nccl import NCCLCommunicator  # imports CuPy
-            comm = NCCLCommunicator()
-        else:
-            comm = MPICommunicator()
-            if device == "gpu":
-                select_gpu(comm.local_rank)
-    except ImportError as exc:
-        raise BackendError(f"MPI was asked for (or this run was started by an MPI launcher) but "
-                           f"{exc}; pip install -r requirements.txt") from None
-    if launcher_size is not None and launcher_size != comm.size:
-        comm.abort(f"the launcher started {launcher_size} processes but MPI sees {comm.size}: "
-                   f"mpiexec and the MPI library that mpi4py loaded come from different MPIs "
-                   f"(use the mpiexec installed with the mpich wheel, or set MPI4PY_LIBMPI to "
-                   f"your cluster's libmpi.so)")
-    return comm
-
-
-def select_gpu(local_rank):
-    """Make GPU ``local_rank % n_gpus`` CuPy's current device; returns its index."""
-    import cupy  # GPU runs only
-    index = local_rank % cupy.cuda.runtime.getDeviceCount()
-    cupy.cuda.Device(index).use()
-    return index

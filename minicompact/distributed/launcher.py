@@ -54,7 +54,7 @@ def share_cores(environ=None, cores=None, machine_cores=None):
     """Give each of the launcher's ranks on this node its share of the cores for BLAS threads.
 
     Without this, N ranks on a node each start one OpenBLAS thread per core: N times too many
-    threads, which wait on each other (on a busy 2-core machine a product ran 10x slower).
+    threads, which wait on each other and for the cores (docs/data-parallel.md has the figure).
     Sets OMP_NUM_THREADS, OPENBLAS_NUM_THREADS and MKL_NUM_THREADS to cores // ranks per node
     (at least 1) — as ``torchrun`` sets OMP_NUM_THREADS — but only when the launcher says how
     many ranks share the node, more than one do, and the user has set none of the three.

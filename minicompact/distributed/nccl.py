@@ -21,7 +21,8 @@ import cupy
 from cupy.cuda import nccl
 
 from ..backend import BackendError, is_gpu_array
-from .comm import MPICommunicator, _check_buffer, _check_op
+from .checks import check_buffer, check_op
+from .comm import MPICommunicator
 
 _NCCL_TYPES = {"float16": "NCCL_FLOAT16", "float32": "NCCL_FLOAT32", "float64": "NCCL_FLOAT64",
                "int32": "NCCL_INT32", "int64": "NCCL_INT64", "uint8": "NCCL_UINT8"}
@@ -57,8 +58,8 @@ class NCCLCommunicator(MPICommunicator):
     def allreduce(self, x, op="sum"):
         if not is_gpu_array(x):
             return super().allreduce(x, op)
-        _check_op(op)
-        _check_buffer(x, "allreduce")
+        check_op(op)
+        check_buffer(x, "allreduce")
         stream = cupy.cuda.get_current_stream().ptr
         # In place (send buffer = receive buffer) is allowed by NCCL.
         self.nccl.allReduce(x.data.ptr, x.data.ptr, x.size, _nccl_type(x.dtype), nccl.NCCL_SUM,
@@ -70,7 +71,7 @@ class NCCLCommunicator(MPICommunicator):
     def broadcast(self, x, root=0):
         if not is_gpu_array(x):
             return super().broadcast(x, root)
-        _check_buffer(x, "broadcast")
+        check_buffer(x, "broadcast")
         stream = cupy.cuda.get_current_stream().ptr
         self.nccl.bcast(x.data.ptr, x.size, _nccl_type(x.dtype), root, stream)
         return x

@@ -78,6 +78,14 @@ class Layer:
         return f"{type(self).__name__}()"
 
 
+def kernel_pair(v, name):
+    """An int or a pair of ints → a pair of positive ints."""
+    pair = (v, v) if np.isscalar(v) else tuple(v)
+    if len(pair) != 2 or not all(isinstance(a, (int, np.integer)) and a >= 1 for a in pair):
+        raise ValueError(f"{name} must be a positive int or a pair of them, got {v!r}")
+    return int(pair[0]), int(pair[1])
+
+
 def check_input(layer, x, ndim, channels=None, min_hw=None):
     """Validate a layer's input; raise ``ValueError`` naming expected and received shapes.
 

@@ -98,7 +98,7 @@ class BatchNorm2D(Layer):
         rv *= 1.0 - mom
         rv += (mom * m / (m - 1)) * var                # unbiased variance, as PyTorch
 
-    # Where "the batch" is: this process's own here; SyncBatchNorm2D (layers/sync_batchnorm.py)
+    # Where "the batch" is: this process's own here; SyncBatchNorm2D (distributed/sync_batchnorm.py)
     # overrides these three to take every rank's batch of a data-parallel step.
     def _batch_count(self, m):
         """M, the values per channel in the batch, from this process's m = N·H·W."""

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..backend import device_of, get_array_module
 from ..im2col import col2im, im2col, output_size
-from .base import Layer, check_input
+from .base import Layer, check_input, kernel_pair
 
 
 def conv2d_forward(x, W, stride=1, padding=0, workspace=None):
@@ -50,7 +50,7 @@ def conv2d_backward(dout, cols, W, x_shape, stride=1, padding=0, overwrite_cols=
     dout2 = xp.ascontiguousarray(dout.transpose(1, 0, 2, 3)).reshape(k, -1)
     # dWᵀ = cols · dout2ᵀ (dout2ᵀ a view BLAS reads transposed).  The same product as
     # dout2 · colsᵀ, but written this way OpenBLAS splits its long inner dimension across
-    # threads, which it does poorly for the other order (measured much slower on 2 cores).
+    # threads; for the other order it splits the short dimension and leaves threads idle.
     dW = (cols @ dout2.T).T.reshape(W.shape)
     if not input_grad:
         return None, dW
@@ -58,14 +58,6 @@ def conv2d_backward(dout, cols, W, x_shape, stride=1, padding=0, overwrite_cols=
     dcols = xp.matmul(W2.T, dout2, out=cols if overwrite_cols else None)
     dx = col2im(dcols, x_shape, kh, kw, stride, padding)
     return dx, dW
-
-
-def _pair(v, name):
-    """An int or a pair of ints → a pair of positive ints."""
-    pair = (v, v) if np.isscalar(v) else tuple(v)
-    if len(pair) != 2 or not all(isinstance(a, (int, np.integer)) and a >= 1 for a in pair):
-        raise ValueError(f"{name} must be a positive int or a pair of them, got {v!r}")
-    return int(pair[0]), int(pair[1])
 
 
 class Conv2D(Layer):
@@ -97,7 +89,7 @@ class Conv2D(Layer):
             raise ValueError(f"Conv2D needs an int stride >= 1 and padding >= 0, got "
                              f"stride={stride!r}, padding={padding!r}")
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.kernel_size = kernel_pair(kernel_size, "kernel_size")
         self.stride, self.padding = int(stride), int(padding)
         self.need_input_grad = bool(need_input_grad)
         kh, kw = self.kernel_size

@@ -2,7 +2,7 @@
 
 ``max_pool_forward`` / ``max_pool_backward`` are the max-pool to read: a loop over the
 kh·kw window offsets.  ``MaxPool2D`` runs, by default, the faster separable version of
-``maxpool_separable`` with the same results (tested against each other and the loops).
+``minicompact.separable_maxpool`` with the same results (tested against each other and the loops).
 Both route each output's gradient to the single input that won its max.  Ties go to the
 *first* candidate in row-major order (top row first, left to right), so on a constant input
 every window sends its whole gradient to its top-left real pixel.
@@ -11,9 +11,8 @@ import numpy as np
 
 from ..backend import get_array_module
 from ..im2col import output_size
-from .base import Layer, check_input
-from .conv import _pair
-from .maxpool_separable import separable_max_pool_backward, separable_max_pool_forward
+from ..separable_maxpool import separable_max_pool_backward, separable_max_pool_forward
+from .base import Layer, check_input, kernel_pair
 
 
 def max_pool_forward(x, kernel_size, stride, padding):
@@ -72,13 +71,13 @@ class MaxPool2D(Layer):
 
     kernel_size: int or (kh, kw); stride: int; padding: int < kernel size.  Padding is -inf,
     so it never wins.  Ties go to the first maximum in row-major window order.
-    impl: "separable" (default: the same results in fewer passes, ``maxpool_separable``) or
+    impl: "separable" (default: the same results in fewer passes, ``minicompact.separable_maxpool``) or
     "simple" (``max_pool_forward`` / ``max_pool_backward`` above, the version to read).
     """
 
     def __init__(self, kernel_size=3, stride=1, padding=1, impl="separable"):
         super().__init__()
-        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.kernel_size = kernel_pair(kernel_size, "kernel_size")
         if int(stride) != stride or stride < 1 or int(padding) != padding or padding < 0:
             raise ValueError(f"MaxPool2D needs an int stride >= 1 and padding >= 0, got "
                              f"stride={stride!r}, padding={padding!r}")

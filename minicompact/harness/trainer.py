@@ -31,33 +31,20 @@
 import json
 import math
 import os
-import signal
 import time
 
+from ..backend import get_array_module
+from ..data.transforms import normalize
+from ..distributed.comm import Communicator
+from ..distributed.data_parallel import GradientAllReduce, broadcast_model, check_replicas
+from ..distributed.sync_batchnorm import use_sync_batchnorm
+from ..losses import accuracy_topk, check_labels, softmax
+from ..objective import NonFiniteLoss, train_step
 from .atomic import atomic_write
-from .backend import get_array_module
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data.transforms import normalize
-from .device_sums import DeviceSums
-from .distributed.comm import Communicator
-from .distributed.data_parallel import GradientAllReduce, broadcast_model, check_replicas
-from .layers.sync_batchnorm import use_sync_batchnorm
-from .losses import accuracy_topk, check_labels, softmax
-from .objective import NonFiniteLoss, train_step
-
-try:
-    from tqdm.auto import tqdm
-except ImportError:  # pragma: no cover - tqdm is in requirements.txt
-    tqdm = None
-
-
-class Interrupted(Exception):
-    """Ctrl-C or SIGTERM arrived; a checkpoint was written at the current position.
-
-    ``signum``: the signal that asked for the stop (on any rank of a data-parallel run).
-    """
-
-    signum = signal.SIGINT
+from .device_sums import DeviceSums, EpochSums
+from .progress import ProgressBar
+from .stopping import Interrupted, StopSignals, agreed_stop, interrupted, stop_votes
 
 
 class NoImages(RuntimeError):
@@ -67,52 +54,6 @@ class NoImages(RuntimeError):
 class ReplicasDiffer(RuntimeError):
     """The ranks of a data-parallel run no longer hold bit-identical models (a bug, or a
     rank whose hardware computes differently); raised on every rank at a checkpoint."""
-
-
-class StopSignals:
-    """SIGINT (Ctrl-C) and SIGTERM (``kill``, ``timeout``, cluster schedulers) as one request.
-
-    graceful=True: the first signal sets ``raised`` and ``signum`` (the training loop checks
-    ``raised`` between steps, then checkpoints and stops); a second one raises
-    ``KeyboardInterrupt`` at once.  graceful=False: every signal raises ``KeyboardInterrupt``
-    at once (the code outside training, which has nothing to checkpoint), with ``signum`` set.
-    The previous handlers come back on exit, so the two nest.  Outside the main thread
-    signals cannot be handled and are left alone.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-    last_signum = None  # the latest signal any instance saw (for the exit status)
-
-    def __init__(self, graceful=True):
-        self.graceful = graceful
-        self.raised = False
-        self.signum = None
-        self._old = {}
-
-    def __enter__(self):
-        try:
-            for sig in self.SIGNALS:
-                self._old[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # not in the main thread: leave signals alone
-            self._restore()
-        return self
-
-    def _handle(self, signum, frame):
-        first = not self.raised
-        self.raised, self.signum = True, self.signum or signum
-        StopSignals.last_signum = signum
-        if first and self.graceful:
-            return
-        raise KeyboardInterrupt
-
-    def _restore(self):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old = {}
-
-    def __exit__(self, *exc):
-        self._restore()
-        return False
 
 
 class Trainer:
@@ -154,32 +95,20 @@ class Trainer:
         x = normalize(images_u8, self.mean, self.std, self.xp)
         return x, self.xp.asarray(labels)
 
-    def _read_sums(self, totals, n, where):
-        """Bring the running sums to the host (one transfer: the one sync of a log interval),
-        add them up over the ranks with ``n``, this rank's image count (a dict with "n"), and
-        stop the run if the loss or the objective went NaN or infinite since the epoch began.
-        Called at every log interval and always before a checkpoint can be written, so a
-        diverged model is never saved; every rank reads the same sums, so all stop together."""
-        host = totals.read()
+    def _read_sums(self, sums, where):
+        """Bring the running ``EpochSums`` to the host (one transfer: the one sync of a log
+        interval), add them up over the ranks, and stop the run if the loss or the objective
+        went NaN or infinite since the epoch began.  Called at every log interval and always
+        before a checkpoint can be written, so a diverged model is never saved; every rank
+        reads the same sums, so all stop together."""
+        host = sums.device.read()
         names = list(host) + ["n"]
-        host = dict(zip(names, self.comm.sum([host[k] for k in names[:-1]] + [n])))
+        host = dict(zip(names, self.comm.sum([host[k] for k in names[:-1]] + [sums.n])))
         for name in ("loss", "objective"):
             if not math.isfinite(host[name]):
                 raise NonFiniteLoss(f"the {name} became {host[name]} {where}; lower --lr or raise "
                                     "--warmup; the last good checkpoint is kept")
         return host
-
-    @staticmethod
-    def _stop_flags(sigint):
-        """[SIGINT asked for, SIGTERM asked for] on this rank, as 0/1 for ``comm.sum``."""
-        raised = sigint is not None and sigint.raised
-        term = getattr(sigint, "signum", None) == signal.SIGTERM
-        return [int(raised and not term), int(raised and term)]
-
-    def _asked_to_stop(self, sigint):
-        """The signal any rank was sent (SIGTERM before SIGINT), or None: a collective."""
-        asked_int, asked_term = self.comm.sum(self._stop_flags(sigint))
-        return signal.SIGTERM if asked_term else signal.SIGINT if asked_int else None
 
     def _gather_files(self, files):
         """Every rank's list of file names, concatenated in rank order, on every rank."""
@@ -189,36 +118,25 @@ class Trainer:
     def train_epoch(self, epoch, start_step=0, sigint=None):
         """One pass over the training data from batch ``start_step``; returns the epoch's stats.
 
-        The loss, objective and accuracy counts of each step are summed on the model's device
-        (``DeviceSums``) and read by the host once per ``log_interval`` seconds and at the end:
-        on a GPU, no step waits for the GPU to drain its queue.  A NaN or infinite loss is
-        therefore noticed at the next read (at most ``log_interval`` seconds later), and the
-        run stops then without writing a checkpoint (``_read_sums``).
+        Each step: a batch from the loader → normalised on the device → ``train_step`` (eq. 1:
+        forward, backward, regularizer, SGD) → its loss and accuracy added to ``EpochSums``
+        on the device.  The host reads those sums once per ``log_interval`` seconds and at
+        the end (on a GPU no step waits for the queue to drain), so a NaN or infinite loss
+        is noticed at the next read and the run stops then without a checkpoint.
 
-        Before each step the ranks sum three things on the host (``comm.sum``; one process:
-        nothing to exchange): the step's image count over all ranks (0: every image of the
-        global batch was unreadable, and the step is skipped on every rank, as one process
-        skips such a batch), whether a stop was asked for (Ctrl-C or SIGTERM on any rank
-        since the last step: all ranks stop after it, in the same state; a stop asked for
-        before this call's first step waits for that step) and whether a rank's
-        log interval is up (all ranks read their sums together).
+        Before each step the ranks sum, on the host (``comm.sum``; one process: nothing to
+        exchange), the step's image count over all ranks (0: every image of the global batch
+        was unreadable, and every rank skips the step, as one process does), the stop votes
+        (Ctrl-C or SIGTERM on any rank: all ranks stop after the same step, one step at least
+        after a resume) and whether a rank's log interval is up (all read their sums together).
         """
-        model, opt, comm, loader = self.model, self.optimizer, self.comm, self.train_loader
+        model, loader, comm = self.model, self.train_loader, self.comm
         model.train()
-        steps = len(loader)
-        num_classes = model.classifier.num_classes
-        sums = self.state.get("partial") or {"loss": 0.0, "objective": 0.0, "top1": 0, "top5": 0,
-                                             "n": 0, "seconds": 0.0, "skipped": []}
-        mine = sums if comm.is_root else {}  # a resumed epoch's sums are the whole group's
-        totals = DeviceSums(self.xp, ("loss", "objective", "top1", "top5"), start=mine)
-        n_mine = int(mine.get("n", 0))
-        bar = None
-        if self.progress and tqdm is not None:
-            bar = tqdm(total=steps, initial=start_step, desc=f"epoch {epoch + 1}/{self.epochs}",
-                       unit="batch", leave=False, dynamic_ncols=True)
-        t0 = last_read = time.perf_counter()
+        steps, num_classes = len(loader), model.classifier.num_classes
+        sums = EpochSums(self.xp, self.state.get("partial"), comm.is_root)
+        last_read = sums.t0
         done, skipped_done = start_step, 0  # the last step taken; files skipped up to it
-        try:
+        with ProgressBar(self.progress, steps, start_step, f"epoch {epoch + 1}/{self.epochs}") as bar:
             for images, labels in loader.epoch(epoch, start_batch=start_step):
                 # The loader's batch index, not a count of yielded batches: a batch whose
                 # images were all unreadable is never yielded, and resume must not drift.
@@ -226,49 +144,29 @@ class Trainer:
                 check_labels(labels, num_classes, "training batch")  # on the host: no sync
                 n = int(labels.shape[0])
                 due = time.perf_counter() - last_read >= self.log_interval
-                total, asked_int, asked_term, due = comm.sum([n, *self._stop_flags(sigint), due])
-                stop = (asked_int or asked_term) and done > start_step  # after one step at least
+                total, asked_int, asked_term, due = comm.sum([n, *stop_votes(sigint), due])
+                stop = (asked_int or asked_term) and done > start_step
                 if due or stop:
-                    host = self._read_sums(totals, n_mine, f"at epoch {epoch + 1}, by step {done}")
+                    host = self._read_sums(sums, f"at epoch {epoch + 1}, by step {done}")
                     last_read = time.perf_counter()
-                    if bar is not None:
-                        elapsed = sums["seconds"] + last_read - t0
-                        seen = max(host["n"], 1)
-                        bar.set_postfix(loss=f"{host['loss'] / seen:.3f}",
-                                        acc=f"{100 * host['top1'] / seen:.1f}%",
-                                        img_s=f"{host['n'] / max(elapsed, 1e-9):.0f}", refresh=False)
+                    bar.show(host, sums.elapsed(last_read))
                 if stop:  # after the last step taken, on every rank
-                    sums.update(host, top1=int(host["top1"]), top5=int(host["top5"]), n=int(host["n"]))
-                    sums["seconds"] += time.perf_counter() - t0
-                    sums["skipped"] = sums["skipped"] + self._gather_files(loader.skipped[:skipped_done])
-                    self.state.update(epoch=epoch, step=done, partial=sums)
-                    exc = Interrupted(f"interrupted at epoch {epoch + 1}, step {done}")
-                    exc.signum = signal.SIGTERM if asked_term else signal.SIGINT
-                    raise exc
+                    partial = sums.paused(host, self._gather_files(loader.skipped[:skipped_done]))
+                    self.state.update(epoch=epoch, step=done, partial=partial)
+                    raise interrupted(f"interrupted at epoch {epoch + 1}, step {done}",
+                                      agreed_stop(asked_int, asked_term))
                 if total:
                     x, y = self._to_model(images, labels) if n else (None, None)
                     lr = self.schedule.lr_at(epoch, step - 1, steps)
-                    value, loss, scores = train_step(model, opt, x, y, self.regularizer, self.loss_fn,
-                                                     lr, check_finite=False,
+                    value, loss, scores = train_step(model, self.optimizer, x, y, self.regularizer,
+                                                     self.loss_fn, lr, check_finite=False,
                                                      reduce_gradients=self.reducer)
                     if n:
-                        c1, c5 = accuracy_topk(scores, y, ks=(1, 5))
-                        totals.add(loss=loss * n, objective=value * n, top1=c1, top5=c5)
-                        n_mine += n
+                        sums.add(loss, value, *accuracy_topk(scores, y, ks=(1, 5)), n)
                 done, skipped_done = step, skipped
-                if bar is not None:
-                    bar.update(step - bar.n)
-        finally:
-            if bar is not None:
-                bar.close()
-        host = self._read_sums(totals, n_mine, f"in epoch {epoch + 1}")  # also waits for the GPU
-        sums["seconds"] += time.perf_counter() - t0
-        sums["skipped"] = sums["skipped"] + self._gather_files(loader.skipped)
-        n = max(int(host["n"]), 1)
-        return {"loss": host["loss"] / n, "objective": host["objective"] / n,
-                "train_top1": host["top1"] / n, "train_top5": host["top5"] / n,
-                "images_per_s": int(host["n"]) / max(sums["seconds"], 1e-9), "seconds": sums["seconds"],
-                "skipped": len(sums["skipped"]), "skipped_files": sums["skipped"][:20]}
+                bar.update(step)
+        host = self._read_sums(sums, f"in epoch {epoch + 1}")  # also waits for the GPU
+        return sums.finished(host, self._gather_files(loader.skipped))
 
     def evaluate(self, loader=None, mode=None):
         """Top-1/top-5 accuracy and mean loss over ``loader`` in evaluation mode.
@@ -417,9 +315,7 @@ class Trainer:
                     self.save("best.npz")
                 self.save("last.npz")
                 self._write_log()  # after the checkpoints: the log never runs ahead of last.npz
-                signum = self._asked_to_stop(sigint)
+                signum = agreed_stop(*self.comm.sum(stop_votes(sigint)))  # a collective
                 if signum is not None:
-                    exc = Interrupted(f"interrupted after epoch {epoch + 1}")
-                    exc.signum = signum
-                    raise exc
+                    raise interrupted(f"interrupted after epoch {epoch + 1}", signum)
         return self.state["history"]

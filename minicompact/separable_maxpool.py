@@ -1,6 +1,6 @@
 """The fast max-pool on NumPy: separable, over contiguous phase planes.
 
-Same results as the readable ``pooling.max_pool_forward`` / ``max_pool_backward`` (the
+Same results as the readable ``layers.pooling.max_pool_forward`` / ``max_pool_backward`` (the
 tests hold the two against each other and against the loops of ``minicompact.reference``),
 in fewer and cheaper passes:
 
@@ -23,8 +23,8 @@ Memory kept for backward: the winning taps, one byte each, about (H+2p)(W+2p)/s 
 """
 import numpy as np
 
-from ..backend import get_array_module
-from ..im2col import output_size
+from .backend import get_array_module
+from .im2col import output_size
 
 
 def _first_max(taps, out=None):

@@ -10,10 +10,10 @@ import os
 
 import numpy as np
 
+from ..backend import to_cpu
+from ..metrics import sparsity_report, threshold_
 from .atomic import atomic_write
-from .backend import to_cpu
 from .checkpoint import save_checkpoint
-from .metrics import sparsity_report, threshold_
 from .plots import plot_curves, plot_sparsity
 
 
@@ -63,7 +63,7 @@ def to_python(obj):
 def write_report(trainer, tencrop_loader, out_dir, threshold, header):
     """Evaluate, threshold the model in place, evaluate again; write the files; return the dict.
 
-    trainer: a ``training.Trainer`` (its model, val loader and history are used);
+    trainer: a ``harness.trainer.Trainer`` (its model, val loader and history are used);
     tencrop_loader: a ten-crop ``BatchLoader`` of the val split; header: dict of fields put at
     the top of the report (model, depth, rho); out_dir None: write nothing, only return the
     report (the other ranks of a data-parallel run, which evaluate their shards with rank 0).

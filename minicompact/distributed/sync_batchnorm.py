@@ -34,7 +34,7 @@ With a single-process communicator every all-reduce is the identity and each wei
 1.0, so the layer computes the same bits as ``BatchNorm2D`` (tested).
 """
 from ..backend import get_array_module
-from .batchnorm import BatchNorm2D
+from ..layers.batchnorm import BatchNorm2D
 
 
 class SyncBatchNorm2D(BatchNorm2D):

@@ -1,0 +1,20 @@
+"""The run harness: everything around the maths that a long training run needs.
+
+Read in this order (each module imports only those above it, and the maths core):
+
+* ``atomic.py``       write a file so that a crash leaves the old one or the new one, whole
+* ``processes.py``    child processes that never outlive their parent; is a pid alive
+* ``checkpoint.py``   the ``.npz`` checkpoint format: weights, momentum, the run's state
+* ``console.py``      what run.py prints: one line per message, ``RunError``, argparse's shape
+* ``rundir.py``       the output-folder rule: claim a fresh folder, never overwrite a run
+* ``device_sums.py``  a step's statistics summed on the device, read once per interval
+* ``stopping.py``     Ctrl-C / SIGTERM as one request, agreed by every rank
+* ``progress.py``     the progress bar of an epoch
+* ``settings.py``     the paper's and the demo's settings, how a run's resolve, their checks
+* ``inputs.py``       the run's images: folders, loaders, normalisation, their one-line errors
+* ``trainer.py``      ``Trainer``: epochs of ``objective.train_step``, evaluation, resume
+* ``plots.py``        training curves and sparsity figures (matplotlib, no pyplot)
+* ``report.py``       the final report: thresholding, sparsity, report.json, figures
+
+Nothing here is imported by ``import minicompact.harness``; import the module you need.
+"""

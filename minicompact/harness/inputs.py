@@ -1,0 +1,110 @@
+"""The run's images: open the folders, check them, build the loaders, estimate the normalisation.
+
+Each function turns what can go wrong with a user's data into a one-line ``RunError``
+before training starts: a folder that is not a dataset, ranks that see different files, a
+class none of whose images can be read, a cache that cannot be built, a split with no
+readable image to estimate the mean from.
+"""
+import os
+import sys
+import warnings
+
+from ..data import transforms
+from ..data.cache import cache_key
+from ..data.folders import DatasetError, open_dataset
+from ..data.images import BadImageError, load_rgb
+from ..data.loader import BatchLoader
+from ..data.synthetic import ensure_synthetic_dataset
+from .console import RunError, fail, say
+
+
+def open_data(s, comm):
+    """(train, val) ``ImageFolder`` splits of ``s.data`` (the generated demo dataset when None),
+    the same files on every rank; sets ``s.data``, ``s.train_images`` and ``s.train_key``."""
+    if s.data is None:
+        say("run.py: no --data given: using the generated demo dataset (see README)")
+        s.data = str(comm.agree(ensure_synthetic_dataset, root_first=True))
+    (train_set, val_set), caught = comm.agree(open_splits, s.data, errors=RunError)
+    for w in caught:
+        say(f"run.py: warning: {w.message}", sys.stderr)
+    keys = listing_keys(train_set, val_set)
+    s.train_images, s.train_key = len(train_set), keys[0]
+    comm.agree(same_files_on_every_rank, comm.gather_object(keys), s.data, root_only=True, errors=RunError)
+    return train_set, val_set
+
+
+def open_splits(root):
+    """``((train, val), warnings)`` of the image folders under ``root``; one line if unusable."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            return open_dataset(root), caught
+    except DatasetError as exc:
+        fail(str(exc))
+
+
+def listing_keys(train_set, val_set):
+    """(train key, val key): names of the two file listings (equal keys: the same files)."""
+    return cache_key(train_set.samples, 0, train_set.root), cache_key(val_set.samples, 0, val_set.root)
+
+
+def same_files_on_every_rank(seen, root):
+    """One line unless every rank (``seen``: each rank's ``listing_keys``) lists the same
+    files: ranks on machines that see different data would train on different images."""
+    for rank, keys in enumerate(seen):
+        if keys != seen[0]:
+            fail(f"rank {rank} lists other files under {root} than rank 0; every rank must read the "
+                 "same dataset (a folder on a file system all machines share)")
+
+
+def open_loaders(stack, s, train_set, val_set, resize, crop, rank=0, ranks=1):
+    """(train, val, ten-crop val) ``BatchLoader``s of this rank, their worker pools entered
+    into the ``contextlib.ExitStack`` ``stack`` (so they stop on the way out).
+
+    With ``s.cache`` one uint8 cache per split in OUT/cache; an evaluation reads no training
+    image, so its training loader stays idle and uncached."""
+    cache_dir = os.path.join(s.out, "cache") if s.cache else None
+    common = dict(resize=resize, crop=crop, workers=s.workers, seed=s.seed, rank=rank, ranks=ranks)
+    try:
+        train = stack.enter_context(BatchLoader(train_set, s.batch_size, mode="train", drop_last=False,
+                                                cache=None if s.evaluate else cache_dir, **common))
+        val = stack.enter_context(BatchLoader(val_set, s.batch_size, mode="center", cache=cache_dir,
+                                              **common))
+        ten = stack.enter_context(BatchLoader(val_set, max(1, s.batch_size // 10), mode="tencrop",
+                                              cache=val.cache, **common))
+    except OSError as exc:
+        raise RunError(f"cannot build the image cache in {cache_dir}: {exc.strerror or exc}", 1) from None
+    return train, val, ten
+
+
+def require_readable_classes(loader):
+    """``RunError`` naming the classes of ``loader``'s split none of whose images can be read.
+
+    Training without a class, or reporting an error measured on no image, would be silently
+    wrong; so the run stops before training (one decode per class when the data is healthy).
+    """
+    dataset = loader.dataset
+    missing = loader.classes_without_images()
+    if not missing:
+        return
+    names = [dataset.classes[c] for c in missing]
+    first = next(p for p, label in dataset.samples if label == missing[0])
+    try:
+        load_rgb(first, loader.resize)
+        why = ""
+    except BadImageError as exc:
+        why = f"; e.g. {os.path.relpath(first, dataset.root)}: {exc.reason}"
+    raise RunError(f"{dataset.root}: none of the images of {len(names)} of {len(dataset.classes)} classes can "
+                   f"be read ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}){why}; fix or remove "
+                   "those class folders in train/ and val/")
+
+
+def normalisation(train_loader, seed):
+    """Per-channel (mean, std) of the training images (``transforms.estimate_mean_std``)."""
+    try:
+        return transforms.estimate_mean_std(train_loader.dataset, train_loader.resize, seed=seed,
+                                            cache=train_loader.cache)
+    except ValueError as exc:  # every sampled image failed to decode
+        raise RunError(str(exc)) from None
+
+

@@ -1,0 +1,243 @@
+"""A run's settings: the paper's and the demo's defaults, and how the flags resolve into them.
+
+``resolve_settings`` fills every flag the user did not type — from the checkpoint being
+resumed or evaluated, then from ``PAPER`` (with ``--data``) or ``PRESET`` (without) — and
+returns the ``Settings`` (one attribute per flag, plus what the run adds) with a
+``Resolution`` saying where they came from.  ``validate`` rejects bad values with one line
+each before any data is read: each range is checked by the code that uses the value
+(``ModelConfig``, ``regularizers.variant``, ``objective.check_weights``, ``StepLR``); only
+limits of the command line itself (finite numbers, caps, relations between flags) live here.
+``check_checkpoint`` says whether a checkpoint fits the data and the kind of run.
+"""
+import math
+import os
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+from ..model import ModelConfig, dictionary_sizes
+from ..objective import check_weights
+from ..optim import StepLR
+from ..regularizers import variant
+from .checkpoint import CheckpointError, load_checkpoint
+from .console import fail, note
+
+# Settings of the paper (sec. 5.1, 5.2, 5.3.1), used with --data.
+PAPER = dict(epochs=90, batch_size=256, lr=0.1, momentum=0.9, lr_step=30, warmup=0.0,
+             image_size=224, width_mult=1.0, stem="auto", workers=None)
+# The embedded default: a 2-core laptop CPU must finish `python run.py --depth 12 --rho 0.03`
+# in a few minutes. Small images and widths (8/16/32 filters); batch 32 with the paper's rate
+# scaled linearly to it (0.1 · 32/256 ≈ 0.01) and two epochs of warmup: on the demo data a
+# larger rate or a shorter warmup left the net at chance (docs/running.md).
+PRESET = dict(epochs=10, batch_size=32, lr=0.01, momentum=0.9, lr_step=8, warmup=2.0,
+              image_size=32, width_mult=0.0625, stem="auto", workers=None)
+# Settings that change the arithmetic: a resumed run takes them from its checkpoint.
+MATH_KEYS = ("depth", "rho", "model", "batch_size", "lr", "momentum", "lr_step", "warmup", "cw",
+             "ctheta", "image_size", "width_mult", "stem", "reg_update", "loss", "seed",
+             "compressed_beta", "sync_bn")
+# Settings a resumed run keeps unless they are given again (they change no number).
+KEPT_KEYS = ("cache",)
+FLOAT_FLAGS = ("rho", "lr", "momentum", "warmup", "cw", "ctheta", "compressed_beta", "threshold",
+               "width_mult")
+# Flags that say what to do with this invocation, not how the model is trained: not saved.
+NOT_SAVED = ("resume", "evaluate", "overwrite")
+
+
+class Settings(SimpleNamespace):
+    """Every flag's resolved value as an attribute (``s.depth``, ``s.batch_size``, ...), plus
+    what the run adds on the way: ``ranks``, ``global_batch`` (resolution), ``train_images``,
+    ``train_key`` (the data) and ``out`` (the output folder).
+
+    A namespace rather than a fixed dataclass so that a new flag of run.py is a setting
+    without a second declaration; ``saved()`` is what a checkpoint keeps of them.
+    """
+
+    def saved(self):
+        """The settings a checkpoint and report.json keep (dict, in the order they were set)."""
+        return {k: v for k, v in vars(self).items() if k not in NOT_SAVED}
+
+
+@dataclass
+class Resolution:
+    """Where the settings came from: what ``resolve_settings`` and ``rundir`` decided."""
+
+    given: frozenset                 # flag names typed on the command line
+    saved: dict = field(default_factory=dict)  # the checkpoint's settings ({} without one)
+    data_from_checkpoint: bool = False         # --data was not given: the checkpoint's is used
+    claimed: str = None              # a new default output folder this run created
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def settings_for(args, given, ranks=1, ranks_per_node=1):
+    """``(Settings, Resolution, checkpoint)``: the checkpoint of --resume/--evaluate (read
+    once, here; None without one), then every flag resolved and checked (one line if not)."""
+    checkpoint = None
+    if args.resume or args.evaluate:
+        try:
+            checkpoint = load_checkpoint(args.resume or args.evaluate)
+        except CheckpointError as exc:
+            fail(str(exc))
+    s, how = resolve_settings(args, given, checkpoint, ranks, ranks_per_node)
+    validate(s, how)
+    return s, how, checkpoint
+
+
+def resolve_settings(args, given, checkpoint=None, ranks=1, ranks_per_node=1):
+    """``(Settings, Resolution)`` from the parsed ``args``.
+
+    Unset flags come from the checkpoint, then the paper's settings (with --data) or the demo
+    preset (without).  ``given``: names of the flags typed on the command line; ranks: the
+    data-parallel processes of this run, ranks_per_node: those on this machine.
+    """
+    s = Settings(**vars(args))
+    how = Resolution(given=frozenset(given))
+    if checkpoint is not None:
+        path = args.resume or args.evaluate
+        saved = checkpoint[2].get("settings") or {}
+        if not saved:
+            fail(f"{path} holds a model without the run settings needed to "
+                 f"{'resume' if args.resume else 'evaluate'} it (saved by CompactNet.save or an "
+                 "older run.py?); use a file run.py wrote: last.npz, best.npz or model.npz")
+        for k in MATH_KEYS:
+            if k in saved:
+                if k in given and getattr(s, k) != saved[k]:
+                    note(f"{flag(k)} {getattr(s, k)} ignored; the checkpoint's value {saved[k]} is used")
+                setattr(s, k, saved[k])
+        for k in KEPT_KEYS:
+            if k in saved and k not in given:
+                setattr(s, k, saved[k])
+        if s.epochs is None:
+            s.epochs = saved.get("epochs")
+        if s.data is None:  # the run's own data unless --data says where it is now
+            s.data, how.data_from_checkpoint = saved.get("data"), True
+        how.saved = saved
+        if args.resume:
+            keep_global_batch(s, saved.get("ranks", 1), ranks, path)
+    defaults = PAPER if s.data else PRESET
+    for k, v in defaults.items():
+        if getattr(s, k) is None:
+            setattr(s, k, v)
+    if s.workers is None:  # the ranks on a machine share its cores
+        s.workers = max(0, min(8, (os.cpu_count() or 1) // ranks_per_node - 1))
+    s.ranks, s.global_batch = ranks, ranks * s.batch_size
+    if s.sync_bn and ranks == 1 and "sync_bn" in given:
+        note("--sync-bn changes nothing with one process (its batch is the global batch)")
+    s.stem = ModelConfig.stem_for(s.stem, s.image_size)
+    if s.data and not how.data_from_checkpoint:
+        s.data = os.path.abspath(s.data)  # so a resume from another folder finds it
+    return s, how
+
+
+def keep_global_batch(s, was, ranks, path):
+    """Resuming a run of ``was`` ranks with ``ranks``: keep its global batch (and so its steps,
+    learning rates and data order) by giving each rank an equal share; one line if impossible."""
+    if was == ranks:
+        return
+    total = was * s.batch_size
+    who = {n: "1 process" if n == 1 else f"{n} ranks" for n in (was, ranks)}
+    if total % ranks:
+        able = [n for n in range(1, total + 1) if total % n == 0]
+        fail(f"{path} was trained by {who[was]} x batch {s.batch_size} (global batch {total}), which "
+             f"{ranks} ranks cannot share equally; resume it with "
+             f"{f'mpiexec -n {was}' if was > 1 else 'one process (no mpiexec)'} or another number of "
+             f"ranks that divides {total}: {', '.join(map(str, able[:12]))}{', ...' if len(able) > 12 else ''}")
+    bn = "" if s.sync_bn else ", and batch-norm statistics come from each rank's part"
+    note(f"{path} was trained by {who[was]} x batch {s.batch_size}; continuing with {who[ranks]} x "
+         f"batch {total // ranks} keeps its global batch of {total}, its steps and learning rates (not "
+         f"bit for bit: sums are grouped differently{bn})")
+    s.batch_size = total // ranks
+
+
+def model_config(s, classes):
+    """The ``ModelConfig`` the settings ``s`` build for these class names."""
+    return ModelConfig(depth=s.depth, num_classes=len(classes), width_mult=s.width_mult,
+                       stem=s.stem, classes=list(classes))
+
+
+def validate(s, how):
+    """Reject bad values with one line each, before any data is touched."""
+    for k in FLOAT_FLAGS:
+        if not math.isfinite(getattr(s, k)):
+            fail(f"{flag(k)} must be a finite number, got {getattr(s, k)}")
+    # Each range is checked by the code that uses the value; its ValueError names the flag.
+    owned = [("depth", lambda: dictionary_sizes(s.depth)),
+             ("rho", lambda: variant(s.model, s.depth, s.rho)),
+             ("width_mult", lambda: dictionary_sizes(s.depth, width_mult=s.width_mult)),
+             ("compressed_beta", lambda: variant("compressed", s.depth, s.rho, compressed_beta=s.compressed_beta)),
+             ("lr", lambda: StepLR(s.lr, s.lr_step, 0.1, s.warmup)),
+             ("cw", lambda: check_weights(s.cw, s.ctheta))]
+    labels = {"lr": "--lr, --lr-step, --warmup", "cw": "--cw, --ctheta"}
+    for name, check in owned:
+        try:
+            check()
+        except ValueError as exc:
+            fail(f"{labels.get(name, flag(name))}: {exc}")
+    checks = [  # limits of the command line itself
+        (s.depth <= 30, f"--depth must be <= 30, got {s.depth}"),
+        (s.epochs >= 1, f"--epochs must be >= 1, got {s.epochs}"),
+        (s.batch_size >= 1, f"--batch-size must be >= 1, got {s.batch_size}"),
+        (0.0 <= s.momentum < 1.0, f"--momentum must be in [0, 1), got {s.momentum}"),
+        (s.threshold >= 0, f"--threshold must be >= 0, got {s.threshold}"),
+        (s.width_mult <= 64, f"--width-mult must be in (0, 64], got {s.width_mult}"),
+        (s.workers >= 0, f"--workers must be >= 0, got {s.workers}"),
+        (0 <= s.seed < 2**63, f"--seed must be in [0, 2**63), got {s.seed}"),
+        (s.image_size >= 8, f"--image-size must be >= 8, got {s.image_size}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            fail(message)
+    if s.warmup > s.epochs and not s.evaluate:  # an evaluation trains nothing
+        message = (f"--warmup {s.warmup:g} is longer than the run (--epochs {s.epochs}): the learning "
+                   f"rate would never reach --lr {s.lr:g}")
+        if s.resume:  # the checkpoint's warmup, which --warmup cannot change
+            note(message)
+        elif "warmup" in how.given:
+            fail(message)
+        else:
+            note(message + " (the preset's warmup; set --warmup to change it)")
+    config = ModelConfig(depth=s.depth, width_mult=s.width_mult, stem=s.stem)
+    try:
+        config.check_image_size(s.image_size)
+    except ValueError as exc:
+        fail(f"--image-size: {exc}; use a larger --image-size or --stem small")
+    if s.data and not os.path.isdir(s.data):
+        where = "the checkpoint's data folder" if how.data_from_checkpoint else "--data"
+        hint = "; point --data at where the data is now" if how.data_from_checkpoint else ""
+        fail(f"{where} {s.data!r} is not a folder{hint}")
+
+
+def check_checkpoint(s, how, checkpoint, train_set):
+    """The checkpoint fits this data and this kind of run (one line otherwise)."""
+    path = s.resume or s.evaluate
+    arrays, opt_state, state = checkpoint
+    try:
+        saved = ModelConfig.from_json(str(arrays["__config__"]))
+    except (TypeError, ValueError) as exc:
+        fail(f"{path} holds a model configuration run.py cannot read ({exc})")
+    if saved.classes != list(train_set.classes) or saved.num_classes != len(train_set.classes):
+        fail(f"{path} holds a model for {len(saved.classes)} classes "
+             f"({', '.join(saved.classes[:3])}, ...); it does not match this data "
+             f"({len(train_set.classes)} classes: {', '.join(train_set.classes[:3])}, ...)")
+    built = model_config(s, train_set.classes)
+    if saved != built:
+        differ = [k for k in vars(built) if getattr(saved, k) != getattr(built, k)]
+        fail(f"{path} holds a model run.py would not build from its settings "
+             f"({', '.join(f'{k} {getattr(saved, k)} vs {getattr(built, k)}' for k in differ)}); "
+             "was it saved by another program?")
+    if not s.resume:
+        return
+    if state.get("final"):
+        fail(f"{path} is a run's final model, not a training checkpoint; resume from the "
+             "run's last.npz (or evaluate this file with --evaluate)")
+    was, now = how.saved.get("train_key"), s.train_key
+    if was is not None and was != now:
+        before = how.saved.get("train_images")
+        if state.get("step", 0) > 0:
+            fail(f"{path} stopped at step {state['step']} of epoch {state['epoch'] + 1} on a training "
+                 f"set of {before} images; this one has {len(train_set)}"
+                 f"{' (other files)' if before == len(train_set) else ''}: a run cannot continue "
+                 "mid-epoch on other data; resume on the data it was trained on")
+        note(f"the training set changed since {path} ({before} -> {len(train_set)} images); the run "
+             "continues on this data, so it will differ from an uninterrupted run")
