@@ -1,0 +1,157 @@
+"""Thinning: remove a trained CompactNet's dead structure for real (paper secs. 4 and 5.2.2).
+
+``metrics.alive_channels`` finds, to a fixed point, the channels whose removal leaves the
+network's function unchanged: filters that are all zero or read only dead channels (their
+map is a constant), filters no alive filter or class reads, and so input channels no alive
+filter reads and feature maps no class reads.  ``thin_model`` builds the narrower network
+that ``metrics.effective_parameters`` counts ("structural"): a ``CompactNet`` with explicit
+per-layer widths (``ModelConfig.layer_widths``), holding the alive rows and columns of every
+Θ^l and of W, the alive batch-norm parameters and running statistics.
+
+Folding the constants.  A dead filter k of layer l outputs a constant map: its pre-BN map
+is a constant u_k (0 for an all-zero filter), so after evaluation-mode batch norm, ReLU and
+max-pooling (padded with -inf, so still constant) it is the constant
+
+    c_k = max(0, γ_k (u_k - μ_k) / sqrt(σ²_k + ε) + β_k).
+
+A consumer j of layer l+1 then receives, *away from the zero-padded borders*, the constant
+δ_j = Σ_{k dead} c_k · Σ_taps Θ^{l+1}[j, k] on its pre-BN map, and its batch norm computes
+(y_j + δ_j - μ_j)·s_j: the thin model gets the same from y_j alone with μ_j ← μ_j - δ_j.
+u of a dead filter of l+1 is its δ.  After the last feature layer the spatial pyramid of a
+constant map is that constant in every region, so class y's score shifts by
+Σ_{k dead} c_k Σ_r W[y, k, r], which goes into the bias b_y (exactly, no border there).
+
+Inexact only at the borders: within kh//2 pixels of an edge the dense conv sees the
+constant only through the in-image taps, the thin one assumes all taps.  The difference is
+zero where a dead channel's constant is 0 (ReLU cut it) or its consumers' weights are
+centre-only, and it is *measured* by ``compare_predictions`` (scores and predictions of the
+dense and thin model on the same images); ``thin_run`` writes it into the report.
+
+The first layer's input channels (the image's colours) are never removed: the data would
+have to change with them.
+"""
+import numpy as np
+
+from .backend import device_of, to_cpu
+from .metrics import alive_channels, threshold_
+from .model import CompactNet
+
+
+class NothingToRemove(ValueError):
+    """The network has no dead structure: thinning would return the same network."""
+
+
+def _dead_error(l, k):
+    return ValueError(f"every one of the {k} filters of conv{l} is dead (all zero, or read by no "
+                      "class): the network's output does not depend on its input; nothing to thin")
+
+
+def thin_model(model, threshold=None):
+    """The network without its dead structure, and a record of what was removed.
+
+    model: a ``CompactNet`` (any mode, any device, float32 or float64; not modified).
+    threshold: zero |w| < threshold in copies of Θ^l and W first (sec. 5.2.1); None: only
+    exact zeros count.
+    Returns (thin, record): thin, a ``CompactNet`` on model's device and dtype, in
+    evaluation mode, whose ``config.layer_widths`` are the alive counts; record, a dict of
+    Python values: "layers" (one dict per conv and the classifier: widths, inputs and
+    parameters before/after, how many filters were all zero, constant or unread, and how
+    many constants were folded), "removed" (channels removed in all), "changed" (False when
+    nothing was removed).  Raises ``ValueError`` (one line) when a whole layer is dead.
+    """
+    # Copies (state_arrays returns NumPy arrays themselves): the model is never modified.
+    arrays = {k: np.array(v, copy=True) for k, v in model.state_arrays().items()}
+    L1 = len(model.convs)
+    thetas = [arrays[f"conv{l}.W"] for l in range(1, L1 + 1)]
+    W, b = arrays["classifier.W"], arrays["classifier.b"]
+    if threshold is not None:
+        threshold_(thetas + [W], threshold)
+    alive = alive_channels(thetas, W)
+    if not all(a.any() for a in alive):       # one dead layer kills all: name where it starts
+        zero_layers = [l for l, t in enumerate(thetas, 1) if not t.any()]
+        l = zero_layers[0] if zero_layers else (len(thetas) if not W.any() else
+                                                 next(l for l, a in enumerate(alive, 1) if not a.any()))
+        raise _dead_error(l, thetas[l - 1].shape[0])
+
+    out, layers = {}, []
+    prev_alive, prev_const = None, None                 # of layer l-1: (K,) bool, (K,) float64
+    for l in range(1, L1 + 1):
+        T = thetas[l - 1]
+        a = alive[l - 1]
+        bn = model.bns[l - 1]
+        gamma, beta = arrays[f"bn{l}.gamma"].astype(np.float64), arrays[f"bn{l}.beta"].astype(np.float64)
+        mean, var = arrays[f"bn{l}.running_mean"].astype(np.float64), arrays[f"bn{l}.running_var"]
+        if prev_alive is None:
+            delta = np.zeros(T.shape[0])
+            inputs = slice(None)                         # the image: every colour stays
+        else:
+            # δ_j = Σ_{k dead} c_k Σ_taps Θ[j, k]: the constant the removed inputs added
+            tap_sums = T[:, ~prev_alive].astype(np.float64).sum(axis=(2, 3))      # (K, dead)
+            delta = tap_sums @ prev_const[~prev_alive]
+            inputs = prev_alive
+        scale = gamma / np.sqrt(var.astype(np.float64) + bn.eps)
+        const = np.maximum(0.0, (delta - mean) * scale + beta)    # c_k of a dead filter k
+        const[a] = 0.0
+        group_zero = ~T.reshape(T.shape[0], T.shape[1], -1).any(axis=2)
+        all_zero = group_zero.all(axis=1)
+        reads_alive = (~group_zero[:, inputs]).any(axis=1) if prev_alive is not None else ~all_zero
+        out[f"conv{l}.W"] = T[a][:, inputs]
+        out[f"bn{l}.gamma"], out[f"bn{l}.beta"] = arrays[f"bn{l}.gamma"][a], arrays[f"bn{l}.beta"][a]
+        out[f"bn{l}.running_mean"] = (mean - delta)[a].astype(arrays[f"bn{l}.running_mean"].dtype)
+        out[f"bn{l}.running_var"] = var[a]
+        folded = 0 if prev_alive is None else int(np.count_nonzero(
+            (np.abs(tap_sums[a]) > 0) & (prev_const[~prev_alive] != 0)[None, :]))
+        k_in = T.shape[1]
+        layers.append({
+            "layer": f"conv{l}", "filters_before": int(T.shape[0]), "filters_after": int(a.sum()),
+            "inputs_before": int(k_in), "inputs_after": int(k_in if prev_alive is None else prev_alive.sum()),
+            "params_before": int(T.size + 2 * T.shape[0]),
+            "params_after": int(out[f"conv{l}.W"].size + 2 * a.sum()),
+            "zero_filters": int(all_zero.sum()),
+            "constant_filters": int((~a & ~all_zero & ~reads_alive).sum()),
+            "unread_filters": int((~a & ~all_zero & reads_alive).sum()),
+            "folded_constants": folded})
+        prev_alive, prev_const = a, const
+
+    # The classifier: drop the maps no class reads or that are constant; fold c_k into b.
+    shift = W[:, ~prev_alive, :].astype(np.float64).sum(axis=2) @ prev_const[~prev_alive]    # (Y,)
+    out["classifier.W"] = W[:, prev_alive, :]
+    out["classifier.b"] = (b.astype(np.float64) + shift).astype(b.dtype)
+    layers.append({
+        "layer": "classifier", "filters_before": int(W.shape[0]), "filters_after": int(W.shape[0]),
+        "inputs_before": int(W.shape[1]), "inputs_after": int(prev_alive.sum()),
+        "params_before": int(W.size + b.size), "params_after": int(out["classifier.W"].size + b.size),
+        "folded_constants": int(np.count_nonzero(
+            (prev_const[~prev_alive] != 0) & W[:, ~prev_alive, :].any(axis=(0, 2))))})
+
+    widths = tuple(int(a.sum()) for a in alive)
+    config = _with_widths(model.config, widths)
+    dtype = model.classifier.params["W"].dtype
+    thin = CompactNet(config, dtype=dtype, input_grad=model.convs[0].need_input_grad)
+    thin.load_state_arrays(out)
+    thin.to(device_of(model.classifier.params["W"])).eval()
+    removed = sum(int((~a).sum()) for a in alive)
+    return thin, {"layers": layers, "widths_before": [int(a.size) for a in alive],
+                  "widths_after": list(widths), "removed": removed, "changed": removed > 0,
+                  "params_before": model.parameter_count(), "params_after": thin.parameter_count()}
+
+
+def _with_widths(config, widths):
+    """A copy of ``config`` with explicit ``layer_widths`` (None when they equal the rule's)."""
+    from dataclasses import replace
+    rule = replace(config, layer_widths=None).filter_counts()
+    return replace(config, layer_widths=None if list(widths) == rule else tuple(widths)).validate()
+
+
+def compare_predictions(dense, thin, x):
+    """Scores of both models in evaluation mode on the same inputs, and how far apart they are.
+
+    x: (N, C, H, W) on the models' device, their dtype.  Returns a dict: "max_abs_score_diff"
+    (the largest |s_dense - s_thin| over N·Y scores), "max_abs_score" (of the dense scores),
+    "same_prediction" (fraction of the N images with the same arg-max class), and the
+    scores (NumPy (N, Y) arrays) as "dense" and "thin".
+    """
+    sd, st = to_cpu(dense.predict(x)), to_cpu(thin.predict(x))
+    return {"max_abs_score_diff": float(np.abs(sd - st).max()), "max_abs_score": float(np.abs(sd).max()),
+            "same_prediction": float((sd.argmax(axis=1) == st.argmax(axis=1)).mean()),
+            "dense": sd, "thin": st}
