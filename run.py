@@ -47,7 +47,7 @@ PRESET = dict(epochs=10, batch_size=32, lr=0.01, momentum=0.9, lr_step=8, warmup
 # Settings that change the arithmetic: a resumed run takes them from its checkpoint.
 MATH_KEYS = ("depth", "rho", "model", "batch_size", "lr", "momentum", "lr_step", "warmup", "cw",
              "ctheta", "image_size", "width_mult", "stem", "reg_update", "loss", "seed",
-             "compressed_beta", "sync_bn")
+             "compressed_beta", "sync_bn", "layer_widths")
 # Settings a resumed run keeps unless they are given again (they change no number).
 KEPT_KEYS = ("cache",)
 FLOAT_FLAGS = ("rho", "lr", "momentum", "warmup", "cw", "ctheta", "compressed_beta", "threshold",
@@ -136,6 +136,8 @@ def build_parser(given_only=False):
     a("--resume", metavar="CKPT", help="continue training from a checkpoint (e.g. OUT/last.npz), in its folder")
     a("--evaluate", metavar="CKPT", help="only evaluate a checkpoint (or a run's model.npz) on the val split; "
       "writes to CKPT's folder/eval-<name> unless --out is given")
+    a("--thin", metavar="CKPT", help="remove the dead structure of a run's model.npz, best.npz or last.npz "
+      "(minicompact/thin.py): writes thin.npz and thin-report.json into CKPT's folder/thin")
     a("--no-progress", action="store_true", help="no progress bars (they are drawn only on a terminal anyway)")
     return p
 
@@ -275,8 +277,10 @@ def validate(s):
 def model_config(s, classes):
     """The ``ModelConfig`` the settings ``s`` build for these class names."""
     from minicompact.model import ModelConfig
+    widths = s.get("layer_widths")  # a thinned network's (minicompact/thin.py)
     return ModelConfig(depth=s["depth"], num_classes=len(classes), width_mult=s["width_mult"],
-                       stem=s["stem"], classes=list(classes))
+                       stem=s["stem"], classes=list(classes),
+                       layer_widths=None if widths is None else tuple(widths))
 
 
 def check_checkpoint(s, checkpoint, train_set):
@@ -409,6 +413,8 @@ def main(argv=None):
 def _main(args, given):
     if args.resume and args.evaluate:
         fail("use either --resume or --evaluate, not both")
+    if args.thin:
+        return thin_command(args)
     from minicompact import backend
     from minicompact.distributed import init
     try:
@@ -435,6 +441,21 @@ def _main(args, given):
             comm.abort(f"run.py: stopped by {signal.Signals(signum).name}; ending all {comm.size} "
                        "ranks; any checkpoint already written is kept", 128 + signum)
     raise agreed
+
+
+def thin_command(args):
+    """--thin CKPT: all the work is ``minicompact.thin.thin_run``; its ValueErrors are one line."""
+    from minicompact.thin import NothingToRemove, thin_run
+    if args.resume or args.evaluate:
+        fail("--thin runs alone: not with --resume or --evaluate")
+    try:
+        thin_run(args.thin, out=args.out, overwrite=args.overwrite, data=args.data,
+                 workers=args.workers or 0, log=say)
+    except NothingToRemove as exc:  # thinning a thin model again: nothing to do, not an error
+        say(f"run.py: {exc}")
+    except ValueError as exc:
+        fail(str(exc))
+    return 0
 
 
 def _on_every_rank(args, given, comm, device, device_notes):

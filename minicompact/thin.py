@@ -155,3 +155,207 @@ def compare_predictions(dense, thin, x):
     return {"max_abs_score_diff": float(np.abs(sd - st).max()), "max_abs_score": float(np.abs(sd).max()),
             "same_prediction": float((sd.argmax(axis=1) == st.argmax(axis=1)).mean()),
             "dense": sd, "thin": st}
+
+
+# -- run.py --thin ------------------------------------------------------------------------
+THIN_FILES = ("thin.npz", "thin-report.json")
+
+
+def _both_scores(dense, thin, images, mean, std, xp):
+    """Scores of both models on one loader batch: (N, 3, h, w) → (N, Y) each; a ten-crop
+    batch (N, 10, 3, h, w) → the log of the crops' mean probabilities (sec. 5.1, as
+    ``Trainer.evaluate``)."""
+    from .data.transforms import normalize
+    from .losses import softmax
+    if images.ndim == 5:
+        b, c = images.shape[:2]
+        x = normalize(images.reshape((b * c,) + images.shape[2:]), mean, std, xp)
+        return [xp.log(xp.maximum(softmax(m.forward(x)).reshape(b, c, -1).mean(axis=1), 1e-30))
+                for m in (dense, thin)]
+    x = normalize(images, mean, std, xp)
+    return [m.forward(x) for m in (dense, thin)]
+
+
+def evaluate_pair(dense, thin, loader, mean, std):
+    """Top-1/top-5 errors (%) of both models over ``loader`` and how often they disagree.
+
+    dense, thin: ``CompactNet``s in evaluation mode; loader: a ``BatchLoader`` ("center" or
+    "tencrop"); mean, std: the run's normalisation (3,).  Returns a dict: "dense" and "thin"
+    ({"top1_error", "top5_error"}), "images", "same_prediction" (fraction of images whose
+    top-1 class is the same), "max_abs_score_diff" (over every score, or log-probability
+    for ten crops).
+    """
+    from .backend import get_array_module
+    from .losses import accuracy_topk
+    xp = get_array_module(dense.classifier.params["W"])
+    hits = np.zeros((2, 2))
+    same, n, diff = 0, 0, 0.0
+    try:
+        for images, labels in loader.epoch(0):
+            sd, st = _both_scores(dense, thin, images, mean, std, xp)
+            y = xp.asarray(labels)
+            for i, s in enumerate((sd, st)):
+                hits[i] += [int(c) for c in accuracy_topk(s, y, ks=(1, 5))]
+            same += int((sd.argmax(axis=1) == st.argmax(axis=1)).sum())
+            diff = max(diff, float(xp.abs(sd - st).max()))
+            n += len(labels)
+    finally:
+        dense.release_caches()
+        thin.release_caches()
+    err = 100 * (1 - hits / max(n, 1))
+    return {"dense": {"top1_error": err[0, 0], "top5_error": err[0, 1]},
+            "thin": {"top1_error": err[1, 0], "top5_error": err[1, 1]},
+            "images": n, "same_prediction": same / max(n, 1), "max_abs_score_diff": diff}
+
+
+def images_per_second(models, x, repeats=7):
+    """Inference throughput of each model on the same batch x, measured side by side.
+
+    models: dict name -> model (evaluation mode); the calls alternate between the models
+    (A, B, A, B, ...) so that a change of machine load hits them alike; one warm-up call
+    each.  Returns dict name -> median images/s over ``repeats`` calls.
+    """
+    import time
+    times = {name: [] for name in models}
+    for name, m in models.items():
+        m.forward(x)
+    for _ in range(repeats):
+        for name, m in models.items():
+            t0 = time.perf_counter()
+            m.forward(x)
+            times[name].append(time.perf_counter() - t0)
+    for m in models.values():
+        m.release_caches()
+    return {name: x.shape[0] / float(np.median(t)) for name, t in times.items()}
+
+
+def _output_folder(path, out, overwrite):
+    """RUN/thin (or -2, -3, ... when it exists: ``rundir.claim_new_folder``), or ``out``
+    refused when it holds a thinning already (unless ``overwrite``)."""
+    import os
+    from .rundir import OutputError, check_writable, claim_new_folder, held_files, remove_files
+    if out is None:
+        out = claim_new_folder(os.path.join(os.path.dirname(os.path.abspath(path)), "thin"))
+    else:
+        held = held_files(out, THIN_FILES) if os.path.isdir(out) else []
+        if held and not overwrite:
+            raise ValueError(f"--out {out} already holds a thinning ({', '.join(held)}): choose another "
+                             "--out, or add --overwrite to replace it")
+        if held:
+            remove_files(out, THIN_FILES)
+    try:
+        check_writable(out)
+    except OutputError as exc:
+        raise ValueError(str(exc)) from None
+    return out
+
+
+def load_dense(path):
+    """(model, train_state, settings) from a run's checkpoint; ``ValueError`` (one line)."""
+    from .checkpoint import load_checkpoint
+    from .model import ModelConfig
+    arrays, _, state = load_checkpoint(path)          # CheckpointError is a ValueError
+    try:
+        config = ModelConfig.from_json(str(arrays["__config__"]))
+        model = CompactNet(config).load_state_arrays(arrays)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ValueError(f"{path} holds no model minicompact can rebuild ({exc})") from None
+    return model.eval(), state, dict(state.get("settings") or {})
+
+
+def thin_run(path, out=None, overwrite=False, data=None, workers=0, repeats=7, log=print):
+    """``run.py --thin CKPT``: thin a run's model, evaluate both, write ``thin.npz`` and
+    ``thin-report.json`` into CKPT's folder/thin (never over an earlier one).
+
+    path: a run's model.npz, best.npz or last.npz (or a thin.npz); out: another folder;
+    data: the dataset root when it moved (default: the run's own); workers: decoding
+    processes; repeats: timed calls per model.  The run's threshold (sec. 5.2.1) is applied
+    first, as its report does, so "dense" below is the thresholded network.
+    Returns (report dict, output folder).  Raises ``ValueError`` with a one-line message for
+    a file that is not a model, a model with nothing to remove (``NothingToRemove``; nothing
+    is written) and one whose every filter is dead — all before any file is written.
+    """
+    import json
+    import os
+    from .atomic import atomic_write
+    from .checkpoint import save_checkpoint
+    from .data.folders import DatasetError, open_dataset
+    from .data.loader import BatchLoader
+    from .data.transforms import estimate_mean_std, scaled_sizes
+    from .metrics import threshold_ as zero_small
+    from .report import to_python
+
+    dense, state, settings = load_dense(path)
+    threshold = settings.get("threshold")
+    zeroed = zero_small(dense.thetas() + [dense.classifier.params["W"]], threshold) if threshold else 0
+    thin, record = thin_model(dense)
+    if not record["changed"]:
+        raise NothingToRemove(f"{path}: nothing to remove: every channel of its {len(dense.convs)} "
+                              f"feature layers is alive (widths {record['widths_before']}); nothing written")
+    root = data or settings.get("data")
+    if not root:
+        raise ValueError(f"{path} names no dataset; give --data ROOT (its val/ split is evaluated)")
+    try:
+        train_set, val_set = open_dataset(root)
+    except DatasetError as exc:
+        raise ValueError(str(exc)) from None
+    if list(val_set.classes) != list(dense.config.classes):
+        raise ValueError(f"{root} has other classes than the model of {path}; give --data ROOT of its run")
+    resize, crop = scaled_sizes(settings.get("image_size", 224))
+    batch = int(settings.get("batch_size", 32))
+    if "mean" in state:
+        mean, std = state["mean"], state["std"]
+    else:
+        mean, std = estimate_mean_std(train_set, resize, seed=settings.get("seed", 0))
+    folder = _output_folder(path, out, overwrite)
+
+    common = dict(resize=resize, crop=crop, workers=workers, seed=settings.get("seed", 0))
+    accuracy = {}
+    with BatchLoader(val_set, batch, mode="center", **common) as center:
+        batches = center.epoch(0)
+        first = next(batches)[0]                  # the batch both models are timed on
+        batches.close()
+        accuracy["single_crop"] = evaluate_pair(dense, thin, center, mean, std)
+    with BatchLoader(val_set, max(1, batch // 10), mode="tencrop", **common) as ten:
+        accuracy["ten_crop"] = evaluate_pair(dense, thin, ten, mean, std)
+    from .data.transforms import normalize
+    x = normalize(first, mean, std)
+    speed = images_per_second({"dense": dense, "thin": thin}, x, repeats)
+
+    thin_path = os.path.join(folder, "thin.npz")
+    widths = record["widths_after"]
+    thin_state = {k: v for k, v in state.items() if k != "final"}   # a fine-tune may resume it
+    thin_state.update(settings=dict(settings, layer_widths=widths, threshold=threshold),
+                      thinned_from=os.path.abspath(path))
+    save_checkpoint(thin_path, thin, None, to_python(thin_state))
+    report = to_python({
+        "source": os.path.abspath(path), "threshold": threshold, "weights_zeroed_by_threshold": zeroed,
+        "widths_before": record["widths_before"], "widths_after": widths,
+        "params_before": record["params_before"], "params_after": record["params_after"],
+        "layers": record["layers"], "accuracy": accuracy,
+        "speed": {"batch": int(x.shape[0]), "image_size": int(x.shape[-1]), "repeats": repeats,
+                  "images_per_s": speed, "speedup": speed["thin"] / speed["dense"],
+                  "load_average": list(os.getloadavg())},
+        "file_bytes": {"dense": os.path.getsize(path), "thin": os.path.getsize(thin_path)},
+        "border_note": "dead filters' constants are folded exactly away from zero-padded borders; "
+                       "max_abs_score_diff and same_prediction measure what the borders change"})
+    with atomic_write(os.path.join(folder, "thin-report.json")) as f:
+        json.dump(report, f, indent=2)
+    log(format_thin_report(report, folder))
+    return report, folder
+
+
+def format_thin_report(r, folder):
+    """The few lines ``run.py --thin`` prints."""
+    s, t = r["accuracy"]["single_crop"], r["accuracy"]["ten_crop"]
+    sp = r["speed"]
+    lines = [f"thinned {r['source']}: widths {r['widths_before']} -> {r['widths_after']}; "
+             f"parameters {r['params_before']:,} -> {r['params_after']:,}",
+             f"  top-1 error dense / thin: {s['dense']['top1_error']:.2f} / {s['thin']['top1_error']:.2f} % "
+             f"(1 crop), {t['dense']['top1_error']:.2f} / {t['thin']['top1_error']:.2f} % (10 crops); "
+             f"same prediction on {100 * s['same_prediction']:.2f} % of {s['images']} images",
+             f"  images/s (batch {sp['batch']}): dense {sp['images_per_s']['dense']:.0f}, thin "
+             f"{sp['images_per_s']['thin']:.0f} ({sp['speedup']:.2f}x); file "
+             f"{r['file_bytes']['dense']:,} -> {r['file_bytes']['thin']:,} bytes",
+             f"  wrote thin.npz and thin-report.json in {folder}"]
+    return "\n".join(lines)
