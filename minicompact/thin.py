@@ -143,6 +143,76 @@ def _with_widths(config, widths):
     return replace(config, layer_widths=None if list(widths) == rule else tuple(widths)).validate()
 
 
+def use_compact_convs(model, names, groups=None):
+    """Swap the named convs of ``model`` (e.g. ["conv3"]) for ``CompactConv2D`` layers with
+    the same weights, in place; returns model.  groups: dict name -> groups (default:
+    ``group_filters`` of the weights).  The saved arrays do not change (``state_arrays``)."""
+    from .layers.compact_conv import CompactConv2D
+    for name in names:
+        l = int(name[4:]) - 1
+        old = model.convs[l]
+        new = CompactConv2D(old.params["W"], groups=(groups or {}).get(name), stride=old.stride,
+                            padding=old.padding, need_input_grad=old.need_input_grad)
+        new.train(model.training)
+        model.convs[l] = new
+        model.layers[model.layers.index(old)] = new
+    return model
+
+
+def _median_seconds(f, x, repeats):
+    import time
+    f(x)
+    t = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(x)
+        t.append(time.perf_counter() - t0)
+    return float(np.median(t))
+
+
+def choose_convs(model, x, repeats=5, min_gain=1.1):
+    """Per conv layer, measure once whether ``CompactConv2D`` beats the dense GEMM; use it
+    where it does (by ``min_gain`` or more).  model: a (thin) ``CompactNet``, changed in
+    place; x: a batch of its inputs (the layer inputs are this batch's activations).
+    Timings alternate dense and compact calls on the layer's real input.
+    Returns one dict per conv: layer, groups, computed (share of the dense channel pairs
+    the groups compute), dense_ms, compact_ms, choice ("compact" or "dense").
+    """
+    import time
+    from .layers.compact_conv import CompactConv2D, dense_fraction
+    was = model.training
+    model.eval()
+    records, chosen = [], []
+    h = x
+    for l, conv in enumerate(list(model.convs)):
+        compact = CompactConv2D(conv.params["W"], stride=conv.stride, padding=conv.padding).eval()
+        frac = dense_fraction(compact.groups, conv.out_channels, conv.in_channels)
+        times = {"dense": [], "compact": []}
+        if frac < 1.0:
+            conv.forward(h), compact.forward(h)
+            for _ in range(repeats):
+                for name, layer in (("dense", conv), ("compact", compact)):
+                    t0 = time.perf_counter()
+                    layer.forward(h)
+                    times[name].append(time.perf_counter() - t0)
+        dense_s = float(np.median(times["dense"])) if times["dense"] else None
+        compact_s = float(np.median(times["compact"])) if times["compact"] else None
+        better = compact_s is not None and dense_s >= min_gain * compact_s
+        records.append({"layer": f"conv{l + 1}", "groups": len(compact.groups), "computed": frac,
+                        "dense_ms": None if dense_s is None else 1e3 * dense_s,
+                        "compact_ms": None if compact_s is None else 1e3 * compact_s,
+                        "choice": "compact" if better else "dense"})
+        if better:
+            chosen.append(f"conv{l + 1}")
+        for layer in model.layers[4 * l:4 * l + 4]:      # conv, BN, ReLU, pool: the next input
+            h = layer.forward(h)
+        compact.cache = None
+    model.release_caches()
+    use_compact_convs(model, chosen)
+    model.train(was)
+    return records
+
+
 def compare_predictions(dense, thin, x):
     """Scores of both models in evaluation mode on the same inputs, and how far apart they are.
 
@@ -320,21 +390,26 @@ def thin_run(path, out=None, overwrite=False, data=None, workers=0, repeats=7, l
         accuracy["ten_crop"] = evaluate_pair(dense, thin, ten, mean, std)
     from .data.transforms import normalize
     x = normalize(first, mean, std)
-    speed = images_per_second({"dense": dense, "thin": thin}, x, repeats)
+    # Which convs run as CompactConv2D: measured once, on this batch, layer by layer.
+    fast = CompactNet(thin.config).load_state_arrays(thin.state_arrays()).eval()
+    convs = choose_convs(fast, x)
+    speed = images_per_second({"dense": dense, "thin": thin, "thin_compact": fast}, x, repeats)
 
     thin_path = os.path.join(folder, "thin.npz")
     widths = record["widths_after"]
     thin_state = {k: v for k, v in state.items() if k != "final"}   # a fine-tune may resume it
     thin_state.update(settings=dict(settings, layer_widths=widths, threshold=threshold),
-                      thinned_from=os.path.abspath(path))
+                      thinned_from=os.path.abspath(path),
+                      compact_convs=[c["layer"] for c in convs if c["choice"] == "compact"])
     save_checkpoint(thin_path, thin, None, to_python(thin_state))
     report = to_python({
         "source": os.path.abspath(path), "threshold": threshold, "weights_zeroed_by_threshold": zeroed,
         "widths_before": record["widths_before"], "widths_after": widths,
         "params_before": record["params_before"], "params_after": record["params_after"],
-        "layers": record["layers"], "accuracy": accuracy,
+        "layers": record["layers"], "accuracy": accuracy, "compact_convs": convs,
         "speed": {"batch": int(x.shape[0]), "image_size": int(x.shape[-1]), "repeats": repeats,
                   "images_per_s": speed, "speedup": speed["thin"] / speed["dense"],
+                  "speedup_with_compact_convs": speed["thin_compact"] / speed["dense"],
                   "load_average": list(os.getloadavg())},
         "file_bytes": {"dense": os.path.getsize(path), "thin": os.path.getsize(thin_path)},
         "border_note": "dead filters' constants are folded exactly away from zero-padded borders; "
@@ -355,7 +430,9 @@ def format_thin_report(r, folder):
              f"(1 crop), {t['dense']['top1_error']:.2f} / {t['thin']['top1_error']:.2f} % (10 crops); "
              f"same prediction on {100 * s['same_prediction']:.2f} % of {s['images']} images",
              f"  images/s (batch {sp['batch']}): dense {sp['images_per_s']['dense']:.0f}, thin "
-             f"{sp['images_per_s']['thin']:.0f} ({sp['speedup']:.2f}x); file "
+             f"{sp['images_per_s']['thin']:.0f} ({sp['speedup']:.2f}x), with compact convs on "
+             f"{[c['layer'] for c in r['compact_convs'] if c['choice'] == 'compact'] or 'no layer'} "
+             f"{sp['images_per_s']['thin_compact']:.0f} ({sp['speedup_with_compact_convs']:.2f}x); file "
              f"{r['file_bytes']['dense']:,} -> {r['file_bytes']['thin']:,} bytes",
              f"  wrote thin.npz and thin-report.json in {folder}"]
     return "\n".join(lines)

@@ -32,12 +32,13 @@ def _index(xp, idx):
     return xp.asarray(idx)
 
 
-def compact_conv_forward(x, weights, groups, stride=1, padding=0):
+def compact_conv_forward(x, weights, groups, stride=1, padding=0, workspaces=None):
     """y[:, F_g] = Σ_{t∈U_g} x[:, t] ⋆ Θ[F_g, t] for each group g, as one GEMM per group.
 
     x: (N, C, H, W); weights: list of G arrays (|F_g|, |U_g|, kh, kw), x's dtype;
     groups: list of G pairs (filters F_g, channels U_g), each an index (slice or int array)
-    over K output resp. C input channels; the F_g partition 0..K-1.
+    over K output resp. C input channels; the F_g partition 0..K-1.  workspaces: optional
+    list of G buffers for the column matrices (see ``im2col``; None entries allocate).
     Returns (out (N, K, Ho, Wo) contiguous, cols: list of G column matrices
     (|U_g|·kh·kw, N·Ho·Wo) that backward needs).
     """
@@ -46,17 +47,17 @@ def compact_conv_forward(x, weights, groups, stride=1, padding=0):
     k = sum(w.shape[0] for w in weights)
     kh, kw = weights[0].shape[2:]
     ho, wo = output_size(x.shape[2], kh, stride, padding), output_size(x.shape[3], kw, stride, padding)
-    y = xp.empty((k, n * ho * wo), dtype=x.dtype)
+    out = xp.empty((n, k, ho, wo), dtype=x.dtype)
+    out_t = out.transpose(1, 0, 2, 3)         # (K, N, Ho, Wo) view: rows of filters
     cols = []
-    for w, (f, u) in zip(weights, groups):
+    for g, (w, (f, u)) in enumerate(zip(weights, groups)):
         # x[:, u] is a view for a contiguous range; otherwise a copy of only |U_g| channels
-        c = im2col(x[:, u], kh, kw, stride, padding)
-        if isinstance(f, slice):
-            xp.matmul(w.reshape(w.shape[0], -1), c, out=y[f])
-        else:
-            y[f] = w.reshape(w.shape[0], -1) @ c
+        ws = None if workspaces is None else workspaces[g]
+        c = im2col(x[:, u], kh, kw, stride, padding, out=ws)
+        y = w.reshape(w.shape[0], -1) @ c      # (|F_g|, N·Ho·Wo)
+        # the one transpose copy the dense conv makes too, group by group
+        out_t[f] = y.reshape(w.shape[0], n, ho, wo)
         cols.append(c)
-    out = xp.ascontiguousarray(y.reshape(k, n, ho, wo).transpose(1, 0, 2, 3))
     return out, cols
 
 
@@ -185,9 +186,17 @@ class CompactConv2D(Layer):
             idx, weights = self.cache[1], self.cache[2]      # evaluation: weights do not change
         else:
             idx, weights = self._split()
-        out, cols = compact_conv_forward(x, weights, idx, self.stride, p)
+        ws = None
+        if self.cache is not None and self.cache[4] is not None:  # the last forward's buffers
+            ws = [c if c.shape == (w.shape[1] * kh * kw, self._pixels(x)) and c.dtype == x.dtype
+                  else None for c, w in zip(self.cache[4], weights)]
+        out, cols = compact_conv_forward(x, weights, idx, self.stride, p, workspaces=ws)
         self.cache = ("train" if self.training else "eval", idx, weights, x.shape, cols)
         return out
+
+    def _pixels(self, x):
+        (kh, kw), s, p = self.kernel_size, self.stride, self.padding
+        return x.shape[0] * output_size(x.shape[2], kh, s, p) * output_size(x.shape[3], kw, s, p)
 
     def backward(self, dout):
         """dout: (N, K, Ho, Wo) → dx (N, C, H, W) (None if not need_input_grad); fills
