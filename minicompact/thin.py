@@ -393,7 +393,11 @@ def thin_run(path, out=None, overwrite=False, data=None, workers=0, repeats=7, l
     # Which convs run as CompactConv2D: measured once, on this batch, layer by layer.
     fast = CompactNet(thin.config).load_state_arrays(thin.state_arrays()).eval()
     convs = choose_convs(fast, x)
-    speed = images_per_second({"dense": dense, "thin": thin, "thin_compact": fast}, x, repeats)
+    timed = {"dense": dense, "thin": thin}
+    if any(c["choice"] == "compact" for c in convs):
+        timed["thin_compact"] = fast                 # else it is the same network as thin
+    speed = images_per_second(timed, x, repeats)
+    speed.setdefault("thin_compact", speed["thin"])
 
     thin_path = os.path.join(folder, "thin.npz")
     widths = record["widths_after"]
@@ -420,6 +424,14 @@ def thin_run(path, out=None, overwrite=False, data=None, workers=0, repeats=7, l
     return report, folder
 
 
+def _compact_line(r):
+    chosen = [c["layer"] for c in r["compact_convs"] if c["choice"] == "compact"]
+    if not chosen:
+        return "; compact convs: no layer measured faster (not used)"
+    return (f", with compact convs on {', '.join(chosen)} {r['speed']['images_per_s']['thin_compact']:.0f} "
+            f"({r['speed']['speedup_with_compact_convs']:.2f}x)")
+
+
 def format_thin_report(r, folder):
     """The few lines ``run.py --thin`` prints."""
     s, t = r["accuracy"]["single_crop"], r["accuracy"]["ten_crop"]
@@ -430,9 +442,7 @@ def format_thin_report(r, folder):
              f"(1 crop), {t['dense']['top1_error']:.2f} / {t['thin']['top1_error']:.2f} % (10 crops); "
              f"same prediction on {100 * s['same_prediction']:.2f} % of {s['images']} images",
              f"  images/s (batch {sp['batch']}): dense {sp['images_per_s']['dense']:.0f}, thin "
-             f"{sp['images_per_s']['thin']:.0f} ({sp['speedup']:.2f}x), with compact convs on "
-             f"{[c['layer'] for c in r['compact_convs'] if c['choice'] == 'compact'] or 'no layer'} "
-             f"{sp['images_per_s']['thin_compact']:.0f} ({sp['speedup_with_compact_convs']:.2f}x); file "
+             f"{sp['images_per_s']['thin']:.0f} ({sp['speedup']:.2f}x){_compact_line(r)}; file "
              f"{r['file_bytes']['dense']:,} -> {r['file_bytes']['thin']:,} bytes",
              f"  wrote thin.npz and thin-report.json in {folder}"]
     return "\n".join(lines)
