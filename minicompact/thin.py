@@ -159,17 +159,6 @@ def use_compact_convs(model, names, groups=None):
     return model
 
 
-def _median_seconds(f, x, repeats):
-    import time
-    f(x)
-    t = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f(x)
-        t.append(time.perf_counter() - t0)
-    return float(np.median(t))
-
-
 def choose_convs(model, x, repeats=5, min_gain=1.1):
     """Per conv layer, measure once whether ``CompactConv2D`` beats the dense GEMM; use it
     where it does (by ``min_gain`` or more).  model: a (thin) ``CompactNet``, changed in
