@@ -45,6 +45,7 @@ from minicompact.model import CompactNet
 from minicompact.objective import Regularizer
 from minicompact.optim import SGD, StepLR
 from minicompact.regularizers import variant
+from minicompact.thin import NothingToRemove, thin_run
 
 
 def build_parser(given_only=False):
@@ -98,6 +99,8 @@ def build_parser(given_only=False):
     a("--resume", metavar="CKPT", help="continue training from a checkpoint (e.g. OUT/last.npz), in its folder")
     a("--evaluate", metavar="CKPT", help="only evaluate a checkpoint (or a run's model.npz) on the val split; "
       "writes to CKPT's folder/eval-<name> unless --out is given")
+    a("--thin", metavar="CKPT", help="remove the dead structure of a run's model.npz, best.npz or last.npz "
+      "(minicompact/thin.py): writes thin.npz and thin-report.json into CKPT's folder/thin")
     a("--no-progress", action="store_true", help="no progress bars (they are drawn only on a terminal anyway)")
     return p
 
@@ -127,6 +130,8 @@ def start(args, given):
     """Choose the device and the communicator, then run ``every_rank`` on all ranks together."""
     if args.resume and args.evaluate:
         fail("use either --resume or --evaluate, not both")
+    if args.thin:
+        return thin_command(args)
     try:
         with warnings.catch_warnings(record=True) as device_notes:
             warnings.simplefilter("always")
@@ -149,6 +154,20 @@ def start(args, given):
             comm.abort(f"run.py: stopped by {signal.Signals(signum).name}; ending all {comm.size} "
                        "ranks; any checkpoint already written is kept", 128 + signum)
     raise agreed
+
+
+def thin_command(args):
+    """--thin CKPT: all the work is ``minicompact.thin.thin_run``; its ValueErrors are one line."""
+    if args.resume or args.evaluate:
+        fail("--thin runs alone: not with --resume or --evaluate")
+    try:
+        thin_run(args.thin, out=args.out, overwrite=args.overwrite, data=args.data,
+                 workers=args.workers or 0, log=say)
+    except NothingToRemove as exc:  # thinning a thin model again: nothing to do, not an error
+        say(f"run.py: {exc}")
+    except ValueError as exc:
+        fail(str(exc))
+    return 0
 
 
 def every_rank(args, given, comm, device, device_notes):

@@ -72,9 +72,18 @@ class ModelConfig:
     stem: str = "imagenet"
     levels: tuple = (1, 2, 4)
     classes: list = field(default_factory=list)  # class names, for predictions and checkpoints
+    # Explicit K^l of each feature layer (a thinned network, ``minicompact.thin``); None: the
+    # rule of ``dictionary_sizes``.  The strides still follow that rule (``feature_layers``).
+    layer_widths: tuple = None
 
     def validate(self):
-        dictionary_sizes(self.depth, self.widths, self.width_mult)
+        rule = dictionary_sizes(self.depth, self.widths, self.width_mult)
+        if self.layer_widths is not None:
+            lw = self.layer_widths
+            if (len(lw) != len(rule)
+                    or not all(isinstance(k, (int, np.integer)) and k >= 1 for k in lw)):
+                raise ValueError(f"layer_widths must be {len(rule)} integers >= 1 (one per feature "
+                                 f"layer of depth {self.depth}), got {list(lw)}")
         if self.stem not in STEMS:
             raise ValueError(f"stem must be one of {sorted(STEMS)}, got {self.stem!r}")
         if self.num_classes < 2:
@@ -106,6 +115,12 @@ class ModelConfig:
             return stem
         return "small" if image_size < SMALL_STEM_BELOW else "imagenet"
 
+    def filter_counts(self):
+        """K^l of each feature layer l = 1..L-1: ``layer_widths`` when given, else the rule."""
+        if self.layer_widths is not None:
+            return [int(k) for k in self.layer_widths]
+        return dictionary_sizes(self.depth, self.widths, self.width_mult)
+
     def pyramid_input_side(self, image_size):
         """Side of the feature maps that reach the spatial pyramid for square ``image_size`` inputs.
 
@@ -129,12 +144,18 @@ class ModelConfig:
     def to_json(self):
         d = asdict(self)
         d["widths"], d["levels"] = list(self.widths), list(self.levels)
+        if self.layer_widths is None:
+            del d["layer_widths"]      # the file reads as before for every unthinned model
+        else:
+            d["layer_widths"] = [int(k) for k in self.layer_widths]
         return json.dumps(d)
 
     @classmethod
     def from_json(cls, text):
         d = json.loads(text)
         d["widths"], d["levels"] = tuple(d["widths"]), tuple(d["levels"])
+        if d.get("layer_widths") is not None:
+            d["layer_widths"] = tuple(d["layer_widths"])
         return cls(**d)
 
 
@@ -153,7 +174,7 @@ class CompactNet:
         self.config = (config or ModelConfig(**kwargs)).validate()
         cfg = self.config
         rng = np.random.default_rng(seed)
-        sizes = dictionary_sizes(cfg.depth, cfg.widths, cfg.width_mult)
+        sizes = cfg.filter_counts()
         self.convs, self.bns, self.pools, self.layers = [], [], [], []
         channels = cfg.in_channels
         for l, (k, (ksize, stride_c, stride_p)) in enumerate(zip(sizes, cfg.feature_layers())):

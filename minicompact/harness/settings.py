@@ -33,7 +33,7 @@ PRESET = dict(epochs=10, batch_size=32, lr=0.01, momentum=0.9, lr_step=8, warmup
 # Settings that change the arithmetic: a resumed run takes them from its checkpoint.
 MATH_KEYS = ("depth", "rho", "model", "batch_size", "lr", "momentum", "lr_step", "warmup", "cw",
              "ctheta", "image_size", "width_mult", "stem", "reg_update", "loss", "seed",
-             "compressed_beta", "sync_bn")
+             "compressed_beta", "sync_bn", "layer_widths")
 # Settings a resumed run keeps unless they are given again (they change no number).
 KEPT_KEYS = ("cache",)
 FLOAT_FLAGS = ("rho", "lr", "momentum", "warmup", "cw", "ctheta", "compressed_beta", "threshold",
@@ -152,8 +152,10 @@ def keep_global_batch(s, was, ranks, path):
 
 def model_config(s, classes):
     """The ``ModelConfig`` the settings ``s`` build for these class names."""
+    widths = getattr(s, "layer_widths", None)  # a thinned network's (minicompact/thin.py)
     return ModelConfig(depth=s.depth, num_classes=len(classes), width_mult=s.width_mult,
-                       stem=s.stem, classes=list(classes))
+                       stem=s.stem, classes=list(classes),
+                       layer_widths=None if widths is None else tuple(widths))
 
 
 def validate(s, how):

@@ -1,0 +1,102 @@
+"""run.py --thin end to end: the files it writes, what the thin model is accepted by
+(--evaluate, a fine-tune via --resume, --thin again), and the refusals (one line, no file)."""
+import json
+
+import numpy as np
+import pytest
+
+from minicompact.harness.checkpoint import atomic_savez
+from minicompact.model import CompactNet
+from test_run import TINY, main, write_folder
+
+
+def kill_some(path, conv1_filters=(1,), maps=(0,)):
+    """Rewrite a run's model file with some dead structure: all-zero conv1 filters (a constant
+    map, folded) and last-layer maps no class reads."""
+    with np.load(path) as z:
+        a = {k: z[k] for k in z.files}
+    a["conv1.W"][list(conv1_filters)] = 0
+    a["classifier.W"][:, list(maps)] = 0
+    atomic_savez(path, a)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny run (depth 3: 4 and 8 filters), one epoch, with dead structure put into its
+    model.npz; returns (data root, run folder)."""
+    root = tmp_path_factory.mktemp("thinrun")
+    data = write_folder(root / "data")
+    out = root / "run"
+    assert main("--data", data, "--epochs", 1, "--out", out, *TINY) == 0
+    kill_some(out / "model.npz")
+    return data, out
+
+
+def test_thin_writes_its_files_and_report(trained, capsys):
+    data, out = trained
+    capsys.readouterr()
+    assert main("--thin", out / "model.npz", "--workers", 0) == 0
+    printed = capsys.readouterr().out
+    folder = out / "thin"
+    assert sorted(p.name for p in folder.iterdir()) == ["thin-report.json", "thin.npz"]
+    assert "widths [4, 8] -> [3, 7]" in printed
+    r = json.loads((folder / "thin-report.json").read_text())
+    assert r["widths_before"] == [4, 8] and r["widths_after"] == [3, 7]
+    assert r["params_after"] < r["params_before"]
+    for crops in ("single_crop", "ten_crop"):
+        acc = r["accuracy"][crops]
+        assert acc["images"] == 12 and {"dense", "thin", "same_prediction"} <= set(acc)
+        assert acc["same_prediction"] >= 0.9                  # measured: borders only
+    assert {"dense", "thin", "thin_compact"} == set(r["speed"]["images_per_s"])
+    assert [c["layer"] for c in r["compact_convs"]] == ["conv1", "conv2"]
+    assert r["file_bytes"]["thin"] < r["file_bytes"]["dense"]
+    thin = CompactNet.load(folder / "thin.npz")
+    assert thin.config.layer_widths == (3, 7)
+
+    # A second thinning of the same file goes to thin-2: never over the first.
+    assert main("--thin", out / "model.npz", "--workers", 0) == 0
+    assert (out / "thin-2" / "thin.npz").is_file()
+
+
+def test_thin_model_is_accepted_by_evaluate_resume_and_thin(trained, capsys):
+    data, out = trained
+    folder = out / "thin-accept"
+    assert main("--thin", out / "model.npz", "--workers", 0, "--out", folder) == 0
+    thin = folder / "thin.npz"
+    capsys.readouterr()
+    # --thin again: nothing to remove, nothing written, exit 0
+    assert main("--thin", thin, "--workers", 0) == 0
+    assert "nothing to remove" in capsys.readouterr().out
+    assert sorted(p.name for p in folder.iterdir()) == ["thin-report.json", "thin.npz"]
+    assert not (folder / "thin").exists()
+    # --evaluate: its own report of the thin network
+    assert main("--evaluate", thin, "--workers", 0, "--no-progress") == 0
+    report = json.loads((folder / "eval-thin" / "report.json").read_text())
+    assert report["total_parameters"] == CompactNet.load(thin).parameter_count()
+    # a fine-tune: --resume continues training the thin network in its folder
+    assert main("--resume", thin, "--epochs", 2, "--workers", 0, "--no-progress") == 0
+    tuned = CompactNet.load(folder / "last.npz")
+    assert tuned.config.layer_widths == (3, 7)
+    assert json.loads((folder / "report.json").read_text())["epochs"] == 2
+
+
+def test_refusals_are_one_line_and_write_nothing(trained, tmp_path, capsys):
+    data, out = trained
+    bad = tmp_path / "notes.npz"
+    bad.write_text("not a model")
+    with pytest.raises(SystemExit):
+        main("--thin", bad)
+    err = capsys.readouterr().err.strip()
+    assert "not an .npz archive" in err and len(err.splitlines()) == 1
+    dead = tmp_path / "dead" / "model.npz"
+    dead.parent.mkdir()
+    dead.write_bytes((out / "model.npz").read_bytes())
+    kill_some(dead, conv1_filters=range(4))
+    with pytest.raises(SystemExit):
+        main("--thin", dead)
+    err = capsys.readouterr().err.strip()
+    assert "every one of the 4 filters of conv1 is dead" in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in dead.parent.iterdir()) == ["model.npz"]
+    with pytest.raises(SystemExit):
+        main("--thin", out / "model.npz", "--evaluate", out / "model.npz")
+    assert "--thin runs alone" in capsys.readouterr().err
