@@ -1,0 +1,73 @@
+"""Which algorithm a ``Conv2D`` uses: im2col + one GEMM, or Winograd F(2×2, 3×3).
+
+* ``"im2col"`` (the default): every layer, the readable reference path (``minicompact.im2col``).
+* ``"winograd"``: 3×3 stride-1 layers by ``minicompact.winograd`` (16 instead of 36
+  multiplies per 2×2 output tile and channel pair, a larger float32 rounding error); other
+  layers (the 7×7 stem, strided ones) stay on im2col.
+* ``"auto"``: for 3×3 stride-1 layers, the first forward of each (input shape, K, padding,
+  dtype, device) times both algorithms' forward + backward on that input, twice each,
+  alternating, and keeps the faster for every later call with that key (cuDNN's benchmark
+  mode).  The choice depends on the machine and its load, so two runs may pick differently:
+  their float32 results then differ by rounding (docs/winograd.md bounds it).
+
+``set_conv_algo(model, algo)`` sets it model-wide (every layer in ``model.convs``); run.py's
+``--conv-algo`` calls it.  The algorithm changes no parameter and nothing in a checkpoint.
+"""
+import time
+
+from ..backend import device_of, synchronize
+
+ALGOS = ("auto", "im2col", "winograd")
+_CHOICES = {}   # (N, C, H, W, K, padding, dtype, device) -> "im2col" | "winograd"
+
+
+def check_algo(algo):
+    """``algo`` if it is one of ``ALGOS``, else a one-line ValueError."""
+    if algo not in ALGOS:
+        raise ValueError(f"conv algorithm must be one of {', '.join(ALGOS)}, got {algo!r}")
+    return algo
+
+
+def winograd_applies(kernel_size, stride):
+    """Whether F(2×2, 3×3) can compute a layer: a 3×3 kernel with stride 1."""
+    return tuple(kernel_size) == (3, 3) and stride == 1
+
+
+def measured_choice(x, W, padding):
+    """The faster of "im2col" and "winograd" for this input and filters, measured once per key.
+
+    x: (N, C, H, W); W: (K, C, 3, 3).  Times forward + backward (dx and dW, a random dout)
+    of each algorithm twice, alternating, and keeps the smaller of each pair's times.
+    """
+    from .conv import conv2d_backward, conv2d_forward       # conv.py imports this module
+    from ..winograd import winograd_backward, winograd_forward
+    key = tuple(x.shape) + (W.shape[0], padding, x.dtype.str, device_of(x))
+    if key in _CHOICES:
+        return _CHOICES[key]
+    def im2col_step():
+        out, cols = conv2d_forward(x, W, 1, padding)
+        conv2d_backward(out, cols, W, x.shape, 1, padding, overwrite_cols=True)
+
+    def winograd_step():
+        out, V = winograd_forward(x, W, padding)
+        winograd_backward(out, V, W, x.shape, padding)
+
+    best = {"im2col": float("inf"), "winograd": float("inf")}
+    for _ in range(2):
+        for name, step in (("im2col", im2col_step), ("winograd", winograd_step)):
+            synchronize()
+            t0 = time.perf_counter()
+            step()
+            synchronize()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    _CHOICES[key] = min(best, key=best.get)
+    return _CHOICES[key]
+
+
+def set_conv_algo(model, algo):
+    """Use ``algo`` ("auto", "im2col" or "winograd") in every conv of ``model``; returns model."""
+    check_algo(algo)
+    for conv in model.convs:
+        conv.algo = algo
+        conv.cache = None     # a buffer of the other algorithm is of no use
+    return model
