@@ -124,6 +124,9 @@ def build_parser(given_only=False):
     a("--precision", choices=("fp32", "tf32"), default="fp32",
       help="float32 matrix products on the GPU: fp32, or tf32 (TF32 tensor cores, as PyTorch's default "
            "convolutions; no effect on the CPU)")
+    a("--conv-algo", choices=("auto", "im2col", "winograd"), default="im2col",
+      help="3x3 stride-1 convolutions by im2col + GEMM, Winograd F(2x2, 3x3), or auto: the faster, "
+           "measured once per layer shape (same maths; see docs/winograd.md)")
     a("--workers", type=int, help="image-decoding processes (default: CPU cores - 1, at most 8)")
     a("--cache", action="store_true", help="decode and resize the dataset once into a uint8 memory-mapped "
       "cache in OUT/cache (refreshed when files change)")
@@ -538,6 +541,7 @@ def run(s, device, train_set, val_set, checkpoint=None, comm=None):
     from minicompact.distributed import Communicator
     from minicompact.losses import multiclass_hinge_loss, softmax_cross_entropy
     from minicompact.model import CompactNet
+    from minicompact.layers.conv_algo import set_conv_algo
     from minicompact.objective import Regularizer
     from minicompact.optim import SGD, StepLR
     from minicompact.regularizers import variant
@@ -549,6 +553,7 @@ def run(s, device, train_set, val_set, checkpoint=None, comm=None):
     state = checkpoint[2] if checkpoint else None
     config = model_config(s, train_set.classes)
     model = CompactNet(config, seed=s["seed"]).to(device)
+    set_conv_algo(model, s.get("conv_algo") or "im2col")
     reg_config = variant(s["model"], s["depth"], s["rho"], compressed_beta=s["compressed_beta"])
     optimizer = SGD(model.param_layers, lr=s["lr"], momentum=s["momentum"])
     regularizer = Regularizer(model, reg_config, s["cw"], s["ctheta"], s["reg_update"])
