@@ -22,7 +22,8 @@ warm-up step above the weights, gradients and momentum (malloc's mmap threshold 
 that freed arrays leave the resident set in both frameworks).
 
 ``--conv-algo`` takes a comma-separated list of minicompact's convolution algorithms
-(im2col, winograd, auto; default both im2col and winograd): each gets its own model (same
+(im2col, winograd, auto, each optionally +shared: one column workspace shared by all layers;
+default both im2col and winograd): each gets its own model (same
 seed, same weights), is checked, timed (each minicompact step followed by a PyTorch step, so
 every algorithm alternates with PyTorch), attributed and measured, and gets its own column.
 
@@ -547,7 +548,8 @@ def main(argv=None):
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--conv-algo", default="im2col,winograd",
                     help="minicompact's convolution algorithms to time, comma-separated, from "
-                         "im2col, winograd, auto (one column each)")
+                         "im2col, winograd, auto (one column each); append +shared for one column "
+                         "workspace shared by all layers, columns rebuilt in backward")
     ap.add_argument("--json", metavar="PATH", help="also write the results here")
     ap.add_argument("--net", help=argparse.SUPPRESS)            # for --memory-child
     ap.add_argument("--memory-child", choices=["minicompact", "torch"], help=argparse.SUPPRESS)
@@ -560,7 +562,8 @@ def main(argv=None):
     if args.device == "gpu" and not torch.cuda.is_available():
         ap.exit(2, "bench_vs_pytorch.py: error: this PyTorch build sees no CUDA GPU\n")
     args.conv_algos = [a.strip() for a in args.conv_algo.split(",") if a.strip()]
-    bad = [a for a in args.conv_algos if a not in ("im2col", "winograd", "auto")]
+    bad = [a for a in args.conv_algos
+           if a.replace("+shared", "", 1) not in ("im2col", "winograd", "auto")]
     if bad or not args.conv_algos:
         ap.exit(2, f"bench_vs_pytorch.py: error: --conv-algo takes im2col, winograd and/or auto, "
                    f"got {args.conv_algo!r}\n")

@@ -207,6 +207,32 @@ def test_set_conv_algo_sets_every_layer_and_keeps_the_maths():
         conv_algo.set_conv_algo(model, "direct")
 
 
+def test_shared_column_workspace_gives_the_same_gradients(device, xp):
+    """share_columns: one buffer for all layers, columns rebuilt in backward; same maths."""
+    layer = Conv2D(2, 3, 3, padding=1, dtype=np.float64, rng=np.random.default_rng(8)).to(device)
+    layer.columns = conv_algo.ColumnWorkspace()
+    x = xp.asarray(np.random.default_rng(9).standard_normal((2, 2, 5, 6)))
+    check_layer(layer, x, h=H_STEP, seed=3)
+    assert layer.cache[3] == "im2col-shared"
+    model = CompactNet(depth=4, width_mult=1 / 32, num_classes=3, stem="small", dtype=np.float64).to(device)
+    x = xp.asarray(np.random.default_rng(0).standard_normal((2, 3, 16, 16)))
+    dscores = xp.asarray(np.random.default_rng(1).standard_normal((2, 3)))
+    model.forward(x)
+    model.backward(dscores)
+    want = [to_cpu(conv.grads["W"]).copy() for conv in model.convs]
+    conv_algo.share_columns(model)
+    assert len({id(conv.columns) for conv in model.convs}) == 1
+    model.forward(x)
+    model.backward(dscores)
+    for conv, w in zip(model.convs, want):
+        np.testing.assert_allclose(to_cpu(conv.grads["W"]), w, rtol=1e-10, atol=1e-14)
+    model.forward(x)                     # forward keeps only each layer's input
+    kept = sum(conv.cache[1].size for conv in model.convs)
+    assert conv_algo.share_columns(model, on=False).convs[0].columns is None
+    model.forward(x)
+    assert sum(conv.cache[1].size for conv in model.convs) > 4 * kept   # own columns: 9x / 49x
+
+
 class _DoubledDx(Conv2D):
     def backward(self, dout):
         return 2 * super().backward(dout)

@@ -107,6 +107,7 @@ class Conv2D(Layer):
         self.stride, self.padding = int(stride), int(padding)
         self.need_input_grad = bool(need_input_grad)
         self.algo = check_algo(algo)
+        self.columns = None   # a shared ColumnWorkspace (conv_algo.share_columns), or None
         kh, kw = self.kernel_size
         rng = np.random.default_rng() if rng is None else rng
         std = np.sqrt(2.0 / (kh * kw * in_channels))
@@ -137,6 +138,11 @@ class Conv2D(Layer):
             ws = None  # a new shape, dtype or device: allocate a fresh buffer
         if algo == "winograd":
             out, buf = winograd_forward(x, W, p, workspace=ws)
+        elif self.columns is not None:   # columns in the shared buffer; keep x, rebuild them later
+            out, _ = conv2d_forward(x, W, self.stride, p,
+                                    workspace=self.columns.get(shape, x.dtype, x))
+            self.cache = (x.shape, x, True, "im2col-shared")
+            return out
         else:
             out, buf = conv2d_forward(x, W, self.stride, p, workspace=ws)
         self.cache = (x.shape, buf, True, algo)   # True: buf holds this forward's cols or V
@@ -160,6 +166,9 @@ class Conv2D(Layer):
         n, _, h, w = x_shape
         (kh, kw), st, p = self.kernel_size, self.stride, self.padding
         want = (n, self.out_channels, output_size(h, kh, st, p), output_size(w, kw, st, p))
+        if algo == "im2col-shared":   # cols holds the input: rebuild the columns
+            cols = im2col(cols, kh, kw, st, p, out=self.columns.get(
+                (self.in_channels * kh * kw, want[0] * want[2] * want[3]), cols.dtype, cols))
         if tuple(dout.shape) != want or dout.dtype != cols.dtype:
             raise ValueError(f"Conv2D.backward expects dout of shape {want} and dtype "
                              f"{cols.dtype}, got shape {tuple(dout.shape)} and dtype {dout.dtype}")
