@@ -91,6 +91,8 @@ class Conv2D(Layer):
     into it.  ``layer.cache = None`` frees it.  With Winograd the cache holds the transformed
     input tiles V instead, 16·C·N·⌈Ho/2⌉·⌈Wo/2⌉ elements (about 4× the input, against 9× for
     the columns), reused the same way; dW comes from V and dx needs no column matrix.
+    ``columns``: a ``conv_algo.ColumnWorkspace`` shared by all layers (``share_columns``), or
+    None; with one, an im2col layer keeps only its input and rebuilds its columns in backward.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
