@@ -41,6 +41,7 @@ from minicompact.harness.rundir import choose_output
 from minicompact.harness.settings import PAPER, PRESET, check_checkpoint, model_config, settings_for
 from minicompact.harness.stopping import Interrupted, StopSignals
 from minicompact.harness.trainer import NoImages, NonFiniteLoss, ReplicasDiffer, Trainer
+from minicompact.layers.conv_algo import set_conv_algo
 from minicompact.model import CompactNet
 from minicompact.objective import Regularizer
 from minicompact.optim import SGD, StepLR
@@ -87,6 +88,9 @@ def build_parser(given_only=False):
     a("--precision", choices=("fp32", "tf32"), default="fp32",
       help="float32 matrix products on the GPU: fp32, or tf32 (TF32 tensor cores, as PyTorch's default "
            "convolutions; no effect on the CPU)")
+    a("--conv-algo", choices=("auto", "im2col", "winograd"), default="im2col",
+      help="3x3 stride-1 convolutions by im2col + GEMM, Winograd F(2x2, 3x3), or auto: the faster, "
+           "measured once per layer shape (same maths; see docs/winograd.md)")
     a("--workers", type=int, help="image-decoding processes (default: CPU cores - 1, at most 8)")
     a("--cache", action="store_true", help="decode and resize the dataset once into a uint8 memory-mapped "
       "cache in OUT/cache (refreshed when files change)")
@@ -202,6 +206,7 @@ def run(s, device, train_set, val_set, checkpoint, comm):
     """
     resize, crop = scaled_sizes(s.image_size)
     model = CompactNet(model_config(s, train_set.classes), seed=s.seed).to(device)
+    set_conv_algo(model, s.conv_algo)  # how 3x3 convs compute; the same maths either way
     optimizer = SGD(model.param_layers, lr=s.lr, momentum=s.momentum)
     regularizer = Regularizer(model, variant(s.model, s.depth, s.rho, compressed_beta=s.compressed_beta),
                               s.cw, s.ctheta, s.reg_update)

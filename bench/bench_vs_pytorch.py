@@ -3,6 +3,7 @@
     python bench/bench_vs_pytorch.py --device cpu                          # the four networks of the speed table
     python bench/bench_vs_pytorch.py --device gpu --precision tf32 --json out.json
     python bench/bench_vs_pytorch.py --nets demo,depth8 --repeats 10 --threads 2
+    python bench/bench_vs_pytorch.py --nets demo,depth8 --conv-algo im2col,winograd   # both
 
 For each network: the minicompact model is built, and the same network is written with
 torch.nn and given minicompact's weights.  First the two are checked equal: the scores, the
@@ -19,6 +20,12 @@ a fresh process: on a GPU CuPy's pool (peak in use, and reserved) against PyTorc
 growth of the process's peak resident set (VmHWM) over two steps, measured after one
 warm-up step above the weights, gradients and momentum (malloc's mmap threshold fixed, so
 that freed arrays leave the resident set in both frameworks).
+
+``--conv-algo`` takes a comma-separated list of minicompact's convolution algorithms
+(im2col, winograd, auto, each optionally +shared: one column workspace shared by all layers;
+default both im2col and winograd): each gets its own model (same
+seed, same weights), is checked, timed (each minicompact step followed by a PyTorch step, so
+every algorithm alternates with PyTorch), attributed and measured, and gets its own column.
 
 PyTorch is imported here only: minicompact never needs it.  Precision: "fp32" runs strict
 float32 in both; "tf32" lets both use TF32 tensor cores for float32 GEMMs and convolutions
@@ -224,7 +231,7 @@ def worst(a, b, only=None):
     return max(errors, key=lambda e: e[1])
 
 
-def check_equal(args, net, tdevice):
+def check_equal(args, net, tdevice, conv_algo="im2col"):
     """The two frameworks compute the same thing; returns a dict of the worst errors.
 
     On the first ``--check-batch`` images, with fresh copies of the network:
@@ -239,7 +246,7 @@ def check_equal(args, net, tdevice):
     small = dict(net, batch=min(net["batch"], args.check_batch))
     runs = {}
     for dtype in (np.float64, np.float32):
-        setup = Setup(small, args.device, dtype=dtype)
+        setup = Setup(small, args.device, dtype=dtype, conv_algo=conv_algo)
         runs[dtype] = quantities(setup, TorchSide(setup, tdevice))
     (ours64, theirs64), (ours32, theirs32) = runs[np.float64], runs[np.float32]
     name, worst64 = worst(ours64, theirs64)
@@ -320,7 +327,7 @@ def memory_child(args):
     if args.batch:
         net["batch"] = args.batch
     set_precision(args.precision)
-    setup = Setup(net, device)
+    setup = Setup(net, device, conv_algo=args.conv_algo)
     side = None
     if args.memory_child == "torch":
         torch.set_num_threads(args.threads)
@@ -365,10 +372,11 @@ def memory_child(args):
     print(json.dumps(out))
 
 
-def measure_memory(args, net_name, framework):
+def measure_memory(args, net_name, framework, conv_algo="im2col"):
     """Peaks of ``framework`` ("minicompact" or "torch") on one network, in a fresh process."""
     cmd = [sys.executable, os.path.abspath(__file__), "--memory-child",
            "torch" if framework == "torch" else "minicompact", "--net", net_name,
+           "--conv-algo", conv_algo,
            "--device", args.device, "--precision", args.precision, "--threads", str(args.threads)]
     if args.batch:
         cmd += ["--batch", str(args.batch)]
@@ -440,37 +448,46 @@ def bench_network(args, name, tdevice):
     print(f"\n== {name}: {describe(net)}")
     set_precision("fp32")
     set_torch_precision("fp32")
+    algos = args.conv_algos
     if not args.no_check:
-        c = result["check"] = check_equal(args, net, tdevice)
-        print(f"   same computation (batch {min(net['batch'], args.check_batch)}): in float64 the "
-              f"scores, loss, objective, every gradient, BN statistics and the weights after one SGD "
-              f"step agree to {c['float64_worst']:.1e} (worst: {c['float64_worst_is']}); in float32 "
-              f"the scores and loss to {c['float32_forward']:.1e}; float32 gradients against each "
-              f"framework's own float64: minicompact {c['minicompact_float32_vs_float64']:.1e}, "
-              f"PyTorch {c['torch_float32_vs_float64']:.1e} (between the two: "
-              f"{c['float32_gradients_between']:.1e})")
-    setup = Setup(net, args.device)
-    side = TorchSide(setup, tdevice)
+        for algo in algos:
+            c = check_equal(args, net, tdevice, algo)
+            result.setdefault("check", {})[algo] = c
+            print(f"   [{algo}] same computation (batch {min(net['batch'], args.check_batch)}): in "
+                  f"float64 the scores, loss, objective, every gradient, BN statistics and the weights "
+                  f"after one SGD step agree to {c['float64_worst']:.1e} (worst: {c['float64_worst_is']}); "
+                  f"in float32 the scores and loss to {c['float32_forward']:.1e}; float32 gradients "
+                  f"against each framework's own float64: minicompact "
+                  f"{c['minicompact_float32_vs_float64']:.1e}, PyTorch {c['torch_float32_vs_float64']:.1e}"
+                  f" (between the two: {c['float32_gradients_between']:.1e})")
+    setups = {algo: Setup(net, args.device, conv_algo=algo) for algo in algos}   # same weights
+    side = TorchSide(setups[algos[0]], tdevice)
     set_precision(args.precision)
     set_torch_precision(args.precision)
     if args.device == "gpu":
         result["cupy_float32_gemm"] = cupy_compute_type()
     for _ in range(args.warmup):
-        setup.step()
-        side.step()
-    ours, theirs = [], []
+        for setup in setups.values():
+            setup.step()
+            side.step()
+    ours, theirs = {algo: [] for algo in algos}, []
     for _ in range(args.repeats):   # alternate, so that load changes hit both alike
-        ours.append(timed(setup.step, synchronize))
-        theirs.append(timed(side.step, side.sync))
+        for algo, setup in setups.items():
+            ours[algo].append(timed(setup.step, synchronize))
+            theirs.append(timed(side.step, side.sync))
     batch = net["batch"]
-    ours_ips, theirs_ips = batch / float(np.median(ours)), batch / float(np.median(theirs))
-    result.update(minicompact_img_s=ours_ips, torch_img_s=theirs_ips, ratio=ours_ips / theirs_ips,
-                  minicompact_step_ms=[1e3 * t for t in ours], torch_step_ms=[1e3 * t for t in theirs])
-    print(f"   whole step, median of {args.repeats}: minicompact {1e3 * np.median(ours):8.1f} ms "
-          f"= {ours_ips:7.1f} img/s | PyTorch {1e3 * np.median(theirs):8.1f} ms = {theirs_ips:7.1f} img/s"
-          f" | ratio {ours_ips / theirs_ips:.2f}")
+    theirs_ips = batch / float(np.median(theirs))
+    result.update(torch_img_s=theirs_ips, torch_step_ms=[1e3 * t for t in theirs], algos={})
+    for algo in algos:
+        ours_ips = batch / float(np.median(ours[algo]))
+        result["algos"][algo] = dict(minicompact_img_s=ours_ips, ratio=ours_ips / theirs_ips,
+                                     minicompact_step_ms=[1e3 * t for t in ours[algo]])
+        print(f"   [{algo}] whole step, median of {args.repeats}: minicompact "
+              f"{1e3 * np.median(ours[algo]):8.1f} ms = {ours_ips:7.1f} img/s | PyTorch "
+              f"{1e3 * np.median(theirs):8.1f} ms = {theirs_ips:7.1f} img/s (median of "
+              f"{len(theirs)}) | ratio {ours_ips / theirs_ips:.2f}")
     if not args.no_layers:
-        mine = layer_times(setup, steps=args.layer_steps)
+        mine = {algo: layer_times(setup, steps=args.layer_steps) for algo, setup in setups.items()}
         try:
             other = torch_layer_times(side, steps=args.layer_steps)
         except Exception as exc:   # the profiler is a nicety: never lose the run to it
@@ -479,15 +496,18 @@ def bench_network(args, name, tdevice):
         result["layers"] = {"minicompact_s": mine, "torch_s": other}
         print("   per layer kind, ms per step (minicompact: a separate pass with a sync after every "
               "layer; PyTorch: profiler self time per operator)")
-        print(f"     {'':<20s} {'minicompact':>11s} {'PyTorch':>9s}")
-        kinds = sorted(set(mine) | set(other), key=lambda k: -mine.get(k, 0.0))
+        print(f"     {'':<20s} " + " ".join(f"{a:>11s}" for a in algos) + f" {'PyTorch':>9s}")
+        first = mine[algos[0]]
+        kinds = sorted(set().union(*mine.values(), other), key=lambda k: -first.get(k, 0.0))
         for kind in kinds:
-            a, b = mine.get(kind), other.get(kind)
-            print(f"     {kind:<20s} {'' if a is None else f'{1e3 * a:.2f}':>11s} "
-                  f"{'' if b is None else f'{1e3 * b:.2f}':>9s}")
+            cells = [mine[a].get(kind) for a in algos] + [other.get(kind)]
+            print(f"     {kind:<20s} " + " ".join(
+                f"{'' if v is None else f'{1e3 * v:.2f}':>{11 if i < len(algos) else 9}s}"
+                for i, v in enumerate(cells)))
     if not args.no_memory:
-        setup = side = None
-        mem = {fw: measure_memory(args, name, fw) for fw in ("minicompact", "torch")}
+        setups = setup = side = None
+        mem = {f"minicompact {algo}": measure_memory(args, name, "minicompact", algo) for algo in algos}
+        mem["torch"] = measure_memory(args, name, "torch")
         result["memory"] = mem
         print(f"   peak memory over two steps, fresh process each: {format_memory(mem, args.device)}")
     return result
@@ -526,6 +546,10 @@ def main(argv=None):
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-layers", action="store_true")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--conv-algo", default="im2col,winograd",
+                    help="minicompact's convolution algorithms to time, comma-separated, from "
+                         "im2col, winograd, auto (one column each); append +shared for one column "
+                         "workspace shared by all layers, columns rebuilt in backward")
     ap.add_argument("--json", metavar="PATH", help="also write the results here")
     ap.add_argument("--net", help=argparse.SUPPRESS)            # for --memory-child
     ap.add_argument("--memory-child", choices=["minicompact", "torch"], help=argparse.SUPPRESS)
@@ -537,6 +561,12 @@ def main(argv=None):
         ap.exit(2, "bench_vs_pytorch.py: error: --device gpu needs CuPy and a CUDA GPU\n")
     if args.device == "gpu" and not torch.cuda.is_available():
         ap.exit(2, "bench_vs_pytorch.py: error: this PyTorch build sees no CUDA GPU\n")
+    args.conv_algos = [a.strip() for a in args.conv_algo.split(",") if a.strip()]
+    bad = [a for a in args.conv_algos
+           if a.replace("+shared", "", 1) not in ("im2col", "winograd", "auto")]
+    if bad or not args.conv_algos:
+        ap.exit(2, f"bench_vs_pytorch.py: error: --conv-algo takes im2col, winograd and/or auto, "
+                   f"got {args.conv_algo!r}\n")
     if args.memory_child:
         return memory_child(args)
     names = [n.strip() for n in args.nets.split(",") if n.strip()]
@@ -553,10 +583,14 @@ def main(argv=None):
     t0 = time.time()
     for name in names:
         results.append(bench_network(args, name, tdevice))
-    print(f"\n{'network':<9s} {'batch':>5s} {'minicompact img/s':>18s} {'PyTorch img/s':>14s} {'ratio':>6s}")
+    algos = args.conv_algos
+    print(f"\n{'network':<9s} {'batch':>5s} " + " ".join(f"{a + ' img/s':>15s}" for a in algos)
+          + f" {'PyTorch img/s':>14s} " + " ".join(f"{'ratio ' + a:>15s}" for a in algos))
     for r in results:
-        print(f"{r['net']:<9s} {r['config']['batch']:>5d} {r['minicompact_img_s']:>18.1f} "
-              f"{r['torch_img_s']:>14.1f} {r['ratio']:>6.2f}")
+        mc = r["algos"]
+        print(f"{r['net']:<9s} {r['config']['batch']:>5d} "
+              + " ".join(f"{mc[a]['minicompact_img_s']:>15.1f}" for a in algos)
+              + f" {r['torch_img_s']:>14.1f} " + " ".join(f"{mc[a]['ratio']:>15.2f}" for a in algos))
     print(f"({args.device}, {args.precision}, PyTorch threads {torch.get_num_threads()}, "
           f"load average {os.getloadavg()[0]:.2f} at the end, {time.time() - t0:.0f} s in all)")
     if args.json:

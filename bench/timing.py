@@ -12,6 +12,7 @@ from collections import defaultdict
 import numpy as np
 
 from minicompact.backend import array_module, synchronize
+from minicompact.layers.conv_algo import set_conv_algo, share_columns
 from minicompact.losses import softmax_cross_entropy
 from minicompact.model import CompactNet, ModelConfig
 from minicompact.objective import Regularizer, train_step
@@ -38,15 +39,19 @@ class Setup:
     """A CompactNet with its SGD, its CompactNet regularizer (ρ = 0.03) and one random batch.
 
     net: a dict of ``NETWORKS``; device: "cpu" or "gpu"; seed: of weights and data;
-    dtype: of the model and the images (float64 for exact comparisons).
+    dtype: of the model and the images (float64 for exact comparisons); conv_algo: of its
+    3×3 stride-1 convolutions ("im2col", "winograd" or "auto", see ``layers.conv_algo``),
+    "+shared" appended for one column workspace shared by all layers (``share_columns``).
     """
 
-    def __init__(self, net, device, seed=0, dtype=np.float32):
+    def __init__(self, net, device, seed=0, dtype=np.float32, conv_algo="im2col"):
         xp = array_module(device)
         self.net, self.device = net, device
         cfg = ModelConfig(depth=net["depth"], num_classes=net["classes"],
                           width_mult=net["width_mult"], stem=net["stem"])
-        self.model = CompactNet(cfg, seed=seed, dtype=dtype).to(device)
+        algo, _, shared = conv_algo.partition("+")   # "im2col+shared": one column workspace
+        self.model = set_conv_algo(CompactNet(cfg, seed=seed, dtype=dtype).to(device), algo)
+        share_columns(self.model, shared == "shared")
         self.optimizer = SGD(self.model.param_layers, lr=LR, momentum=MOMENTUM)
         self.regularizer = Regularizer(self.model, variant("compact", net["depth"], RHO), CW, CTHETA)
         rng = np.random.default_rng(seed)

@@ -254,3 +254,16 @@ def test_precision_flag_sets_the_backend_and_is_a_no_op_on_the_cpu(data, tmp_pat
         assert report["settings"]["precision"] == "tf32"
     finally:
         backend.set_precision(previous)
+
+
+def test_conv_algo_changes_no_maths(data, tmp_path):
+    """--conv-algo winograd trains the same network: weights after an epoch agree with im2col's
+    to float32 rounding, and the checkpoint holds the same arrays."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main("--data", data, "--epochs", 1, "--out", a, *TINY) == 0
+    assert main("--data", data, "--epochs", 1, "--out", b, "--conv-algo", "winograd", *TINY) == 0
+    wa, wb = arrays(a / "last.npz"), arrays(b / "last.npz")
+    assert set(wa) == set(wb)
+    for key in wa:
+        if wa[key].dtype.kind == "f":
+            np.testing.assert_allclose(wb[key], wa[key], rtol=1e-3, atol=1e-4, err_msg=key)
