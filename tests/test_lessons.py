@@ -35,6 +35,9 @@ def exercises(nb):
     return names
 
 
+CIFAR_ARCHIVE = os.path.join(ROOT, "..", "shared", "data", "cifar10-train.tar.gz")
+DATA_SWITCH = "MINICOMPACT_LESSON_DATA"     # "generated" (default) or "cifar", read by the training lesson
+TRAINING = [p for p in NOTEBOOKS if DATA_SWITCH in open(p, encoding="utf-8").read()]
 WITH_EXERCISES = [p for p in NOTEBOOKS if exercises(nbformat.read(p, as_version=4))]
 
 
@@ -112,6 +115,24 @@ def test_lesson_checks_itself_and_imports_the_library(path, library):
                 f"{node.name}: a my_... function is an exercise, its body between answer markers"
             key, _ = _body_key(node)
             assert key not in bodies, f"{node.name} copies {bodies[key]}: import it instead"
+
+
+def test_the_training_lesson_shows_what_a_reader_gets():
+    """Its stored outputs come from the generated data, which is also what every default run
+    (the suite's included) trains on; the development checkout's CIFAR photos are opt-in."""
+    assert TRAINING, f"no lesson reads {DATA_SWITCH}"
+    for path in TRAINING:
+        nb = nbformat.read(path, as_version=4)
+        text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+        assert "generated demo data" in text and "CIFAR-10 photos:" not in text
+
+
+@pytest.mark.skipif(not os.path.isfile(CIFAR_ARCHIVE), reason="no CIFAR-10 archive beside the checkout")
+@pytest.mark.parametrize("path", TRAINING, ids=[os.path.basename(p)[:-6] for p in TRAINING])
+def test_the_training_lesson_holds_on_the_cifar_photos(path):
+    ran, _ = execute(path, env={DATA_SWITCH: "cifar"})
+    assert any("CIFAR-10 photos" in o.get("text", "") for c in ran.cells if c.cell_type == "code"
+               for o in c.outputs)
 
 
 def test_lessons_have_exercises_to_implement():
