@@ -2,6 +2,12 @@
 
 Every ``lessons/NN_*.ipynb`` is picked up without editing this file.  Executing them is the
 slow part of the suite (a Jupyter kernel per notebook); the static checks are instant.
+
+"Implement it" exercises are functions named ``my_...`` whose body sits between the answer
+markers of ``lessons/execute.py``; they are the one kind of function a lesson may write in the
+library's place, and even they must not be a copy of the library's body.  The stored answers
+must pass their check cells, and the blank copies (``execute.py --blank``) must fail exactly
+those cells, with ExerciseError's "not implemented yet", and no other.
 """
 import ast
 import glob
@@ -10,12 +16,29 @@ import os
 import nbformat
 import pytest
 
-from lessons.execute import DEVICE_LINE, execute, lesson_paths
+from lessons.execute import BEGIN_ANSWER, DEVICE_LINE, blank, execute, lesson_paths, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = lesson_paths()
 IDS = [os.path.basename(p)[:-6] for p in NOTEBOOKS]
 MAX_FOLDER_BYTES = 5 * 2**20     # outputs (figures included) are committed: keep them small
+EXERCISE_PREFIX = "my_"
+
+
+def exercises(nb):
+    """The names of the lesson's exercise functions (``def my_...`` holding an answer marker)."""
+    names = []
+    for cell in nb.cells:
+        if cell.cell_type == "code" and any(BEGIN_ANSWER.match(line) for line in cell.source.splitlines()):
+            names += [n.name for n in ast.walk(ast.parse(cell.source)) if isinstance(n, ast.FunctionDef)
+                      and n.name.startswith(EXERCISE_PREFIX)]
+    return names
+
+
+CIFAR_ARCHIVE = os.path.join(ROOT, "..", "shared", "data", "cifar10-train.tar.gz")
+DATA_SWITCH = "MINICOMPACT_LESSON_DATA"     # "generated" (default) or "cifar", read by the training lesson
+TRAINING = [p for p in NOTEBOOKS if DATA_SWITCH in open(p, encoding="utf-8").read()]
+WITH_EXERCISES = [p for p in NOTEBOOKS if exercises(nbformat.read(p, as_version=4))]
 
 
 def code_cells(nb):
@@ -83,12 +106,89 @@ def test_lesson_checks_itself_and_imports_the_library(path, library):
                or (isinstance(n, ast.Call) and "assert" in ast.unparse(n.func).rsplit(".", 1)[-1])]
     assert asserts, "a lesson asserts what it claims"
     names, bodies = library
+    answers = set(exercises(nb))
     for node in nodes:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             assert node.name not in names, \
                 f"{node.name} shadows minicompact's {node.name}: import it instead"
+            assert not node.name.startswith(EXERCISE_PREFIX) or node.name in answers, \
+                f"{node.name}: a my_... function is an exercise, its body between answer markers"
             key, _ = _body_key(node)
             assert key not in bodies, f"{node.name} copies {bodies[key]}: import it instead"
+
+
+def test_the_training_lesson_shows_what_a_reader_gets():
+    """Its stored outputs come from the generated data, which is also what every default run
+    (the suite's included) trains on; the development checkout's CIFAR photos are opt-in."""
+    assert TRAINING, f"no lesson reads {DATA_SWITCH}"
+    for path in TRAINING:
+        nb = nbformat.read(path, as_version=4)
+        text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+        assert "generated demo data" in text and "CIFAR-10 photos:" not in text
+
+
+@pytest.mark.skipif(not os.path.isfile(CIFAR_ARCHIVE), reason="no CIFAR-10 archive beside the checkout")
+@pytest.mark.parametrize("path", TRAINING, ids=[os.path.basename(p)[:-6] for p in TRAINING])
+def test_the_training_lesson_holds_on_the_cifar_photos(path):
+    ran, _ = execute(path, env={DATA_SWITCH: "cifar"})
+    assert any("CIFAR-10 photos" in o.get("text", "") for c in ran.cells if c.cell_type == "code"
+               for o in c.outputs)
+
+
+def test_lessons_have_exercises_to_implement():
+    names = {n for p in NOTEBOOKS for n in exercises(nbformat.read(p, as_version=4))}
+    assert {"my_im2col", "my_batchnorm_backward", "my_group_soft_threshold",
+            "my_sgd_momentum_step"} <= names, names
+
+
+@pytest.mark.parametrize("path", WITH_EXERCISES, ids=[os.path.basename(p)[:-6] for p in WITH_EXERCISES])
+def test_blank_copies_fail_the_checks_and_only_them(path):
+    """Stored answers pass (``test_lesson_runs_top_to_bottom``); the blanked copy, run up to its
+    last check, fails the cells that call ``check_exercise`` on an exercise, with "not
+    implemented yet", and no other."""
+    nb, count = blank(nbformat.read(path, as_version=4))
+    names = exercises(nbformat.read(path, as_version=4))
+    assert count == len(names)
+    last_check = max(i for i, c in enumerate(nb.cells)
+                     if any(f"check_exercise({name}" in c.source for name in names))
+    nb.cells = nb.cells[:last_check + 1]          # what follows is the stored run's business
+    ran, _ = run(nb, allow_errors=True)
+    failed, checks = [], []
+    for i, cell in enumerate(ran.cells):
+        if cell.cell_type != "code":
+            continue
+        if any(f"check_exercise({name}" in cell.source for name in names):
+            checks.append(i)
+        failed += [(i, o) for o in cell.outputs if o.output_type == "error"]
+    assert len(checks) >= len(names), "every exercise has a check cell"
+    assert [i for i, _ in failed] == checks, [(i, o.ename, o.evalue[:200]) for i, o in failed]
+    for _, out in failed:
+        assert out.ename == "ExerciseError" and "not implemented yet" in out.evalue, out.evalue
+
+
+def test_blank_refuses_unbalanced_markers():
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("def my_f():\n    # --- your code here ---\n    return 1\n")]
+    with pytest.raises(ValueError, match="never closed"):
+        blank(nb)
+
+
+def test_the_kernel_imports_this_checkout(tmp_path):
+    """The kernel runs in lessons/ and imports the minicompact beside it, whatever PYTHONPATH says."""
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("import os, minicompact\nprint(os.getcwd())\nprint(minicompact.__file__)")]
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(tmp_path)      # a path with no minicompact in it
+    try:
+        ran, _ = run(nb)
+    finally:
+        if old is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = old
+    cwd, module = ran.cells[0].outputs[0].text.split()
+    assert os.path.samefile(cwd, os.path.join(ROOT, "lessons"))
+    assert os.path.samefile(module, os.path.join(ROOT, "minicompact", "__init__.py"))
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
