@@ -47,11 +47,11 @@ PRESET = dict(epochs=10, batch_size=32, lr=0.01, momentum=0.9, lr_step=8, warmup
 # Settings that change the arithmetic: a resumed run takes them from its checkpoint.
 MATH_KEYS = ("depth", "rho", "model", "batch_size", "lr", "momentum", "lr_step", "warmup", "cw",
              "ctheta", "image_size", "width_mult", "stem", "reg_update", "loss", "seed",
-             "compressed_beta", "sync_bn")
+             "compressed_beta", "sync_bn", "group_scale")
 # Settings a resumed run keeps unless they are given again (they change no number).
-KEPT_KEYS = ("cache",)
+KEPT_KEYS = ("cache", "cache_dir")
 FLOAT_FLAGS = ("rho", "lr", "momentum", "warmup", "cw", "ctheta", "compressed_beta", "threshold",
-               "width_mult")
+               "width_mult")  # and --group-scale when given (validate)
 
 
 class RunError(Exception):
@@ -109,16 +109,20 @@ def build_parser(given_only=False):
     a("--momentum", type=float, help="SGD momentum (paper: 0.9)")
     a("--lr-step", type=int, help=f"multiply the rate by 0.1 every this many epochs (paper: {PAPER['lr_step']}; demo: {PRESET['lr_step']})")
     a("--warmup", type=float, help="epochs of linear learning-rate warmup, at most --epochs (paper: 0; demo: 2)")
-    a("--cw", type=float, default=1e-4, help="C_W, weight of Ω(W) in eq. 1 (paper: 1e-4)")
-    a("--ctheta", type=float, default=1e-4, help="C_Θ, weight of Σ Γ_l(Θ^l) in eq. 1 (paper: 1e-4)")
+    a("--cw", type=float, default=1e-4, help="C_W, weight of Ω(W) in eq. 1 (default: the paper's 1e-4 "
+      "scaled by the paper's Σ lr / this run's, docs/compactness.md)")
+    a("--ctheta", type=float, default=1e-4, help="C_Θ, weight of Σ Γ_l(Θ^l) in eq. 1 (default: as --cw)")
+    a("--group-scale", type=float, help="multiply the group-lasso parts of Ω, Γ, Ψ by this, keeping the ℓ2 "
+      "parts' C (default: the paper's Σ lr over this run's, 1 on the paper's schedule; docs/compactness.md)")
     a("--compressed-beta", type=float, default=0.1, help="β of Ψ for --model compressed (paper: 0.1)")
     a("--threshold", type=float, default=1e-5, help="after training, zero weights with |w| below this (paper: 1e-5)")
     a("--image-size", type=int, help="crop size; images are resized to size·256/224 first (paper: 224; demo: 32)")
     a("--width-mult", type=float, help="scale every dictionary size 128/256/512 (paper: 1; demo: 1/16)")
     a("--stem", choices=("auto", "imagenet", "small"),
       help="first layer's strides: imagenet = conv and pool stride 2 (224→56), small = 1; auto: small below 96 px")
-    a("--reg-update", choices=("subgradient", "proximal"), default="subgradient",
-      help="subgradient (paper) or proximal group soft-thresholding after each step (exact zeros)")
+    a("--reg-update", choices=("auto", "subgradient", "proximal"), default="auto",
+      help="subgradient (paper) or proximal group soft-thresholding after each step (exact zeros); "
+      "auto: subgradient for the paper's schedule, proximal for shorter runs")
     a("--loss", choices=("cross_entropy", "hinge"), default="cross_entropy", help="data loss L of eq. 1")
     a("--device", choices=("auto", "cpu", "gpu"), default="auto", help="gpu uses CuPy; auto picks the GPU when present")
     a("--precision", choices=("fp32", "tf32"), default="fp32",
@@ -127,6 +131,10 @@ def build_parser(given_only=False):
     a("--workers", type=int, help="image-decoding processes (default: CPU cores - 1, at most 8)")
     a("--cache", action="store_true", help="decode and resize the dataset once into a uint8 memory-mapped "
       "cache in OUT/cache (refreshed when files change)")
+    a("--cache-dir", metavar="DIR", help="with --cache: keep the cache in DIR/<data key>/ instead of "
+      "OUT/cache, shared by every run on the same data (a sweep's points)")
+    a("--check", action="store_true", help="only check the flags (as before any training) and exit: "
+      "status 0 and no output when run.py would accept them")
     a("--seed", type=int, default=0, help="seed of the initial weights, data order and crops")
     a("--sync-bn", action="store_true", help="with several ranks (mpiexec -n N): batch-norm statistics "
       "over the global batch, not each rank's own")
@@ -241,6 +249,9 @@ def validate(s):
         (0.0 <= s["momentum"] < 1.0, f"--momentum must be in [0, 1), got {s['momentum']}"),
         (s["lr_step"] >= 1, f"--lr-step must be >= 1, got {s['lr_step']}"),
         (s["warmup"] >= 0, f"--warmup must be >= 0, got {s['warmup']}"),
+        (s.get("group_scale") is None or (isinstance(s["group_scale"], list) or
+                                          (math.isfinite(s["group_scale"]) and s["group_scale"] > 0)),
+         f"--group-scale must be a finite number > 0, got {s.get('group_scale')}"),
         (s["cw"] >= 0 and s["ctheta"] >= 0, f"--cw and --ctheta must be >= 0, got {s['cw']} and {s['ctheta']}"),
         (0.0 <= s["compressed_beta"] <= 1.0, f"--compressed-beta must be in [0, 1], got {s['compressed_beta']}"),
         (s["threshold"] >= 0, f"--threshold must be >= 0, got {s['threshold']}"),
@@ -462,6 +473,8 @@ def _on_every_rank(args, given, comm, device, device_notes):
             fail(str(exc))
 
     s, checkpoint = comm.agree(settings, errors=RunError)
+    if s["check"]:  # every flag passed the checks that run before any data is opened
+        return 0
     # Everything below may be slow; every cheap check has passed.
     for w in device_notes:  # "auto" fell back to the CPU: say so once, in one line
         note(str(w.message))
@@ -476,6 +489,11 @@ def _on_every_rank(args, given, comm, device, device_notes):
         say(f"run.py: warning: {w.message}", sys.stderr)
     s["train_images"] = len(train_set)
     s["train_key"] = cache_key(train_set.samples, 0, train_set.root)
+    if checkpoint is None:  # C_W, C_Θ and the update mode for this run's length (a resumed run keeps its own)
+        from minicompact.strength import resolve_strength
+        say(f"run.py: {resolve_strength(s, s['_given'])}")
+    elif s["reg_update"] == "auto":  # a checkpoint saved before the automatic choice existed
+        s["reg_update"] = "subgradient"
     seen = comm.gather_object((s["train_key"], cache_key(val_set.samples, 0, val_set.root)))
     comm.agree(same_files_on_every_rank, seen, s["data"], root_only=True, errors=RunError)
     if checkpoint is not None:
@@ -551,7 +569,8 @@ def run(s, device, train_set, val_set, checkpoint=None, comm=None):
     model = CompactNet(config, seed=s["seed"]).to(device)
     reg_config = variant(s["model"], s["depth"], s["rho"], compressed_beta=s["compressed_beta"])
     optimizer = SGD(model.param_layers, lr=s["lr"], momentum=s["momentum"])
-    regularizer = Regularizer(model, reg_config, s["cw"], s["ctheta"], s["reg_update"])
+    regularizer = Regularizer(model, reg_config, s["cw"], s["ctheta"], s["reg_update"], s["momentum"],
+                              s.get("group_scale") or (1.0, 1.0))
     schedule = StepLR(s["lr"], step_size=s["lr_step"], gamma=0.1, warmup_epochs=s["warmup"])
     ranks = (f", {comm.size} ranks x batch {s['batch_size']} = global batch {s['global_batch']}"
              f"{' (sync-BN)' if s['sync_bn'] else ''}" if comm.size > 1 else "")
@@ -560,6 +579,9 @@ def run(s, device, train_set, val_set, checkpoint=None, comm=None):
         f"{resize}px resized, {crop}px crops; {model.parameter_count():,} parameters; out: {s['out']}")
     out = s["out"] if comm.is_root else None  # the other ranks write nothing
     cache_dir = os.path.join(s["out"], "cache") if s["cache"] else None  # one .npy per split
+    if s.get("cache_dir"):  # shared by the runs on this data (keyed on it)
+        from minicompact.sweep_points import shared_cache_folder
+        cache_dir = shared_cache_folder(s["cache_dir"], s["data"], s["train_key"])
     progress = comm.is_root and not s["no_progress"] and sys.stderr.isatty()  # no \r into pipes and logs
     common = dict(resize=resize, crop=crop, workers=s["workers"], seed=s["seed"], rank=comm.rank,
                   ranks=comm.size)
@@ -590,7 +612,13 @@ def run(s, device, train_set, val_set, checkpoint=None, comm=None):
                     raise RunError(str(exc)) from None
 
             # Rank 0 first: with --cache it builds (or refreshes) the cache the others then read.
-            train_loader, val_loader, ten_loader = comm.agree(open_loaders, root_first=True, errors=RunError)
+            if s.get("cache_dir"):  # one build at a time among the runs sharing it
+                from minicompact.sweep_points import folder_lock
+                with folder_lock(cache_dir) if comm.is_root else contextlib.nullcontext():
+                    train_loader, val_loader, ten_loader = comm.agree(open_loaders, root_first=True,
+                                                                      errors=RunError)
+            else:
+                train_loader, val_loader, ten_loader = comm.agree(open_loaders, root_first=True, errors=RunError)
             checked = [val_loader] + ([] if s["evaluate"] else [train_loader])
             comm.agree(lambda: [require_readable_classes(loader) for loader in checked], root_only=True,
                        errors=RunError)
