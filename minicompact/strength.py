@@ -1,27 +1,31 @@
-"""How strong C_W and C_Θ must be for a run of a given length (eq. 1, sec. 5.1).
+"""How strong the group-sparse terms must be for a run of a given length (eq. 1, sec. 5.1).
 
 The paper sets C_W = C_Θ = 1e-4 for its schedule: ILSVRC12 (1,281,167 training images),
 batch 256, learning rate 0.1 ×0.1 every 30 epochs, 90 epochs, momentum 0.9.  Those constants
-only mean something together with that schedule, because a short run has far less time to
-move a group of weights to zero.
+only mean something together with that schedule: a short run has far less time to move a
+group of weights to zero.
 
-Derivation.  Take one group g (a Θ[k, t, :, :] of eq. 6, a W[y, k, :] of eq. 2) that the
-data term does not need.  With subgradient steps it receives the group part of the
-regularizer's gradient, C·β·g/‖g‖, of norm C·β at every step; momentum μ accumulates a
-constant push into a velocity 1/(1-μ) times larger, so the group's norm shrinks by
+Derivation.  Each term of eqs. 2, 6, 7 is C·[(1-β)·½‖Θ‖² + β·Σ_g ‖Θ_g‖].  Take one group g
+(a Θ[k, t, :, :], a W[y, k, :]) that the data term does not need.  With subgradient steps it
+receives the group part's gradient C·β·g/‖g‖, of norm C·β, at every step; momentum μ turns a
+constant push into a velocity 1/(1-μ) times larger, so over the run the group's norm shrinks by
 
-    Δ‖g‖ ≈ C·β/(1-μ) · Σ_t lr_t                              (subgradient)
+    Δ‖g‖ ≈ C·β/(1-μ) · S,      S = Σ_t lr_t over every step of the run.
 
-over the run, and its weight decay, the (1-β)·½‖·‖² part, multiplies it by
-exp(-C·(1-β)/(1-μ) · Σ_t lr_t).  Both depend on the run only through C·Σ_t lr_t.  So a run
-reaches the shrinkage of the paper's long schedule when
+The paper's schedule has S_paper ≈ 16,670 (5,005 steps per epoch × 30 × (0.1 + 0.01 +
+0.001)); the demo preset (2,400 images, batch 32, lr 0.01, 2 warmup epochs, ×0.1 after epoch
+8, 10 epochs) has S ≈ 5.4, some 3,100 times less: its groups move 3,100 times less far, and
+none reaches zero.  A run reaches the paper's shrinkage when its group part is multiplied by
 
-    C_run = C_paper · S_paper / S_run,     S = Σ_t lr_t over every step of the run,
+    k = S_paper / S_run                                        (``lr_sum``, ``resolve_strength``)
 
-and the paper's own schedule keeps C_paper.  ``lr_sum`` computes S from the schedule
-(warmup and step decay included); for the paper S_paper ≈ 16,670 (5,005 steps per epoch ×
-30 × (0.1 + 0.01 + 0.001)).  The demo preset (2,400 images, batch 32, lr 0.01, 2 warmup
-epochs, ×0.1 after epoch 8, 10 epochs) has S ≈ 5.3: some 3,100 times less.
+and the paper's own schedule gets k = 1.  Only the group part is scaled: the ℓ2 part is a
+weight decay, and scaling it 3,000 times as well (C = 0.3) left the demo network at chance
+for seven epochs (measured, docs/compactness.md) — under batch-norm a strong weight decay
+shrinks every filter and makes each step a large random rotation.  ``scale_groups`` writes
+the scaled term again in eq. 1's form, C'·[(1-β')·½‖Θ‖² + β'·Σ‖g‖] with C' = C·(1-β+kβ) and
+β' = kβ/(1-β+kβ) (one C' per layer), so the regularizers and proximal operators of
+regularizers.py compute it exactly.
 
 What C means in each mode.  C is eq. 1's constant in both.  The proximal path
 (``--reg-update proximal``) sends only the smooth ℓ2 part through momentum and applies the
@@ -33,12 +37,13 @@ and this one rule serves both.
 
 Why proximal updates for short runs: a subgradient step never lands on zero; a group the
 regularizer wins keeps oscillating around zero with a norm of about lr·C·β/(1-μ).  With the
-paper's C that is far below the 1e-5 threshold of sec. 5.2.1, so thresholding finds the zeros;
-with C scaled up 3,000 times it is not, and the dead groups survive the threshold.  The
-proximal step puts them exactly at zero.  (Measured on the demo preset: docs/compactness.md.)
+paper's C that is far below the 1e-5 threshold of sec. 5.2.1, so thresholding finds the
+zeros; with the group part scaled 3,000 times it is not, and dead groups survive the
+threshold.  The proximal step puts them exactly at zero.  So ``--reg-update auto`` (the
+default) is subgradient on the paper's schedule and proximal otherwise.
 
-``resolve_strength`` applies the rule to run.py's settings; explicit ``--cw``/``--ctheta``
-and ``--reg-update`` are kept as given.
+Explicit ``--cw``/``--ctheta`` are eq. 1's constants as written (k = 1 for that term);
+``--group-scale K`` sets k; ``--reg-update`` picks the mode.
 """
 import dataclasses
 import math
