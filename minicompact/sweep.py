@@ -143,12 +143,13 @@ class Scheduler:
             while self.todo or self.running:
                 while self.todo and len(self.running) < max(1, self.args.jobs):
                     self._start(self.todo.pop(0))
-                if self.running:
-                    pid, status = os.wait()
-                    proc = next((p for p in self.running if p.pid == pid), None)
-                    if proc is not None:
-                        proc.returncode = os.waitstatus_to_exitcode(status)
-                        self._finish(proc)
+                # Poll our own children only (os.wait would also reap other children of
+                # this process, e.g. a caller's worker pool).
+                ended = [p for p in self.running if p.poll() is not None]
+                for proc in ended:
+                    self._finish(proc)
+                if self.running and not ended:
+                    time.sleep(0.2)
         except KeyboardInterrupt:  # the children got the signal too: each writes its last.npz
             for proc in list(self.running):
                 proc.wait()
