@@ -114,7 +114,7 @@ def dead_structure_line(sparsity, total):
         parts.append(", ".join(f"{d} of {k} filters in {n}" for n, d, k in lost[:4])
                      + (f" (and {len(lost) - 4} more layers)" if len(lost) > 4 else ""))
     if most["average_compactness_alive"] > 0:
-        parts.append(f"the live filters of {name} ignore {100 * most['average_compactness_alive']:.0f} % "
+        parts.append(f"the nonzero filters of {name} ignore {100 * most['average_compactness_alive']:.0f} % "
                      f"of their {most['channels']} input channels")
     k = layers["classifier"]["channels"]
     parts.append(f"a class reads {sum(maps) / max(len(maps), 1):.1f} of the {k} last feature maps on average")
