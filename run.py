@@ -109,9 +109,9 @@ def build_parser(given_only=False):
     a("--momentum", type=float, help="SGD momentum (paper: 0.9)")
     a("--lr-step", type=int, help=f"multiply the rate by 0.1 every this many epochs (paper: {PAPER['lr_step']}; demo: {PRESET['lr_step']})")
     a("--warmup", type=float, help="epochs of linear learning-rate warmup, at most --epochs (paper: 0; demo: 2)")
-    a("--cw", type=float, default=1e-4, help="C_W, weight of Ω(W) in eq. 1 (default: the paper's 1e-4 "
-      "scaled by the paper's Σ lr / this run's, docs/compactness.md)")
-    a("--ctheta", type=float, default=1e-4, help="C_Θ, weight of Σ Γ_l(Θ^l) in eq. 1 (default: as --cw)")
+    a("--cw", type=float, default=1e-4, help="C_W, weight of Ω(W) in eq. 1 (paper: 1e-4); given, it is used "
+      "as written, without --group-scale's factor")
+    a("--ctheta", type=float, default=1e-4, help="C_Θ, weight of Σ Γ_l(Θ^l) in eq. 1 (paper: 1e-4); as --cw")
     a("--group-scale", type=float, help="multiply the group-lasso parts of Ω, Γ, Ψ by this, keeping the ℓ2 "
       "parts' C (default: the paper's Σ lr over this run's, 1 on the paper's schedule; docs/compactness.md)")
     a("--compressed-beta", type=float, default=0.1, help="β of Ψ for --model compressed (paper: 0.1)")
