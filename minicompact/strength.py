@@ -115,18 +115,23 @@ def resolve_strength(s, given):
         k, why = 1.0, f"this run's Σ lr = {run_s:,.0f} is the paper's ({paper:,.0f})"
     else:
         k = ratio
-        why = (f"this run's Σ lr = {run_s:,.4g} is {'1/' if k > 1 else ''}"
-               f"{max(k, 1 / k):,.4g} of the paper's {paper:,.0f}")
+        why = (f"this run's Σ lr = {run_s:.4g} is {'1/' if k > 1 else ''}"
+               f"{_times(max(k, 1 / k))} of the paper's {paper:,.0f}")
     typed = "group_scale" not in given
     ks = [1.0 if typed and "cw" in given else k, 1.0 if typed and "ctheta" in given else k]
     s["group_scale"] = ks
     same = s["cw"] == s["ctheta"]
     c = f"C_W = C_Θ = {s['cw']:g}" if same else f"C_W = {s['cw']:g}, C_Θ = {s['ctheta']:g}"
-    groups = (f"group-lasso parts ×{ks[0]:,.4g}" if ks[0] == ks[1] else
-              f"group-lasso parts ×{ks[0]:,.4g} (Ω) and ×{ks[1]:,.4g} (Γ/Ψ)")
+    groups = (f"group-lasso parts ×{_times(ks[0])}" if ks[0] == ks[1] else
+              f"group-lasso parts ×{_times(ks[0])} (Ω) and ×{_times(ks[1])} (Γ/Ψ)")
     kept = [f for f, kk in (("--cw", ks[0]), ("--ctheta", ks[1])) if kk == 1 and f[2:] in given]
     return (f"regularization: {c}, {groups}, {s['reg_update']} updates ({why}"
             f"{'; ' + ' and '.join(kept) + ' as given' if kept else ''}; docs/compactness.md)")
+
+
+def _times(k):
+    """A factor for the printed line: 3,084 or 10,103 (no exponent), 1.5, 0.25."""
+    return f"{k:,.0f}" if k >= 100 else f"{k:.3g}"
 
 
 def _mix(c, mix, k):
