@@ -46,6 +46,7 @@ from minicompact.model import CompactNet
 from minicompact.objective import Regularizer
 from minicompact.optim import SGD, StepLR
 from minicompact.regularizers import variant
+from minicompact.strength import resolve_strength
 from minicompact.thin import NothingToRemove, thin_run
 
 
@@ -73,16 +74,20 @@ def build_parser(given_only=False):
     a("--momentum", type=float, help="SGD momentum (paper: 0.9)")
     a("--lr-step", type=int, help=f"multiply the rate by 0.1 every this many epochs (paper: {PAPER['lr_step']}; demo: {PRESET['lr_step']})")
     a("--warmup", type=float, help="epochs of linear learning-rate warmup, at most --epochs (paper: 0; demo: 2)")
-    a("--cw", type=float, default=1e-4, help="C_W, weight of Ω(W) in eq. 1 (paper: 1e-4)")
-    a("--ctheta", type=float, default=1e-4, help="C_Θ, weight of Σ Γ_l(Θ^l) in eq. 1 (paper: 1e-4)")
+    a("--cw", type=float, default=1e-4, help="C_W, weight of Ω(W) in eq. 1 (paper: 1e-4); given, it is used "
+      "as written, without --group-scale's factor")
+    a("--ctheta", type=float, default=1e-4, help="C_Θ, weight of Σ Γ_l(Θ^l) in eq. 1 (paper: 1e-4); as --cw")
+    a("--group-scale", type=float, help="multiply the group-lasso parts of Ω, Γ, Ψ by this, keeping the ℓ2 "
+      "parts' C (default: the paper's Σ lr over this run's, 1 on the paper's schedule; docs/compactness.md)")
     a("--compressed-beta", type=float, default=0.1, help="β of Ψ for --model compressed (paper: 0.1)")
     a("--threshold", type=float, default=1e-5, help="after training, zero weights with |w| below this (paper: 1e-5)")
     a("--image-size", type=int, help="crop size; images are resized to size·256/224 first (paper: 224; demo: 32)")
     a("--width-mult", type=float, help="scale every dictionary size 128/256/512 (paper: 1; demo: 1/16)")
     a("--stem", choices=("auto", "imagenet", "small"),
       help="first layer's strides: imagenet = conv and pool stride 2 (224→56), small = 1; auto: small below 96 px")
-    a("--reg-update", choices=("subgradient", "proximal"), default="subgradient",
-      help="subgradient (paper) or proximal group soft-thresholding after each step (exact zeros)")
+    a("--reg-update", choices=("auto", "subgradient", "proximal"), default="auto",
+      help="subgradient (paper) or proximal group soft-thresholding after each step (exact zeros); "
+      "auto: subgradient for the paper's schedule, proximal for shorter runs")
     a("--loss", choices=("cross_entropy", "hinge"), default="cross_entropy", help="data loss L of eq. 1")
     a("--device", choices=("auto", "cpu", "gpu"), default="auto", help="gpu uses CuPy; auto picks the GPU when present")
     a("--precision", choices=("fp32", "tf32"), default="fp32",
@@ -94,6 +99,10 @@ def build_parser(given_only=False):
     a("--workers", type=int, help="image-decoding processes (default: CPU cores - 1, at most 8)")
     a("--cache", action="store_true", help="decode and resize the dataset once into a uint8 memory-mapped "
       "cache in OUT/cache (refreshed when files change)")
+    a("--cache-dir", metavar="DIR", help="--cache, kept in DIR/<data key>/ instead of OUT/cache: "
+      "shared by every run on the same data (a sweep's points)")
+    a("--check", action="store_true", help="only check the flags (as before any training) and exit: "
+      "status 0 and no output when run.py would accept them")
     a("--seed", type=int, default=0, help="seed of the initial weights, data order and crops")
     a("--sync-bn", action="store_true", help="with several ranks (mpiexec -n N): batch-norm statistics "
       "over the global batch, not each rank's own")
@@ -176,12 +185,18 @@ def thin_command(args):
 
 def every_rank(args, given, comm, device, device_notes):
     s, how, checkpoint = comm.agree(settings_for, args, given, comm.size, comm.local_size, errors=RunError)
+    if s.check:  # every flag passed the checks that run before any data is opened
+        return 0
     # Everything below may be slow; every cheap check has passed.
     for w in device_notes:  # "auto" fell back to the CPU: say so once, in one line
         note(str(w.message))
     if args.precision == "tf32" and device == "cpu":
         note("--precision tf32 changes nothing on the CPU (NumPy has no TF32)")
     train_set, val_set = inputs.open_data(s, comm)  # also sets s.data, s.train_images, s.train_key
+    if checkpoint is None:  # C's scale and the update rule follow the run's length (strength.py)
+        say(f"run.py: {resolve_strength(s, how.given)}")
+    elif s.reg_update == "auto":  # a checkpoint saved before the automatic choice existed
+        s.reg_update = "subgradient"
     if checkpoint is not None:
         comm.agree(check_checkpoint, s, how, checkpoint, train_set, root_only=True, errors=RunError)
     s.out = comm.agree(choose_output, s, how, checkpoint, root_only=True, errors=RunError)
@@ -209,7 +224,7 @@ def run(s, device, train_set, val_set, checkpoint, comm):
     set_conv_algo(model, s.conv_algo)  # how 3x3 convs compute; the same maths either way
     optimizer = SGD(model.param_layers, lr=s.lr, momentum=s.momentum)
     regularizer = Regularizer(model, variant(s.model, s.depth, s.rho, compressed_beta=s.compressed_beta),
-                              s.cw, s.ctheta, s.reg_update)
+                              s.cw, s.ctheta, s.reg_update, s.momentum, s.group_scale or (1.0, 1.0))
     schedule = StepLR(s.lr, step_size=s.lr_step, gamma=0.1, warmup_epochs=s.warmup)
     loss_fn = losses.softmax_cross_entropy if s.loss == "cross_entropy" else losses.multiclass_hinge_loss
     ranks = (f", {comm.size} ranks x batch {s.batch_size} = global batch {s.global_batch}"

@@ -22,6 +22,7 @@ import math
 
 from .losses import multiclass_hinge_loss, softmax_cross_entropy
 from .regularizers import proximal_step, regularization
+from .strength import scale_groups
 
 LOSSES = {"cross_entropy": softmax_cross_entropy, "hinge": multiclass_hinge_loss}
 UPDATES = ("subgradient", "proximal")
@@ -46,14 +47,26 @@ class Regularizer:
     scheme, default: the whole (sub)gradient joins the data gradient) or "proximal" (only the
     smooth ℓ2 part does; the group part is applied as a proximal step after the update,
     which produces exact zeros during training).
+    momentum: the optimizer's momentum μ.  With momentum the smooth part moves by about
+    lr/(1-μ)·∇ per step, so the proximal step thresholds with τ = lr·C·β/(1-μ): its fixed
+    points are then eq. 1's with this same C, as in subgradient mode (``strength.py``).
+    0 (the default) thresholds with lr·C·β.
+    group_scale: (k_W, k_Θ), the factors on the group-lasso parts of Ω and of Γ_l/Ψ_l, the ℓ2
+    parts keeping C_W, C_Θ (``strength.scale_groups``; (1, 1): eq. 1 as written).
     """
 
-    def __init__(self, model, config, cw=1e-4, ctheta=1e-4, update="subgradient"):
+    def __init__(self, model, config, cw=1e-4, ctheta=1e-4, update="subgradient", momentum=0.0,
+                 group_scale=(1.0, 1.0)):
         if update not in UPDATES:
             raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
         check_weights(cw, ctheta)
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.model, self.config = model, config
+        self.momentum = float(momentum)
         self.cw, self.ctheta, self.update = cw, ctheta, update
+        # What the arithmetic uses: eq. 1's terms rewritten with the group parts scaled.
+        self._config, self._cw, self._ctheta = scale_groups(config, cw, ctheta, *group_scale)
         self.last_value = 0.0
 
     def add_gradient(self):
@@ -64,7 +77,7 @@ class Regularizer:
         """
         m = self.model
         value, dW, dthetas = regularization(
-            self.config, m.classifier.params["W"], m.thetas(), self.cw, self.ctheta,
+            self._config, m.classifier.params["W"], m.thetas(), self._cw, self._ctheta,
             group_subgradient=(self.update == "subgradient"))
         m.classifier.grads["W"] += dW
         for conv, d in zip(m.convs, dthetas):
@@ -73,11 +86,12 @@ class Regularizer:
         return value
 
     def after_step(self, lr):
-        """After an SGD step with learning rate ``lr``: the proximal step (proximal mode only)."""
+        """After an SGD step with learning rate ``lr``: the proximal step (proximal mode only),
+        with step lr/(1-μ) (see the class docstring)."""
         if self.update == "proximal":
             m = self.model
-            proximal_step(self.config, m.classifier.params["W"], m.thetas(), lr,
-                          self.cw, self.ctheta)
+            proximal_step(self._config, m.classifier.params["W"], m.thetas(), lr / (1.0 - self.momentum),
+                          self._cw, self._ctheta)
 
 
 def _loss_function(loss):

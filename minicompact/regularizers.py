@@ -275,13 +275,23 @@ def _check_layers(config, thetas):
                          f"got {len(thetas)} dictionaries")
 
 
+def _per_layer(ctheta, n):
+    """C_Θ as n per-layer floats (one float is every layer's)."""
+    if isinstance(ctheta, (list, tuple)):
+        if len(ctheta) != n:
+            raise ValueError(f"got {len(ctheta)} per-layer C_Θ for {n} dictionaries")
+        return [float(c) for c in ctheta]
+    return [float(ctheta)] * n
+
+
 def regularization(config, W, thetas, cw=1e-4, ctheta=1e-4, group_subgradient=True):
     """The regularization part of the objective, eq. (1): C_W·Ω(W) + C_Θ·Σ_l Γ_l(Θ^l).
 
     (Ψ_l instead of Γ_l when ``config.conv_term == "psi"``.)  Only Θ^l and W are
     regularized: batch-norm parameters and classifier biases are not, as in eq. (1).
     config: a RegConfig. W: (Y, K^{L-1}, R). thetas: L-1 arrays (K^l, K^{l-1}, kh, kw).
-    cw, ctheta: C_W and C_Θ. group_subgradient: False leaves the group parts out of the
+    cw, ctheta: C_W and C_Θ (ctheta may also be a sequence of L-1 constants, one per
+    layer: ``strength.scale_groups`` uses that). group_subgradient: False leaves the group parts out of the
     gradients (for ``proximal_step``); the value is always complete.
     Returns ``(value, dW, dthetas)``: a 0-d array (W's dtype and device), an array like W
     and a list like thetas, the gradients already multiplied by C_W and C_Θ.
@@ -292,7 +302,7 @@ def regularization(config, W, thetas, cw=1e-4, ctheta=1e-4, group_subgradient=Tr
     value = cw * value
     dW *= cw
     dthetas = []
-    for theta, beta in zip(thetas, config.betas):
+    for theta, beta, ctheta in zip(thetas, config.betas, _per_layer(ctheta, len(thetas))):
         v, d = term(theta, beta, group_subgradient)
         value = value + ctheta * v
         d *= ctheta
@@ -307,10 +317,11 @@ def proximal_step(config, W, thetas, lr, cw=1e-4, ctheta=1e-4):
     ``regularization(..., group_subgradient=False)``: W gets τ = lr·C_W·α, each Θ^l gets
     τ = lr·C_Θ·β^l (per group Θ[k,t] for Γ, per filter Θ[k] for Ψ).
     config: a RegConfig. W: (Y, K^{L-1}, R). thetas: L-1 arrays (K^l, K^{l-1}, kh, kw).
-    lr: the current learning rate. Returns None (the arrays are modified in place).
+    lr: the current learning rate; ctheta: a float or L-1 floats, as in ``regularization``.
+    Returns None (the arrays are modified in place).
     """
     _check_layers(config, thetas)
     prox = _CONV_TERMS[config.conv_term][1]
     prox_omega(W, config.alpha, lr * cw)
-    for theta, beta in zip(thetas, config.betas):
+    for theta, beta, ctheta in zip(thetas, config.betas, _per_layer(ctheta, len(thetas))):
         prox(theta, beta, lr * ctheta)

@@ -5,6 +5,7 @@ before training starts: a folder that is not a dataset, ranks that see different
 class none of whose images can be read, a cache that cannot be built, a split with no
 readable image to estimate the mean from.
 """
+import contextlib
 import os
 import sys
 import warnings
@@ -16,6 +17,7 @@ from ..data.images import BadImageError, load_rgb
 from ..data.loader import BatchLoader
 from ..data.synthetic import ensure_synthetic_dataset
 from .console import RunError, fail, say
+from .sweep_points import folder_lock, shared_cache_folder
 
 
 def open_data(s, comm):
@@ -61,19 +63,29 @@ def open_loaders(stack, s, train_set, val_set, resize, crop, rank=0, ranks=1):
     """(train, val, ten-crop val) ``BatchLoader``s of this rank, their worker pools entered
     into the ``contextlib.ExitStack`` ``stack`` (so they stop on the way out).
 
-    With ``s.cache`` one uint8 cache per split in OUT/cache; an evaluation reads no training
-    image, so its training loader stays idle and uncached."""
+    With ``s.cache`` one uint8 cache per split in OUT/cache; with ``s.cache_dir`` (which
+    implies it) in DIR/<data key>/, shared by every run on this data (a sweep's points) and
+    built by one run at a time; an evaluation reads no training image, so its training loader stays idle and uncached."""
     cache_dir = os.path.join(s.out, "cache") if s.cache else None
+    lock = contextlib.nullcontext()
+    if s.cache_dir:  # implies --cache
+        cache_dir = shared_cache_folder(s.cache_dir, s.data, s.train_key)
+        if rank == 0:  # the other ranks read what rank 0 built (comm.agree(root_first=True))
+            lock = folder_lock(cache_dir)
     common = dict(resize=resize, crop=crop, workers=s.workers, seed=s.seed, rank=rank, ranks=ranks)
     try:
-        train = stack.enter_context(BatchLoader(train_set, s.batch_size, mode="train", drop_last=False,
-                                                cache=None if s.evaluate else cache_dir, **common))
-        val = stack.enter_context(BatchLoader(val_set, s.batch_size, mode="center", cache=cache_dir,
-                                              **common))
-        ten = stack.enter_context(BatchLoader(val_set, max(1, s.batch_size // 10), mode="tencrop",
-                                              cache=val.cache, **common))
+        with lock:
+            return _loaders(stack, s, train_set, val_set, cache_dir, common)
     except OSError as exc:
         raise RunError(f"cannot build the image cache in {cache_dir}: {exc.strerror or exc}", 1) from None
+
+
+def _loaders(stack, s, train_set, val_set, cache_dir, common):
+    train = stack.enter_context(BatchLoader(train_set, s.batch_size, mode="train", drop_last=False,
+                                            cache=None if s.evaluate else cache_dir, **common))
+    val = stack.enter_context(BatchLoader(val_set, s.batch_size, mode="center", cache=cache_dir, **common))
+    ten = stack.enter_context(BatchLoader(val_set, max(1, s.batch_size // 10), mode="tencrop",
+                                          cache=val.cache, **common))
     return train, val, ten
 
 

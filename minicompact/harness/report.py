@@ -93,6 +93,37 @@ def write_report(trainer, tencrop_loader, out_dir, threshold, header):
     return report
 
 
+def dead_structure_line(sparsity, total):
+    """In words, how much of the network is gone (one line, for ``format_report``).
+
+    sparsity: ``metrics.sparsity_report``'s dict (after the threshold); total: all parameters.
+    Names the share of parameters removed with the dead structure (total - structural
+    effective parameters), the layers that lost whole filters (deepest first, at most four),
+    how many input channels the filters of the most compact conv layer ignore, and how many
+    of the last layer's feature maps a class reads on average.
+    """
+    eff, layers = sparsity["effective_parameters"], sparsity["layers"]
+    gone = total - eff["structural"]
+    lost = [(f"conv{l + 1}", k - a, k) for l, (a, k) in enumerate(zip(eff["alive_channels"], eff["channels"]))
+            if a < k][::-1]
+    convs = [(n, m) for n, m in layers.items() if n != "classifier"]
+    name, most = max(convs, key=lambda nm: nm[1]["average_compactness_alive"])
+    maps = sparsity["feature_maps_per_class"]
+    parts = []
+    if lost:
+        parts.append(", ".join(f"{d} of {k} filters in {n}" for n, d, k in lost[:4])
+                     + (f" (and {len(lost) - 4} more layers)" if len(lost) > 4 else ""))
+    if most["average_compactness_alive"] > 0:
+        parts.append(f"the nonzero filters of {name} ignore {100 * most['average_compactness_alive']:.0f} % "
+                     f"of their {most['channels']} input channels")
+    k = layers["classifier"]["channels"]
+    parts.append(f"a class reads {sum(maps) / max(len(maps), 1):.1f} of the {k} last feature maps on average")
+    if gone <= 0:
+        return f"no weight is structurally dead: every filter and connection is in use; {parts[-1]}"
+    return (f"{100 * gone / total:.1f} % of the weights are structurally dead ({gone:,} of {total:,} "
+            f"parameters): " + "; ".join(parts))
+
+
 def format_report(report, out_dir=None):
     """The report as the few lines ``run.py`` prints: errors, parameters, per-layer metrics."""
     acc = report["after_threshold"]["accuracy"]
@@ -107,6 +138,7 @@ def format_report(report, out_dir=None):
         f"  parameters: {report['total_parameters']:,} total, {eff['nonzero']:,} nonzero, "
         f"{eff['structural']:,} effective after removing dead structure; "
         f"overall sparsity {100 * sp['overall_sparsity']:.1f}%",
+        f"  {dead_structure_line(sp, report['total_parameters'])}",
         f"  {'layer':<12}{'dict. sparsity':>16}{'avg. compactness':>18}{'layer sparsity':>16}"]
     for name, m in sp["layers"].items():
         lines.append(f"  {name:<12}{100 * m['dictionary_sparsity']:>15.1f}%"

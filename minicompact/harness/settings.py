@@ -33,13 +33,13 @@ PRESET = dict(epochs=10, batch_size=32, lr=0.01, momentum=0.9, lr_step=8, warmup
 # Settings that change the arithmetic: a resumed run takes them from its checkpoint.
 MATH_KEYS = ("depth", "rho", "model", "batch_size", "lr", "momentum", "lr_step", "warmup", "cw",
              "ctheta", "image_size", "width_mult", "stem", "reg_update", "loss", "seed",
-             "compressed_beta", "sync_bn", "layer_widths")
+             "compressed_beta", "sync_bn", "layer_widths", "group_scale")
 # Settings a resumed run keeps unless they are given again (they change no number).
-KEPT_KEYS = ("cache",)
+KEPT_KEYS = ("cache", "cache_dir")
 FLOAT_FLAGS = ("rho", "lr", "momentum", "warmup", "cw", "ctheta", "compressed_beta", "threshold",
                "width_mult")
 # Flags that say what to do with this invocation, not how the model is trained: not saved.
-NOT_SAVED = ("resume", "evaluate", "overwrite")
+NOT_SAVED = ("resume", "evaluate", "overwrite", "check")
 
 
 class Settings(SimpleNamespace):
@@ -186,6 +186,9 @@ def validate(s, how):
         (s.workers >= 0, f"--workers must be >= 0, got {s.workers}"),
         (0 <= s.seed < 2**63, f"--seed must be in [0, 2**63), got {s.seed}"),
         (s.image_size >= 8, f"--image-size must be >= 8, got {s.image_size}"),
+        (s.group_scale is None or isinstance(s.group_scale, list) or  # a list: resolved, from a checkpoint
+         (math.isfinite(s.group_scale) and s.group_scale > 0),
+         f"--group-scale must be a finite number > 0, got {s.group_scale}"),
     ]
     for ok, message in checks:
         if not ok:

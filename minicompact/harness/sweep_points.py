@@ -1,0 +1,278 @@
+"""The pieces of a sweep that know nothing of processes: the grid, a point's folder and state,
+the lock on it, the shared image cache's folder, and one results row per point.
+
+A sweep (``python -m minicompact.sweep``) trains one ordinary ``run.py`` run per point of a
+grid over depth L, ρ and model (the paper's sensitivity analysis, sec. 5.3.2, Figs. 6-9)::
+
+    SWEEP/sweep.json                 the run.py flags every point shares (refuses other ones)
+    SWEEP/points/<point>/            each point's run.py --out (log.jsonl, last.npz, report.json ...)
+    SWEEP/points/<point>.lock        held while a process trains the point (pid, host)
+    SWEEP/logs/<point>.log           the point's run.py output
+    SWEEP/cache/<data key>/          the decoded images every point reads (run.py --cache-dir)
+    SWEEP/results.csv ... summary.md what --collect writes (sweep_plots.py)
+
+Points: CompactNet at every (depth, ρ); CompressedNet has no ρ of its own (α = 0, Ψ with
+β = --compressed-beta), so the swept ρ is its β (sec. 5.3.2 tunes each model's strength); SimpleNet
+has no strength at all: one point per depth, ρ = 0.
+"""
+import contextlib
+import csv
+import json
+import os
+import socket
+import hashlib
+
+from .processes import pid_alive
+
+MODELS = ("compact", "compressed", "simple")
+
+
+class SweepError(Exception):
+    """A bad sweep request; the message is one line."""
+
+
+# --------------------------------------------------------------------------- the grid
+def parse_list(text, kind, flag):
+    """'4,8,12' -> [4, 8, 12] (kind: int, float or str); one line on a bad item."""
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    try:
+        return [kind(t) for t in items]
+    except ValueError:
+        raise SweepError(f"{flag} must be a comma-separated list of {kind.__name__}s, got {text!r}") from None
+
+
+def point_name(model, depth, rho):
+    """The folder name of a point: ``compact-d12-rho0.03`` (run.py's default name)."""
+    return f"{model}-d{depth}-rho{rho:g}"
+
+
+def grid(depths, rhos, models):
+    """The points, in a fixed order: a list of dicts {name, model, depth, rho}.
+
+    SimpleNet gets one point per depth (ρ = 0); duplicates are dropped.  Raises SweepError
+    for an empty grid, an unknown model or a ρ outside [0, 1].
+    """
+    bad = [m for m in models if m not in MODELS]
+    if bad:
+        raise SweepError(f"--models: unknown model {bad[0]!r}; choose from {', '.join(MODELS)}")
+    out_of_range = [r for r in rhos if not 0.0 <= r <= 1.0]
+    if out_of_range:
+        raise SweepError(f"--rhos must lie in [0, 1], got {out_of_range[0]:g}")
+    points, seen = [], set()
+    for model in models:
+        for depth in depths:
+            for rho in ([0.0] if model == "simple" else rhos):
+                name = point_name(model, depth, rho)
+                if name not in seen:
+                    seen.add(name)
+                    points.append(dict(name=name, model=model, depth=depth, rho=float(rho)))
+    if not points:
+        raise SweepError("the grid is empty: give at least one --depths, --rhos and --models value")
+    return points
+
+
+def point_flags(point):
+    """The run.py flags that place a point in the grid."""
+    flags = ["--model", point["model"], "--depth", str(point["depth"])]
+    if point["model"] == "compressed":
+        return flags + ["--compressed-beta", f"{point['rho']:g}"]
+    return flags + ["--rho", f"{point['rho']:g}"]
+
+
+def shard(points, spec):
+    """The points of shard ``spec`` = "i/n" (0 <= i < n): every n-th point from the i-th."""
+    try:
+        i, n = (int(v) for v in str(spec).split("/"))
+    except ValueError:
+        raise SweepError(f"--shard must be i/n (e.g. 0/4), got {spec!r}") from None
+    if not 0 <= i < n:
+        raise SweepError(f"--shard {spec}: need 0 <= i < n")
+    return points[i::n]
+
+
+# --------------------------------------------------------------------------- folders
+def point_dir(sweep, name):
+    return os.path.join(sweep, "points", name)
+
+
+def point_state(folder):
+    """'done' (report.json written), 'interrupted' (a last.npz to resume) or 'new'."""
+    if os.path.exists(os.path.join(folder, "report.json")):
+        return "done"
+    if os.path.exists(os.path.join(folder, "last.npz")):
+        return "interrupted"
+    return "new"
+
+
+def check_sweep_file(sweep, run_args):
+    """Record the run.py flags of this sweep in SWEEP/sweep.json, or check them against it.
+
+    An --out that already holds a sweep with other flags is refused (its points would mix
+    two recipes in one table).  Returns None; raises SweepError.
+    """
+    from .atomic import atomic_write
+    path = os.path.join(sweep, "sweep.json")
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                held = json.load(f)["run_args"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise SweepError(f"{path} is not a sweep file; use another --out") from None
+        if held != list(run_args):
+            raise SweepError(f"--out {sweep} holds a sweep with other run.py flags ({' '.join(held) or 'none'}; "
+                             f"now: {' '.join(run_args) or 'none'}); use another --out")
+        return
+    if os.path.isdir(sweep) and os.listdir(sweep):
+        raise SweepError(f"--out {sweep} exists and is not a sweep folder; use another --out")
+    with atomic_write(path) as f:
+        json.dump({"version": 1, "run_args": list(run_args)}, f, indent=1)
+
+
+# --------------------------------------------------------------------------- the lock
+class Locked(Exception):
+    """The point is being trained by another live process (message: who)."""
+
+
+@contextlib.contextmanager
+def point_lock(path):
+    """Hold ``path`` (a lock file made with O_EXCL, holding "pid host") while the block runs.
+
+    A lock left by a dead process of this machine is stale and taken over; a lock held by a
+    live process, or by any process of another machine (whose liveness cannot be told from
+    here), raises ``Locked``.  Removed on the way out.
+    """
+    host = socket.gethostname()
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    pid, who = f.read().split()[:2]
+                pid = int(pid)
+            except (OSError, ValueError):
+                pid, who = None, host  # half-written by a process that died right away
+            if who == host and (pid is None or not pid_alive(pid)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)  # stale
+                continue
+            raise Locked(f"held by pid {pid} on {who}") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {host}\n")
+        break
+    else:
+        raise Locked("could not take over a stale lock")
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+@contextlib.contextmanager
+def folder_lock(folder):
+    """An exclusive ``flock`` on ``folder``/.lock while the block runs (waits for it).
+
+    Used around building a shared image cache, so runs started together decode it once.
+    The kernel drops the lock when its process dies: it can never go stale.  Without
+    ``fcntl`` (Windows) it does nothing.
+    """
+    os.makedirs(folder, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(os.path.join(folder, ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def shared_cache_folder(cache_dir, data_root, train_key):
+    """DIR/<key>: the cache folder of one dataset, keyed on its absolute root and its training
+    listing (``cache.cache_key``), so runs on the same data share it and other data never
+    collides with it (within it, data/cache.py keys each split's file on its own listing)."""
+    digest = hashlib.sha256(f"{os.path.abspath(data_root)}\n{train_key}".encode("utf-8", "surrogateescape"))
+    return os.path.join(os.path.abspath(cache_dir), digest.hexdigest()[:16])
+
+
+# --------------------------------------------------------------------------- results
+def read_point(folder, point):
+    """One results row (a dict) from a finished point's report.json and log.jsonl."""
+    with open(os.path.join(folder, "report.json")) as f:
+        report = json.load(f)
+    history = []
+    with contextlib.suppress(OSError):
+        with open(os.path.join(folder, "log.jsonl")) as f:
+            history = [json.loads(line) for line in f if line.strip()]
+    after = report["after_threshold"]
+    acc, sp = after["accuracy"], after["sparsity"]
+    eff = sp["effective_parameters"]
+    last = history[-1] if history else {}
+    row = dict(point=point["name"], model=point["model"], depth=point["depth"], rho=point["rho"],
+               epochs=report.get("epochs"),
+               train_top1_error=100 * (1 - last["train_top1"]) if "train_top1" in last else "",
+               val_top1_error=acc["single_crop"]["top1_error"],
+               val_top1_error_10crop=acc["ten_crop"]["top1_error"],
+               val_top5_error=acc["single_crop"]["top5_error"],
+               val_top5_error_10crop=acc["ten_crop"]["top5_error"],
+               total_params=report["total_parameters"], nonzero_params=eff["nonzero"],
+               structural_params=eff["structural"],
+               layer_sparsity=" ".join(f"{100 * m['layer_sparsity']:.1f}" for m in sp["layers"].values()),
+               train_seconds=round(sum(h.get("seconds", 0) for h in history), 1))
+    return row
+
+
+FIELDS = ("point", "model", "depth", "rho", "epochs", "train_top1_error", "val_top1_error",
+          "val_top1_error_10crop", "val_top5_error", "val_top5_error_10crop", "total_params",
+          "nonzero_params", "structural_params", "layer_sparsity", "train_seconds")
+
+
+def write_results(path, rows):
+    """results.csv: one row per finished point (``FIELDS``; layer_sparsity: % per layer,
+    conv1 ... classifier, space-separated; train_top1_error: the last epoch's running
+    training error over its random crops)."""
+    from .atomic import atomic_write
+    with atomic_write(path) as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def operation_modes(rows, near=2.0):
+    """The operation modes of sec. 5.3.2 for each group-regularized model (Fig. 9).
+
+    rows: results rows. near: the error margin, in points, that counts as "reaching" an error.
+    Returns {model: {"B": row, "C": row, "M": {other model: row}}}:
+
+    * B (best performance): the model's lowest single-crop top-1 error;
+    * C (compressed): its fewest structural effective parameters with an error within
+      ``near`` points of the best error of any model (the paper: near-AlexNet error);
+    * M (performance match): for each other model, its fewest structural parameters with an
+      error no worse than that model's best (when there is one).
+    SimpleNet gets B only.
+    """
+    by_model = {}
+    for r in rows:
+        by_model.setdefault(r["model"], []).append(r)
+    best = {m: min(rs, key=lambda r: r["val_top1_error"]) for m, rs in by_model.items()}
+    target = min(r["val_top1_error"] for r in best.values()) + near if best else None
+    modes = {}
+    for m, rs in by_model.items():
+        modes[m] = {"B": best[m]}
+        if m == "simple":
+            continue
+        ok = [r for r in rs if r["val_top1_error"] <= target]
+        if ok:
+            modes[m]["C"] = min(ok, key=lambda r: r["structural_params"])
+        match = {}
+        for other, b in best.items():
+            if other != m:
+                ok = [r for r in rs if r["val_top1_error"] <= b["val_top1_error"]]
+                if ok:
+                    match[other] = min(ok, key=lambda r: r["structural_params"])
+        modes[m]["M"] = match
+    return modes

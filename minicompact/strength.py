@@ -1,0 +1,157 @@
+"""How strong the group-sparse terms must be for a run of a given length (eq. 1, sec. 5.1).
+
+The paper sets C_W = C_Θ = 1e-4 for its schedule: ILSVRC12 (1,281,167 training images),
+batch 256, learning rate 0.1 ×0.1 every 30 epochs, 90 epochs, momentum 0.9.  Those constants
+only mean something together with that schedule: a short run has far less time to move a
+group of weights to zero.
+
+Derivation.  Each term of eqs. 2, 6, 7 is C·[(1-β)·½‖Θ‖² + β·Σ_g ‖Θ_g‖].  Take one group g
+(a Θ[k, t, :, :], a W[y, k, :]) that the data term does not need.  With subgradient steps it
+receives the group part's gradient C·β·g/‖g‖, of norm C·β, at every step; momentum μ turns a
+constant push into a velocity 1/(1-μ) times larger, so over the run the group's norm shrinks by
+
+    Δ‖g‖ ≈ C·β/(1-μ) · S,      S = Σ_t lr_t over every step of the run.
+
+The paper's schedule has S_paper ≈ 16,670 (5,005 steps per epoch × 30 × (0.1 + 0.01 +
+0.001)); the demo preset (2,400 images, batch 32, lr 0.01, 2 warmup epochs, ×0.1 after epoch
+8, 10 epochs) has S ≈ 5.4, some 3,100 times less: its groups move 3,100 times less far, and
+none reaches zero.  A run reaches the paper's shrinkage when its group part is multiplied by
+
+    k = S_paper / S_run                                        (``lr_sum``, ``resolve_strength``)
+
+and the paper's own schedule gets k = 1.  Only the group part is scaled: the ℓ2 part is a
+weight decay, and scaling it 3,000 times as well (C = 0.3) left the demo network at chance
+for seven epochs (measured, docs/compactness.md) — under batch-norm a strong weight decay
+shrinks every filter and makes each step a large random rotation.  ``scale_groups`` writes
+the scaled term again in eq. 1's form, C'·[(1-β')·½‖Θ‖² + β'·Σ‖g‖] with C' = C·(1-β+kβ) and
+β' = kβ/(1-β+kβ) (one C' per layer), so the regularizers and proximal operators of
+regularizers.py compute it exactly.
+
+What C means in each mode.  C is eq. 1's constant in both.  The proximal path
+(``--reg-update proximal``) sends only the smooth ℓ2 part through momentum and applies the
+group part after the step as group soft-thresholding.  A threshold of lr·C·β would make the
+prox 1/(1-μ) = 10 times weaker than the subgradient's push at the same C: its fixed points
+solve ∇L + (1-μ)·C·∂Ω = 0, not eq. 1.  ``objective.Regularizer`` therefore thresholds with
+τ = lr·C·β/(1-μ); then both modes have eq. 1's stationary points and the same Δ‖g‖ above,
+and this one rule serves both.
+
+Why proximal updates for short runs: a subgradient step never lands on zero; a group the
+regularizer wins keeps oscillating around zero with a norm of about lr·C·β/(1-μ).  With the
+paper's C that is far below the 1e-5 threshold of sec. 5.2.1, so thresholding finds the
+zeros; with the group part scaled 3,000 times it is not, and dead groups survive the
+threshold.  The proximal step puts them exactly at zero.  So ``--reg-update auto`` (the
+default) is subgradient on the paper's schedule and proximal otherwise.
+
+Explicit ``--cw``/``--ctheta`` are eq. 1's constants as written (k = 1 for that term);
+``--group-scale K`` sets k; ``--reg-update`` picks the mode.
+"""
+import dataclasses
+import math
+
+import numpy as np
+
+PAPER_C = 1e-4
+# The schedule C_PAPER was chosen for (sec. 5.1): ILSVRC12's training set, batch 256, ...
+PAPER_SCHEDULE = dict(train_images=1_281_167, batch_size=256, lr=0.1, lr_step=30, epochs=90,
+                      warmup=0.0)
+# Runs whose S is within this factor of the paper's are the paper's schedule: keep C_paper
+# and subgradient steps, as the paper does.
+SAME_SCHEDULE = 1.5
+
+
+def lr_sum(train_images, batch_size, lr, lr_step, epochs, warmup=0.0, gamma=0.1):
+    """S = Σ_t lr_t over every SGD step of a run, as ``optim.StepLR.lr_at`` schedules it.
+
+    train_images: images per epoch (all ranks); batch_size: the global batch (a partial last
+    batch is a step); lr, lr_step, gamma, warmup: StepLR's base rate, epochs per ×gamma, the
+    factor and the warmup epochs; epochs: the run's length.  Returns a float.
+    """
+    steps = math.ceil(train_images / batch_size)
+    # Epochs at one rate each, then the warmup's deficit: step s of the first W steps uses
+    # lr·(s+1)/W of its epoch's rate instead of the whole rate.
+    rates = lr * gamma ** (np.arange(epochs) // lr_step)
+    total = float(steps * rates.sum())
+    w = warmup * steps
+    if w > 1:
+        s = np.arange(int(math.ceil(w - 1)))             # the steps with (s+1) < W
+        s = s[s + 1 < w]
+        total -= float((rates[s // steps] * (1 - (s + 1) / w)).sum())
+    return total
+
+
+def paper_lr_sum():
+    """S of the paper's schedule (``PAPER_SCHEDULE``)."""
+    return lr_sum(**PAPER_SCHEDULE)
+
+
+def scaled_c(run_lr_sum, c_paper=PAPER_C):
+    """C for a run with Σ lr = ``run_lr_sum``: c_paper · S_paper / S_run (module docstring)."""
+    if run_lr_sum <= 0:
+        raise ValueError(f"the run's learning-rate sum must be > 0, got {run_lr_sum}")
+    return c_paper * paper_lr_sum() / run_lr_sum
+
+
+def resolve_strength(s, given):
+    """Fill the group scale and the update mode of run.py's settings ``s`` from the run's length.
+
+    s: resolved settings with train_images, global_batch, lr, lr_step, epochs, warmup, cw,
+    ctheta, reg_update ("auto" unless given) and group_scale (None unless given); given: the
+    flag names typed by the user.  Sets, in place, s.group_scale = [k_W, k_Θ] (the factors
+    on the group-lasso parts of Ω and Γ/Ψ, ``scale_groups``) and s.reg_update; C_W and C_Θ
+    stay eq. 1's constants.  k = S_paper / S_run, 1 on the paper's schedule; a term whose C
+    was typed (--cw, --ctheta) keeps eq. 1 as written (k = 1), and a typed --group-scale is
+    used for both terms.  Returns the line run.py prints: the constants and why.
+    """
+    run_s = lr_sum(s.train_images, s.global_batch, s.lr, s.lr_step, s.epochs, s.warmup)
+    paper = paper_lr_sum()
+    ratio = paper / run_s
+    paper_like = 1 / SAME_SCHEDULE <= ratio <= SAME_SCHEDULE
+    if "reg_update" not in given or s.reg_update == "auto":
+        s.reg_update = "subgradient" if paper_like else "proximal"
+    if "group_scale" in given:
+        k, why = float(s.group_scale), "as given"
+    elif paper_like:
+        k, why = 1.0, f"this run's Σ lr = {run_s:,.0f} is the paper's ({paper:,.0f})"
+    else:
+        k = ratio
+        why = (f"this run's Σ lr = {run_s:.4g} is {'1/' if k > 1 else ''}"
+               f"{_times(max(k, 1 / k))} of the paper's {paper:,.0f}")
+    typed = "group_scale" not in given
+    ks = [1.0 if typed and "cw" in given else k, 1.0 if typed and "ctheta" in given else k]
+    s.group_scale = ks
+    same = s.cw == s.ctheta
+    c = f"C_W = C_Θ = {s.cw:g}" if same else f"C_W = {s.cw:g}, C_Θ = {s.ctheta:g}"
+    groups = (f"group-lasso parts ×{_times(ks[0])}" if ks[0] == ks[1] else
+              f"group-lasso parts ×{_times(ks[0])} (Ω) and ×{_times(ks[1])} (Γ/Ψ)")
+    kept = [f for f, kk in (("--cw", ks[0]), ("--ctheta", ks[1])) if kk == 1 and f[2:] in given]
+    return (f"regularization: {c}, {groups}, {s.reg_update} updates ({why}"
+            f"{'; ' + ' and '.join(kept) + ' as given' if kept else ''}; docs/compactness.md)")
+
+
+def _times(k):
+    """A factor for the printed line: 3,084 or 10,103 (no exponent), 1.5, 0.25."""
+    return f"{k:,.0f}" if k >= 100 else f"{k:.3g}"
+
+
+def _mix(c, mix, k):
+    """C·[(1-mix)·½‖·‖² + k·mix·Σ‖g‖] written as C'·[(1-mix')·½‖·‖² + mix'·Σ‖g‖]: (C', mix')."""
+    if k == 1:
+        return c, mix
+    c2 = c * (1 - mix + k * mix)
+    return c2, (k * c * mix / c2 if c2 > 0 else mix)
+
+
+def scale_groups(config, cw, ctheta, group_scale_w=1.0, group_scale_theta=1.0):
+    """Eq. 1 with the group-lasso terms' weight multiplied, the ℓ2 weight decay kept.
+
+    Each term of eqs. 2, 6, 7 is C·[(1-β)·½‖Θ‖² + β·Σ‖g‖]; with the group part ×k it is the
+    same kind of term with C' = C·(1-β+kβ) and β' = kβ/(1-β+kβ), so the existing
+    regularizers and proximal operators compute it exactly, with one C' per layer.
+    config: a ``regularizers.RegConfig``; cw, ctheta: eq. 1's C_W, C_Θ; group_scale_w,
+    group_scale_theta: k for Ω and for every Γ_l (or Ψ_l).
+    Returns (config', cw', [ctheta'_1 .. ctheta'_{L-1}]).
+    """
+    cw2, alpha = _mix(cw, config.alpha, group_scale_w)
+    per_layer = [_mix(ctheta, b, group_scale_theta) for b in config.betas]
+    config2 = dataclasses.replace(config, alpha=alpha, betas=tuple(b for _, b in per_layer))
+    return config2, cw2, [c for c, _ in per_layer]
