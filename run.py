@@ -47,11 +47,11 @@ PRESET = dict(epochs=10, batch_size=32, lr=0.01, momentum=0.9, lr_step=8, warmup
 # Settings that change the arithmetic: a resumed run takes them from its checkpoint.
 MATH_KEYS = ("depth", "rho", "model", "batch_size", "lr", "momentum", "lr_step", "warmup", "cw",
              "ctheta", "image_size", "width_mult", "stem", "reg_update", "loss", "seed",
-             "compressed_beta", "sync_bn")
+             "compressed_beta", "sync_bn", "finetune", "head_lr_mult", "keep_reg", "freeze")
 # Settings a resumed run keeps unless they are given again (they change no number).
 KEPT_KEYS = ("cache",)
 FLOAT_FLAGS = ("rho", "lr", "momentum", "warmup", "cw", "ctheta", "compressed_beta", "threshold",
-               "width_mult")
+               "width_mult", "head_lr_mult")
 
 
 class RunError(Exception):
@@ -137,6 +137,15 @@ def build_parser(given_only=False):
     a("--evaluate", metavar="CKPT", help="only evaluate a checkpoint (or a run's model.npz) on the val split; "
       "writes to CKPT's folder/eval-<name> unless --out is given")
     a("--no-progress", action="store_true", help="no progress bars (they are drawn only on a terminal anyway)")
+    a("--finetune", metavar="CKPT", help="fine-tune the feature layers of CKPT (a run's model/best/last.npz) "
+      "with a new classifier for --data's classes (docs/transfer.md)")
+    a("--head-lr-mult", type=float, default=10.0, help="with --finetune: the new classifier's rate is this times --lr")
+    a("--keep-reg", action="store_true", help="with --finetune: keep the regularizers (default: dropped, as the paper)")
+    a("--freeze", type=int, default=0, help="with --finetune: freeze the first N feature layers (and their BN statistics)")
+    a("--new-stats", action="store_true", help="with --finetune/--features: estimate the normalisation on --data "
+      "instead of using CKPT's")
+    a("--features", metavar="CKPT", help="extract CKPT's pyramid features of --data and train linear classifiers "
+      "(SVM, soft-max) on them; writes features.json (docs/transfer.md)")
     return p
 
 
@@ -293,7 +302,7 @@ def check_checkpoint(s, checkpoint, train_set):
              f"({', '.join(saved.classes[:3])}, ...); it does not match this data "
              f"({len(train_set.classes)} classes: {', '.join(train_set.classes[:3])}, ...)")
     built = model_config(s, train_set.classes)
-    if saved != built:
+    if saved != built and not s.get("finetune"):  # a fine-tuned source may have been thinned
         differ = [k for k in vars(built) if getattr(saved, k) != getattr(built, k)]
         fail(f"{path} holds a model run.py would not build from its settings "
              f"({', '.join(f'{k} {getattr(saved, k)} vs {getattr(built, k)}' for k in differ)}); "
@@ -330,7 +339,7 @@ def choose_output(s, checkpoint):
         out = run_dir
     else:
         base = (os.path.join(run_dir, "eval-" + os.path.splitext(os.path.basename(path))[0]) if s["evaluate"]
-                else os.path.join("runs", f"{s['model']}-d{s['depth']}-rho{s['rho']:g}"))
+                else os.path.join("runs", f"{'finetune-' if s.get('finetune') else ''}{s['model']}-d{s['depth']}-rho{s['rho']:g}"))
         try:
             out = claim_new_folder(base)
         except OSError as exc:
@@ -441,6 +450,10 @@ def _on_every_rank(args, given, comm, device, device_notes):
     from minicompact.checkpoint import CheckpointError, load_checkpoint
     from minicompact.data.cache import cache_key
     from minicompact.data.folders import DatasetError, open_dataset
+    if args.features:
+        return features(args, comm, device)
+    if args.finetune and (args.resume or args.evaluate):
+        fail("--finetune starts a new run: to continue one, give only --resume OUT/last.npz")
 
     def settings():
         checkpoint = None
@@ -450,6 +463,13 @@ def _on_every_rank(args, given, comm, device, device_notes):
             except CheckpointError as exc:
                 fail(str(exc))
         s = resolve_settings(args, given, checkpoint, comm.size, comm.local_size)
+        if s.get("finetune") and not args.resume:
+            from minicompact.transfer import TransferError, finetune_settings, read_source
+            try:
+                s["_source"] = read_source(s["finetune"])
+                finetune_settings(s, given, s["_source"][1], s["_source"][0].config)
+            except TransferError as exc:
+                fail(str(exc))
         validate(s)
         return s, checkpoint
 
@@ -474,6 +494,8 @@ def _on_every_rank(args, given, comm, device, device_notes):
     (train_set, val_set), caught = comm.agree(dataset, s["data"], errors=RunError)
     for w in caught:
         say(f"run.py: warning: {w.message}", sys.stderr)
+    if len(train_set.classes) < 2:
+        fail(f"{s['data']} has {len(train_set.classes)} class; a classifier needs at least 2")
     s["train_images"] = len(train_set)
     s["train_key"] = cache_key(train_set.samples, 0, train_set.root)
     seen = comm.gather_object((s["train_key"], cache_key(val_set.samples, 0, val_set.root)))
@@ -547,11 +569,17 @@ def run(s, device, train_set, val_set, checkpoint=None, comm=None):
     comm = comm or Communicator()
     resize, crop = scaled_sizes(s["image_size"])
     state = checkpoint[2] if checkpoint else None
-    config = model_config(s, train_set.classes)
-    model = CompactNet(config, seed=s["seed"]).to(device)
-    reg_config = variant(s["model"], s["depth"], s["rho"], compressed_beta=s["compressed_beta"])
-    optimizer = SGD(model.param_layers, lr=s["lr"], momentum=s["momentum"])
-    regularizer = Regularizer(model, reg_config, s["cw"], s["ctheta"], s["reg_update"])
+    source_stats = None
+    if s.get("finetune"):  # the source's feature layers, a new classifier (docs/transfer.md)
+        from minicompact.transfer import finetune_parts
+        model, optimizer, regularizer, source_stats = finetune_parts(s, train_set.classes, device, checkpoint,
+                                                                     s.get("_source"))
+    else:
+        config = model_config(s, train_set.classes)
+        model = CompactNet(config, seed=s["seed"]).to(device)
+        reg_config = variant(s["model"], s["depth"], s["rho"], compressed_beta=s["compressed_beta"])
+        optimizer = SGD(model.param_layers, lr=s["lr"], momentum=s["momentum"])
+        regularizer = Regularizer(model, reg_config, s["cw"], s["ctheta"], s["reg_update"])
     schedule = StepLR(s["lr"], step_size=s["lr_step"], gamma=0.1, warmup_epochs=s["warmup"])
     ranks = (f", {comm.size} ranks x batch {s['batch_size']} = global batch {s['global_batch']}"
              f"{' (sync-BN)' if s['sync_bn'] else ''}" if comm.size > 1 else "")
@@ -596,6 +624,8 @@ def run(s, device, train_set, val_set, checkpoint=None, comm=None):
                        errors=RunError)
             if state and "mean" in state:
                 mean, std = state["mean"], state["std"]
+            elif source_stats is not None:
+                mean, std = source_stats
             else:
                 mean, std = comm.agree(normalisation, root_only=True, errors=RunError)
             trainer = Trainer(model, optimizer, schedule, regularizer, loss_fn, train_loader, val_loader,
@@ -630,6 +660,25 @@ def run(s, device, train_set, val_set, checkpoint=None, comm=None):
         where = f" {exc.filename}" if exc.filename else ""
         alone(comm, f"cannot write{where}: {exc.strerror or exc}; the last checkpoint written is kept")
     say(format_report(report, s["out"]))
+    return 0
+
+
+def features(args, comm, device):
+    """``--features CKPT --data ROOT``: extract features, fit linear classifiers (transfer.py)."""
+    from minicompact.transfer import TransferError, run_features
+    if args.resume or args.evaluate or args.finetune:
+        fail("--features runs alone: not with --resume, --evaluate or --finetune")
+    if not args.data:
+        fail("--features needs --data ROOT (the target dataset)")
+    if comm.size > 1:
+        fail("--features runs in one process (no mpiexec)")
+    workers = args.workers if args.workers is not None else max(0, min(8, (os.cpu_count() or 1) - 1))
+    try:
+        run_features(args.features, args.data, args.out, args.overwrite, args.image_size,
+                     args.batch_size or 64, workers, args.seed, args.cache, device,
+                     new_stats=args.new_stats, log=say)
+    except TransferError as exc:
+        fail(str(exc))
     return 0
 
 
