@@ -454,6 +454,8 @@ def _on_every_rank(args, given, comm, device, device_notes):
         return features(args, comm, device)
     if args.finetune and (args.resume or args.evaluate):
         fail("--finetune starts a new run: to continue one, give only --resume OUT/last.npz")
+    if not (args.finetune or args.resume) and given & {"freeze", "head_lr_mult", "keep_reg"}:
+        fail("--freeze, --head-lr-mult and --keep-reg go with --finetune CKPT")
 
     def settings():
         checkpoint = None

@@ -54,14 +54,12 @@ def read_source(path, dtype=np.float32):
     ``TransferError`` (one line) for a file that does not hold a model.
     """
     from .checkpoint import CheckpointError, load_checkpoint
-    from .model import CompactNet, ModelConfig
+    from .model import CompactNet
     try:
-        arrays, _, state = load_checkpoint(path)
+        state = load_checkpoint(path)[2]  # checks the file and that it holds a configuration
+        model = CompactNet.load(path, dtype=dtype)  # whatever it loads (a thinned model too) transfers
     except CheckpointError as exc:
         raise TransferError(str(exc)) from None
-    try:
-        model = CompactNet(ModelConfig.from_json(str(arrays["__config__"])), dtype=dtype)
-        model.load_state_arrays(arrays)
     except (TypeError, ValueError, KeyError) as exc:
         raise TransferError(f"{path} does not hold a model CompactNet can load ({exc})") from None
     return model, state
@@ -108,18 +106,19 @@ def finetune_parts(s, classes, device, checkpoint=None, source=None):
 
     s: run.py's resolved settings (``finetune``: the source path, ``freeze``, ``head_lr_mult``,
     ``keep_reg``, ``new_stats``, and the usual lr, momentum, model, rho, ...); classes: the
-    target's class names.  checkpoint: when resuming, the fine-tuning run's own checkpoint
-    (the model is built from its configuration; the caller loads its arrays); else
+    target's class names.  checkpoint: when resuming (or evaluating), the fine-tuning
+    run's own checkpoint, at ``s["resume"]`` or ``s["evaluate"]`` (the model is loaded from
+    it the way ``CompactNet.load`` does); else
     ``source``, the ``read_source`` result (read here when None).
     Returns (model, optimizer, regularizer or None, (mean, std) or None: estimate them).
     """
-    from .model import CompactNet, ModelConfig
+    from .model import CompactNet
     from .objective import Regularizer
     from .optim import SGD
     from .regularizers import variant
     stats = None
     if checkpoint is not None:
-        model = CompactNet(ModelConfig.from_json(str(checkpoint[0]["__config__"])), seed=s["seed"])
+        model = CompactNet.load(s.get("resume") or s["evaluate"])
     else:
         model, state = source or read_source(s["finetune"])
         new_classifier(model, classes, s["seed"])

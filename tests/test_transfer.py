@@ -161,3 +161,10 @@ def test_read_source_refuses_a_checkpoint_without_a_loadable_model(tmp_path):
     np.savez(tmp_path / "bad.npz", **arrays)
     with pytest.raises(TransferError, match="does not hold a model CompactNet can load"):
         read_source(tmp_path / "bad.npz")
+
+
+def test_finetune_flags_without_finetune_are_refused(source, tmp_path, capsys):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        run.main([str(a) for a in ("--data", source / "tgt", "--freeze", 1, "--out", tmp_path / "out", *TINY)])
+    assert exc.value.code == 2 and "go with --finetune" in capsys.readouterr().err
