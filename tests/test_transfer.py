@@ -46,7 +46,8 @@ def test_source_loads_and_gets_a_new_head(source):
         for k in a.params:
             np.testing.assert_array_equal(a.params[k], b.params[k])
     assert reg is None and stats == (state["mean"], state["std"])   # regularizers off, source stats
-    assert finetune_parts(settings(finetune=s["finetune"], keep_reg=True, new_stats=True), TARGET, "cpu")[2:] != (None, None)
+    kept = finetune_parts(settings(finetune=s["finetune"], keep_reg=True, new_stats=True), TARGET, "cpu")
+    assert kept[2] is not None and kept[3] is None            # --keep-reg, --new-stats
     assert opt.lr_mult == [1.0] * (len(opt.layers) - 1) + [10.0]
     assert opt.layers[-1] is model.classifier
 
