@@ -5,6 +5,8 @@
     python run.py --data ~/imagenet --depth 12 --rho 0.03    # ROOT/train/<class>/*, ROOT/val/<class>/*
     python run.py --resume runs/x/last.npz                   # continue a run in its folder
     python run.py --evaluate runs/x/best.npz                 # evaluate a checkpoint into runs/x/eval-best
+    python run.py --finetune runs/x/model.npz --data ROOT    # transfer: fine-tune on other classes
+    python run.py --features runs/x/model.npz --data ROOT    # transfer: features + linear classifiers
     mpiexec -n 4 python run.py --data ~/imagenet ...          # 4 data-parallel ranks (docs/data-parallel.md)
 
 Without ``--data`` a small generated image-folder dataset and a small preset are used; with
@@ -25,7 +27,7 @@ import sys
 import time
 import warnings
 
-from minicompact.distributed.launcher import share_cores  # imports no NumPy
+from minicompact.distributed.launcher import launched_by_mpi, share_cores  # imports no NumPy
 
 share_cores()  # before NumPy is imported below: the ranks of a machine share its cores for BLAS
 
@@ -48,6 +50,7 @@ from minicompact.optim import SGD, StepLR
 from minicompact.regularizers import variant
 from minicompact.strength import resolve_strength
 from minicompact.thin import NothingToRemove, thin_run
+from minicompact.transfer import TransferError, finetune_parts, finetune_settings, read_source, run_features
 
 
 def build_parser(given_only=False):
@@ -114,6 +117,15 @@ def build_parser(given_only=False):
       "writes to CKPT's folder/eval-<name> unless --out is given")
     a("--thin", metavar="CKPT", help="remove the dead structure of a run's model.npz, best.npz or last.npz "
       "(minicompact/thin.py): writes thin.npz and thin-report.json into CKPT's folder/thin")
+    a("--finetune", metavar="CKPT", help="fine-tune the feature layers of CKPT (a run's model/best/last.npz) "
+      "with a new classifier for --data's classes (docs/transfer.md)")
+    a("--head-lr-mult", type=float, default=10.0, help="with --finetune: the new classifier's rate is this times --lr")
+    a("--keep-reg", action="store_true", help="with --finetune: keep the regularizers (default: dropped, as the paper)")
+    a("--freeze", type=int, default=0, help="with --finetune: freeze the first N feature layers (and their BN statistics)")
+    a("--new-stats", action="store_true", help="with --finetune/--features: estimate the normalisation on --data "
+      "instead of using CKPT's")
+    a("--features", metavar="CKPT", help="extract CKPT's pyramid features of --data and train linear classifiers "
+      "(SVM, soft-max) on them; writes features.json (docs/transfer.md)")
     a("--no-progress", action="store_true", help="no progress bars (they are drawn only on a terminal anyway)")
     return p
 
@@ -145,6 +157,12 @@ def start(args, given):
         fail("use either --resume or --evaluate, not both")
     if args.thin:
         return thin_command(args)
+    if args.features:
+        return features_command(args)
+    if args.finetune and (args.resume or args.evaluate):
+        fail("--finetune starts a new run: to continue one, give only --resume OUT/last.npz")
+    if not (args.finetune or args.resume or args.evaluate) and given & {"freeze", "head_lr_mult", "keep_reg"}:
+        fail("--freeze, --head-lr-mult and --keep-reg go with --finetune CKPT")
     try:
         with warnings.catch_warnings(record=True) as device_notes:
             warnings.simplefilter("always")
@@ -183,8 +201,38 @@ def thin_command(args):
     return 0
 
 
+def features_command(args):
+    """--features CKPT --data ROOT: all the work is ``minicompact.transfer.run_features``."""
+    if args.resume or args.evaluate or args.finetune:
+        fail("--features runs alone: not with --resume, --evaluate or --finetune")
+    if not args.data:
+        fail("--features needs --data ROOT (the target dataset)")
+    if launched_by_mpi()[0]:
+        fail("--features runs in one process (no mpiexec)")
+    workers = args.workers if args.workers is not None else max(0, min(8, (os.cpu_count() or 1) - 1))
+    try:
+        device = backend.resolve_device(args.device)
+        run_features(args.features, args.data, args.out, args.overwrite, args.image_size,
+                     args.batch_size or 64, workers, args.seed, args.cache, device,
+                     new_stats=args.new_stats, log=say)
+    except (TransferError, backend.BackendError) as exc:
+        fail(str(exc))
+    return 0
+
+
+def from_source(s, how):
+    """A new --finetune run: depth, widths and stem are its source's (``transfer.finetune_settings``)."""
+    if s.finetune and not s.resume and not s.evaluate:
+        try:
+            how.source = read_source(s.finetune)
+            finetune_settings(s, how.given, how.source[1], how.source[0].config)
+        except TransferError as exc:
+            fail(str(exc))
+
+
 def every_rank(args, given, comm, device, device_notes):
-    s, how, checkpoint = comm.agree(settings_for, args, given, comm.size, comm.local_size, errors=RunError)
+    s, how, checkpoint = comm.agree(settings_for, args, given, comm.size, comm.local_size, from_source,
+                                    errors=RunError)
     if s.check:  # every flag passed the checks that run before any data is opened
         return 0
     # Everything below may be slow; every cheap check has passed.
@@ -194,7 +242,9 @@ def every_rank(args, given, comm, device, device_notes):
         note("--precision tf32 changes nothing on the CPU (NumPy has no TF32)")
     train_set, val_set = inputs.open_data(s, comm)  # also sets s.data, s.train_images, s.train_key
     if checkpoint is None:  # C's scale and the update rule follow the run's length (strength.py)
-        say(f"run.py: {resolve_strength(s, how.given)}")
+        line = resolve_strength(s, how.given)
+        if not s.finetune or s.keep_reg:  # a fine-tune without --keep-reg has no regularizer
+            say(f"run.py: {line}")
     elif s.reg_update == "auto":  # a checkpoint saved before the automatic choice existed
         s.reg_update = "subgradient"
     if checkpoint is not None:
@@ -202,7 +252,7 @@ def every_rank(args, given, comm, device, device_notes):
     s.out = comm.agree(choose_output, s, how, checkpoint, root_only=True, errors=RunError)
     code = None
     try:
-        code = run(s, device, train_set, val_set, checkpoint, comm)
+        code = run(s, device, train_set, val_set, checkpoint, comm, how.source)
     except RunError as exc:  # every rank raised it (see run)
         say(f"run.py: error: {exc}", sys.stderr)
         code = exc.code
@@ -213,18 +263,25 @@ def every_rank(args, given, comm, device, device_notes):
     return code
 
 
-def run(s, device, train_set, val_set, checkpoint, comm):
+def run(s, device, train_set, val_set, checkpoint, comm, source=None):
     """Build everything from the settings ``s``, train and/or evaluate, report; the exit status.
+
+    source: a new --finetune run's ``(model, state)`` (``transfer.read_source``).
 
     Raises ``RunError`` for a failure the user can cause, on every rank together (a failure
     of one rank alone, such as a dead decoding worker or a full disk, ends all ranks).
     """
     resize, crop = scaled_sizes(s.image_size)
-    model = CompactNet(model_config(s, train_set.classes), seed=s.seed).to(device)
+    source_stats = None
+    if s.finetune:  # the source's feature layers, a new classifier (docs/transfer.md)
+        model, optimizer, regularizer, source_stats = finetune_parts(s, train_set.classes, device, checkpoint,
+                                                                     source)
+    else:
+        model = CompactNet(model_config(s, train_set.classes), seed=s.seed).to(device)
+        optimizer = SGD(model.param_layers, lr=s.lr, momentum=s.momentum)
+        regularizer = Regularizer(model, variant(s.model, s.depth, s.rho, compressed_beta=s.compressed_beta),
+                                  s.cw, s.ctheta, s.reg_update, s.momentum, s.group_scale or (1.0, 1.0))
     set_conv_algo(model, s.conv_algo)  # how 3x3 convs compute; the same maths either way
-    optimizer = SGD(model.param_layers, lr=s.lr, momentum=s.momentum)
-    regularizer = Regularizer(model, variant(s.model, s.depth, s.rho, compressed_beta=s.compressed_beta),
-                              s.cw, s.ctheta, s.reg_update, s.momentum, s.group_scale or (1.0, 1.0))
     schedule = StepLR(s.lr, step_size=s.lr_step, gamma=0.1, warmup_epochs=s.warmup)
     loss_fn = losses.softmax_cross_entropy if s.loss == "cross_entropy" else losses.multiclass_hinge_loss
     ranks = (f", {comm.size} ranks x batch {s.batch_size} = global batch {s.global_batch}"
@@ -243,7 +300,7 @@ def run(s, device, train_set, val_set, checkpoint, comm):
             comm.agree(lambda: [inputs.require_readable_classes(loader) for loader in checked],
                        root_only=True, errors=RunError)
             state = checkpoint[2] if checkpoint else {}
-            mean, std = ((state["mean"], state["std"]) if "mean" in state else
+            mean, std = ((state["mean"], state["std"]) if "mean" in state else source_stats or
                          comm.agree(inputs.normalisation, train_loader, s.seed, root_only=True, errors=RunError))
             trainer = Trainer(model, optimizer, schedule, regularizer, loss_fn, train_loader, val_loader,
                               mean, std, epochs=s.epochs, out_dir=out, settings=s.saved(),

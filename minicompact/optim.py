@@ -23,14 +23,20 @@ class SGD:
     them to another device, cast them) between steps.  Updates happen in place, in each
     parameter's dtype, on its device.
 
+    lr_mult: one factor per layer (default 1 each): that layer's parameters step with
+    ``lr_mult[i] · lr`` in the formulas above, nothing else changes (fine-tuning trains a new
+    classifier at a larger rate than the transferred layers, paper sec. 5.3.3).
     """
 
-    def __init__(self, layers, lr=0.1, momentum=0.9, nesterov=False):
+    def __init__(self, layers, lr=0.1, momentum=0.9, nesterov=False, lr_mult=None):
         if lr < 0 or momentum < 0:
             raise ValueError(f"SGD needs lr >= 0 and momentum >= 0, got lr={lr}, momentum={momentum}")
         if nesterov and momentum == 0:
             raise ValueError("Nesterov momentum needs momentum > 0")
         self.layers = list(layers)
+        self.lr_mult = [1.0] * len(self.layers) if lr_mult is None else [float(m) for m in lr_mult]
+        if len(self.lr_mult) != len(self.layers) or min(self.lr_mult, default=0.0) < 0:
+            raise ValueError(f"lr_mult needs one factor >= 0 per layer ({len(self.layers)}), got {lr_mult}")
         self.lr = float(lr)
         self.momentum = float(momentum)
         self.nesterov = bool(nesterov)
@@ -52,8 +58,9 @@ class SGD:
 
     def step(self):
         """Update every parameter in place from its gradient, with ``self.lr``."""
-        lr, mu = float(self.lr), self.momentum  # Python floats never promote float32 arrays
+        base, mu = float(self.lr), self.momentum  # Python floats never promote float32 arrays
         for key, _, name, p, g in self.parameters():
+            lr = base * self.lr_mult[int(key.split(".", 1)[0])]
             if g is None or g.shape != p.shape:
                 raise ValueError(f"parameter {key} of shape {tuple(p.shape)} has gradient of shape "
                                  f"{None if g is None else tuple(g.shape)}; run backward first")

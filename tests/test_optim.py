@@ -120,3 +120,18 @@ def test_step_lr_warmup_is_linear_per_step_and_pure():
     assert sched.lr_at(40, 0, 4) == pytest.approx(0.02)       # decay unaffected by warmup
     with pytest.raises(ValueError, match="step_in_epoch"):
         sched.lr_at(0, 4, 4)
+
+
+def test_lr_mult_scales_one_layers_rate_and_keeps_the_momentum_formula(xp, device):
+    a, b = Params(w=[1.0]).to(device), Params(w=[1.0]).to(device)
+    opt = SGD([a, b], lr=0.5, momentum=0.9, lr_mult=[1.0, 10.0])
+    for g in (1.0, -1.0):
+        set_grads(a, xp, w=[g])
+        set_grads(b, xp, w=[g])
+        opt.step()
+    # v: 1, then 0.9 - 1 = -0.1; a: 1 - 0.5·1 - 0.5·(-0.1) = 0.55; b with lr 5: 1 - 5 + 0.5 = -3.5
+    np.testing.assert_allclose(to_cpu(a.params["w"]), [0.55], rtol=1e-6)
+    np.testing.assert_allclose(to_cpu(b.params["w"]), [-3.5], rtol=1e-6)
+    np.testing.assert_allclose(opt.state_dict()["1.w"], [-0.1], rtol=1e-6)  # the buffer is the same v
+    with pytest.raises(ValueError, match="one factor >= 0 per layer"):
+        SGD([a, b], lr_mult=[1.0])

@@ -80,6 +80,24 @@ def test_thin_model_is_accepted_by_evaluate_resume_and_thin(trained, capsys):
     assert json.loads((folder / "report.json").read_text())["epochs"] == 2
 
 
+def test_thin_model_transfers_by_finetune_and_features(trained, tmp_path):
+    """A thinned network is a source like any other: --finetune builds on its narrower layers
+    (and can be resumed), --features reads its narrower pyramid."""
+    data, out = trained
+    folder = tmp_path / "thin"
+    assert main("--thin", out / "model.npz", "--workers", 0, "--out", folder) == 0
+    target = write_folder(tmp_path / "target", classes=("cyan", "magenta", "yellow"), seed=3)
+    tuned = tmp_path / "ft"
+    assert main("--finetune", folder / "thin.npz", "--data", target, "--epochs", 1, "--out", tuned, *TINY) == 0
+    model = CompactNet.load(tuned / "model.npz")
+    assert model.config.layer_widths == (3, 7) and model.classifier.params["W"].shape[:2] == (3, 7)
+    assert main("--resume", tuned / "last.npz", "--epochs", 2, "--workers", 0, "--no-progress") == 0
+    assert main("--features", folder / "thin.npz", "--data", target, "--out", tmp_path / "feat",
+                "--workers", 0) == 0
+    report = json.loads((tmp_path / "feat" / "features.json").read_text())
+    assert report["feature_size"] == 7 * model.spp.num_regions
+
+
 def test_refusals_are_one_line_and_write_nothing(trained, tmp_path, capsys):
     data, out = trained
     bad = tmp_path / "notes.npz"

@@ -29,6 +29,8 @@ def open_data(s, comm):
     (train_set, val_set), caught = comm.agree(open_splits, s.data, errors=RunError)
     for w in caught:
         say(f"run.py: warning: {w.message}", sys.stderr)
+    if len(train_set.classes) < 2:
+        fail(f"{s.data} has {len(train_set.classes)} class; a classifier needs at least 2")
     keys = listing_keys(train_set, val_set)
     s.train_images, s.train_key = len(train_set), keys[0]
     comm.agree(same_files_on_every_rank, comm.gather_object(keys), s.data, root_only=True, errors=RunError)

@@ -92,7 +92,7 @@ def choose_output(s, how, checkpoint):
         out = run_dir
     else:
         base = (os.path.join(run_dir, "eval-" + os.path.splitext(os.path.basename(path))[0]) if s.evaluate
-                else os.path.join("runs", f"{s.model}-d{s.depth}-rho{s.rho:g}"))
+                else os.path.join("runs", f"{'finetune-' if s.finetune else ''}{s.model}-d{s.depth}-rho{s.rho:g}"))
         try:
             out = claim_new_folder(base)
         except OSError as exc:

@@ -33,11 +33,12 @@ PRESET = dict(epochs=10, batch_size=32, lr=0.01, momentum=0.9, lr_step=8, warmup
 # Settings that change the arithmetic: a resumed run takes them from its checkpoint.
 MATH_KEYS = ("depth", "rho", "model", "batch_size", "lr", "momentum", "lr_step", "warmup", "cw",
              "ctheta", "image_size", "width_mult", "stem", "reg_update", "loss", "seed",
-             "compressed_beta", "sync_bn", "layer_widths", "group_scale")
+             "compressed_beta", "sync_bn", "layer_widths", "finetune", "head_lr_mult", "keep_reg", "freeze",
+             "group_scale")
 # Settings a resumed run keeps unless they are given again (they change no number).
 KEPT_KEYS = ("cache", "cache_dir")
 FLOAT_FLAGS = ("rho", "lr", "momentum", "warmup", "cw", "ctheta", "compressed_beta", "threshold",
-               "width_mult")
+               "width_mult", "head_lr_mult")
 # Flags that say what to do with this invocation, not how the model is trained: not saved.
 NOT_SAVED = ("resume", "evaluate", "overwrite", "check")
 
@@ -64,15 +65,19 @@ class Resolution:
     saved: dict = field(default_factory=dict)  # the checkpoint's settings ({} without one)
     data_from_checkpoint: bool = False         # --data was not given: the checkpoint's is used
     claimed: str = None              # a new default output folder this run created
+    source: tuple = None             # --finetune's (model, state), read once by ``adjust``
 
 
 def flag(name):
     return "--" + name.replace("_", "-")
 
 
-def settings_for(args, given, ranks=1, ranks_per_node=1):
+def settings_for(args, given, ranks=1, ranks_per_node=1, adjust=None):
     """``(Settings, Resolution, checkpoint)``: the checkpoint of --resume/--evaluate (read
-    once, here; None without one), then every flag resolved and checked (one line if not)."""
+    once, here; None without one), then every flag resolved and checked (one line if not).
+
+    adjust: ``adjust(s, how)``, run between resolving and checking: what a kind of run
+    derives from elsewhere (run.py's --finetune takes the architecture from its source)."""
     checkpoint = None
     if args.resume or args.evaluate:
         try:
@@ -80,6 +85,8 @@ def settings_for(args, given, ranks=1, ranks_per_node=1):
         except CheckpointError as exc:
             fail(str(exc))
     s, how = resolve_settings(args, given, checkpoint, ranks, ranks_per_node)
+    if adjust is not None:
+        adjust(s, how)
     validate(s, how)
     return s, how, checkpoint
 
@@ -226,7 +233,7 @@ def check_checkpoint(s, how, checkpoint, train_set):
              f"({', '.join(saved.classes[:3])}, ...); it does not match this data "
              f"({len(train_set.classes)} classes: {', '.join(train_set.classes[:3])}, ...)")
     built = model_config(s, train_set.classes)
-    if saved != built:
+    if saved != built and not s.finetune:  # a fine-tuned source need not be one run.py built
         differ = [k for k in vars(built) if getattr(saved, k) != getattr(built, k)]
         fail(f"{path} holds a model run.py would not build from its settings "
              f"({', '.join(f'{k} {getattr(saved, k)} vs {getattr(built, k)}' for k in differ)}); "
