@@ -19,7 +19,6 @@ signal's number after Ctrl-C (130) or SIGTERM (143).  Under ``mpiexec``/``srun``
 runs this same flow and takes each step with the others (``comm.agree``): one rank's failure
 stops all at the same point with one message; only rank 0 prints and writes files.
 """
-import argparse
 import contextlib
 import os
 import signal
@@ -27,7 +26,7 @@ import sys
 import time
 import warnings
 
-from minicompact.distributed.launcher import launched_by_mpi, share_cores  # imports no NumPy
+from minicompact.distributed.launcher import share_cores  # imports no NumPy
 
 share_cores()  # before NumPy is imported below: the ranks of a machine share its cores for BLAS
 
@@ -35,12 +34,11 @@ from minicompact import backend, losses  # noqa: E402 (after share_cores on purp
 from minicompact.data.loader import WorkerError
 from minicompact.data.transforms import scaled_sizes
 from minicompact.distributed import init
-from minicompact.harness import inputs
-from minicompact.harness.console import (HelpFormatter, Parser, RunError, fail, fail_alone, note,
-                                         one_line_warning, say)
+from minicompact.harness import commands, flags, inputs
+from minicompact.harness.console import RunError, fail, fail_alone, note, one_line_warning, say
 from minicompact.harness.report import format_report, write_report
 from minicompact.harness.rundir import choose_output
-from minicompact.harness.settings import PAPER, PRESET, check_checkpoint, model_config, settings_for
+from minicompact.harness.settings import check_checkpoint, model_config, settings_for
 from minicompact.harness.stopping import Interrupted, StopSignals
 from minicompact.harness.trainer import NoImages, NonFiniteLoss, ReplicasDiffer, Trainer
 from minicompact.layers.conv_algo import set_conv_algo
@@ -49,91 +47,12 @@ from minicompact.objective import Regularizer
 from minicompact.optim import SGD, StepLR
 from minicompact.regularizers import variant
 from minicompact.strength import resolve_strength
-from minicompact.thin import NothingToRemove, thin_run
-from minicompact.transfer import TransferError, finetune_parts, finetune_settings, read_source, run_features
-
-
-def build_parser(given_only=False):
-    """The command line.  ``given_only``: no defaults at all, so parsing yields only the flags
-    the user typed (how ``main`` tells an explicit ``--rho 0.03`` from the default 0.03)."""
-    p = Parser(
-        prog="run.py", description="Train and evaluate CompactNets (Lobel, Vidal & Soto 2019) on "
-        "ImageNet-style folders ROOT/train/<class>/*, ROOT/val/<class>/*.",
-        formatter_class=HelpFormatter, argument_default=argparse.SUPPRESS if given_only else None)
-
-    def a(*flags, **kw):
-        if given_only:
-            kw.pop("default", None)
-        p.add_argument(*flags, **kw)
-    a("--data", metavar="ROOT", help="dataset root with train/ and val/ class folders; "
-      "omitted: a generated demo dataset and a small preset (see README)")
-    a("--depth", type=int, default=12, help="number of layers L (L-1 feature layers + classifier); paper's best: 12")
-    a("--rho", type=float, default=0.03, help="regularization strength ρ = α = β_{L-1}; paper's best: 0.03")
-    a("--model", choices=("compact", "compressed", "simple"), default="compact",
-      help="CompactNet (Ω+Γ), CompressedNet (Ψ, β=0.1) or SimpleNet (ℓ2 only)")
-    a("--epochs", type=int, help=f"training epochs (paper: {PAPER['epochs']}; demo: {PRESET['epochs']})")
-    a("--batch-size", type=int, help=f"images per SGD step (paper: {PAPER['batch_size']}; demo: {PRESET['batch_size']})")
-    a("--lr", type=float, help=f"initial learning rate (paper: {PAPER['lr']}; demo: {PRESET['lr']})")
-    a("--momentum", type=float, help="SGD momentum (paper: 0.9)")
-    a("--lr-step", type=int, help=f"multiply the rate by 0.1 every this many epochs (paper: {PAPER['lr_step']}; demo: {PRESET['lr_step']})")
-    a("--warmup", type=float, help="epochs of linear learning-rate warmup, at most --epochs (paper: 0; demo: 2)")
-    a("--cw", type=float, default=1e-4, help="C_W, weight of Ω(W) in eq. 1 (paper: 1e-4); given, it is used "
-      "as written, without --group-scale's factor")
-    a("--ctheta", type=float, default=1e-4, help="C_Θ, weight of Σ Γ_l(Θ^l) in eq. 1 (paper: 1e-4); as --cw")
-    a("--group-scale", type=float, help="multiply the group-lasso parts of Ω, Γ, Ψ by this, keeping the ℓ2 "
-      "parts' C (default: the paper's Σ lr over this run's, 1 on the paper's schedule; docs/compactness.md)")
-    a("--compressed-beta", type=float, default=0.1, help="β of Ψ for --model compressed (paper: 0.1)")
-    a("--threshold", type=float, default=1e-5, help="after training, zero weights with |w| below this (paper: 1e-5)")
-    a("--image-size", type=int, help="crop size; images are resized to size·256/224 first (paper: 224; demo: 32)")
-    a("--width-mult", type=float, help="scale every dictionary size 128/256/512 (paper: 1; demo: 1/16)")
-    a("--stem", choices=("auto", "imagenet", "small"),
-      help="first layer's strides: imagenet = conv and pool stride 2 (224→56), small = 1; auto: small below 96 px")
-    a("--reg-update", choices=("auto", "subgradient", "proximal"), default="auto",
-      help="subgradient (paper) or proximal group soft-thresholding after each step (exact zeros); "
-      "auto: subgradient for the paper's schedule, proximal for shorter runs")
-    a("--loss", choices=("cross_entropy", "hinge"), default="cross_entropy", help="data loss L of eq. 1")
-    a("--device", choices=("auto", "cpu", "gpu"), default="auto", help="gpu uses CuPy; auto picks the GPU when present")
-    a("--precision", choices=("fp32", "tf32"), default="fp32",
-      help="float32 matrix products on the GPU: fp32, or tf32 (TF32 tensor cores, as PyTorch's default "
-           "convolutions; no effect on the CPU)")
-    a("--conv-algo", choices=("auto", "im2col", "winograd"), default="im2col",
-      help="3x3 stride-1 convolutions by im2col + GEMM, Winograd F(2x2, 3x3), or auto: the faster, "
-           "measured once per layer shape (same maths; see docs/winograd.md)")
-    a("--workers", type=int, help="image-decoding processes (default: CPU cores - 1, at most 8)")
-    a("--cache", action="store_true", help="decode and resize the dataset once into a uint8 memory-mapped "
-      "cache in OUT/cache (refreshed when files change)")
-    a("--cache-dir", metavar="DIR", help="--cache, kept in DIR/<data key>/ instead of OUT/cache: "
-      "shared by every run on the same data (a sweep's points)")
-    a("--check", action="store_true", help="only check the flags (as before any training) and exit: "
-      "status 0 and no output when run.py would accept them")
-    a("--seed", type=int, default=0, help="seed of the initial weights, data order and crops")
-    a("--sync-bn", action="store_true", help="with several ranks (mpiexec -n N): batch-norm statistics "
-      "over the global batch, not each rank's own")
-    a("--out", metavar="DIR", help="output folder for log.jsonl, checkpoints, report.json and figures "
-      "(default: runs/<model>-d<depth>-rho<rho>, or -2, -3, ... when that exists)")
-    a("--overwrite", action="store_true", help="allow --out to replace the files of an earlier run there")
-    a("--resume", metavar="CKPT", help="continue training from a checkpoint (e.g. OUT/last.npz), in its folder")
-    a("--evaluate", metavar="CKPT", help="only evaluate a checkpoint (or a run's model.npz) on the val split; "
-      "writes to CKPT's folder/eval-<name> unless --out is given")
-    a("--thin", metavar="CKPT", help="remove the dead structure of a run's model.npz, best.npz or last.npz "
-      "(minicompact/thin.py): writes thin.npz and thin-report.json into CKPT's folder/thin")
-    a("--finetune", metavar="CKPT", help="fine-tune the feature layers of CKPT (a run's model/best/last.npz) "
-      "with a new classifier for --data's classes (docs/transfer.md)")
-    a("--head-lr-mult", type=float, default=10.0, help="with --finetune: the new classifier's rate is this times --lr")
-    a("--keep-reg", action="store_true", help="with --finetune: keep the regularizers (default: dropped, as the paper)")
-    a("--freeze", type=int, default=0, help="with --finetune: freeze the first N feature layers (and their BN statistics)")
-    a("--new-stats", action="store_true", help="with --finetune/--features: estimate the normalisation on --data "
-      "instead of using CKPT's")
-    a("--features", metavar="CKPT", help="extract CKPT's pyramid features of --data and train linear classifiers "
-      "(SVM, soft-max) on them; writes features.json (docs/transfer.md)")
-    a("--no-progress", action="store_true", help="no progress bars (they are drawn only on a terminal anyway)")
-    return p
+from minicompact.transfer import finetune_parts
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    args = build_parser().parse_args(argv)
-    given = set(vars(build_parser(given_only=True).parse_args(argv)))
+    args, given = flags.parse(argv)
     old_format, warnings.formatwarning = warnings.formatwarning, one_line_warning
     try:
         with StopSignals(graceful=False) as stop:
@@ -156,9 +75,9 @@ def start(args, given):
     if args.resume and args.evaluate:
         fail("use either --resume or --evaluate, not both")
     if args.thin:
-        return thin_command(args)
+        return commands.thin_command(args)
     if args.features:
-        return features_command(args)
+        return commands.features_command(args)
     if args.finetune and (args.resume or args.evaluate):
         fail("--finetune starts a new run: to continue one, give only --resume OUT/last.npz")
     if not (args.finetune or args.resume or args.evaluate) and given & {"freeze", "head_lr_mult", "keep_reg"}:
@@ -187,51 +106,9 @@ def start(args, given):
     raise agreed
 
 
-def thin_command(args):
-    """--thin CKPT: all the work is ``minicompact.thin.thin_run``; its ValueErrors are one line."""
-    if args.resume or args.evaluate:
-        fail("--thin runs alone: not with --resume or --evaluate")
-    try:
-        thin_run(args.thin, out=args.out, overwrite=args.overwrite, data=args.data,
-                 workers=args.workers or 0, log=say)
-    except NothingToRemove as exc:  # thinning a thin model again: nothing to do, not an error
-        say(f"run.py: {exc}")
-    except ValueError as exc:
-        fail(str(exc))
-    return 0
-
-
-def features_command(args):
-    """--features CKPT --data ROOT: all the work is ``minicompact.transfer.run_features``."""
-    if args.resume or args.evaluate or args.finetune:
-        fail("--features runs alone: not with --resume, --evaluate or --finetune")
-    if not args.data:
-        fail("--features needs --data ROOT (the target dataset)")
-    if launched_by_mpi()[0]:
-        fail("--features runs in one process (no mpiexec)")
-    workers = args.workers if args.workers is not None else max(0, min(8, (os.cpu_count() or 1) - 1))
-    try:
-        device = backend.resolve_device(args.device)
-        run_features(args.features, args.data, args.out, args.overwrite, args.image_size,
-                     args.batch_size or 64, workers, args.seed, args.cache, device,
-                     new_stats=args.new_stats, log=say)
-    except (TransferError, backend.BackendError) as exc:
-        fail(str(exc))
-    return 0
-
-
-def from_source(s, how):
-    """A new --finetune run: depth, widths and stem are its source's (``transfer.finetune_settings``)."""
-    if s.finetune and not s.resume and not s.evaluate:
-        try:
-            how.source = read_source(s.finetune)
-            finetune_settings(s, how.given, how.source[1], how.source[0].config)
-        except TransferError as exc:
-            fail(str(exc))
-
 
 def every_rank(args, given, comm, device, device_notes):
-    s, how, checkpoint = comm.agree(settings_for, args, given, comm.size, comm.local_size, from_source,
+    s, how, checkpoint = comm.agree(settings_for, args, given, comm.size, comm.local_size, commands.from_source,
                                     errors=RunError)
     if s.check:  # every flag passed the checks that run before any data is opened
         return 0

@@ -1,0 +1,55 @@
+"""The runs of run.py that are not a training run: ``--thin`` and ``--features``, which run
+alone in one process, and the source of a ``--finetune`` run, read while the settings resolve.
+
+Each turns the library's errors (``thin``, ``transfer``) into run.py's one-line message.
+"""
+import os
+
+from .. import backend
+from ..distributed.launcher import launched_by_mpi
+from ..thin import NothingToRemove, thin_run
+from ..transfer import TransferError, finetune_settings, read_source, run_features
+from .console import fail, say
+
+
+def thin_command(args):
+    """--thin CKPT: all the work is ``minicompact.thin.thin_run``; its ValueErrors are one line."""
+    if args.resume or args.evaluate:
+        fail("--thin runs alone: not with --resume or --evaluate")
+    try:
+        thin_run(args.thin, out=args.out, overwrite=args.overwrite, data=args.data,
+                 workers=args.workers or 0, log=say)
+    except NothingToRemove as exc:  # thinning a thin model again: nothing to do, not an error
+        say(f"run.py: {exc}")
+    except ValueError as exc:
+        fail(str(exc))
+    return 0
+
+
+def features_command(args):
+    """--features CKPT --data ROOT: all the work is ``minicompact.transfer.run_features``."""
+    if args.resume or args.evaluate or args.finetune:
+        fail("--features runs alone: not with --resume, --evaluate or --finetune")
+    if not args.data:
+        fail("--features needs --data ROOT (the target dataset)")
+    if launched_by_mpi()[0]:
+        fail("--features runs in one process (no mpiexec)")
+    workers = args.workers if args.workers is not None else max(0, min(8, (os.cpu_count() or 1) - 1))
+    try:
+        device = backend.resolve_device(args.device)
+        run_features(args.features, args.data, args.out, args.overwrite, args.image_size,
+                     args.batch_size or 64, workers, args.seed, args.cache, device,
+                     new_stats=args.new_stats, log=say)
+    except (TransferError, backend.BackendError) as exc:
+        fail(str(exc))
+    return 0
+
+
+def from_source(s, how):
+    """A new --finetune run: depth, widths and stem are its source's (``transfer.finetune_settings``)."""
+    if s.finetune and not s.resume and not s.evaluate:
+        try:
+            how.source = read_source(s.finetune)
+            finetune_settings(s, how.given, how.source[1], how.source[0].config)
+        except TransferError as exc:
+            fail(str(exc))
