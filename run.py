@@ -157,7 +157,7 @@ def run(s, device, train_set, val_set, checkpoint, comm, source=None):
         model = CompactNet(model_config(s, train_set.classes), seed=s.seed).to(device)
         optimizer = SGD(model.param_layers, lr=s.lr, momentum=s.momentum)
         regularizer = Regularizer(model, variant(s.model, s.depth, s.rho, compressed_beta=s.compressed_beta),
-                                  s.cw, s.ctheta, s.reg_update, s.momentum, s.group_scale or (1.0, 1.0))
+                                  s.cw, s.ctheta, s.reg_update, s.momentum, s.group_scale)
     set_conv_algo(model, s.conv_algo)  # how 3x3 convs compute; the same maths either way
     schedule = StepLR(s.lr, step_size=s.lr_step, gamma=0.1, warmup_epochs=s.warmup)
     loss_fn = losses.softmax_cross_entropy if s.loss == "cross_entropy" else losses.multiclass_hinge_loss

@@ -52,11 +52,11 @@ class Regularizer:
     points are then eq. 1's with this same C, as in subgradient mode (``strength.py``).
     0 (the default) thresholds with lr·C·β.
     group_scale: (k_W, k_Θ), the factors on the group-lasso parts of Ω and of Γ_l/Ψ_l, the ℓ2
-    parts keeping C_W, C_Θ (``strength.scale_groups``; (1, 1): eq. 1 as written).
+    parts keeping C_W, C_Θ (``strength.scale_groups``; None or (1, 1): eq. 1 as written).
     """
 
     def __init__(self, model, config, cw=1e-4, ctheta=1e-4, update="subgradient", momentum=0.0,
-                 group_scale=(1.0, 1.0)):
+                 group_scale=None):
         if update not in UPDATES:
             raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
         check_weights(cw, ctheta)
@@ -66,7 +66,8 @@ class Regularizer:
         self.momentum = float(momentum)
         self.cw, self.ctheta, self.update = cw, ctheta, update
         # What the arithmetic uses: eq. 1's terms rewritten with the group parts scaled.
-        self._config, self._cw, self._ctheta = scale_groups(config, cw, ctheta, *group_scale)
+        kw, ktheta = group_scale or (1.0, 1.0)
+        self._config, self._cw, self._ctheta = scale_groups(config, cw, ctheta, kw, ktheta)
         self.last_value = 0.0
 
     def add_gradient(self):

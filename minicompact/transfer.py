@@ -136,7 +136,7 @@ def finetune_parts(s, classes, device, checkpoint=None, source=None):
     regularizer = None
     if s.keep_reg:
         regularizer = Regularizer(model, variant(s.model, s.depth, s.rho, s.compressed_beta),
-                                  s.cw, s.ctheta, s.reg_update, s.momentum, s.group_scale or (1.0, 1.0))
+                                  s.cw, s.ctheta, s.reg_update, s.momentum, s.group_scale)
     return model, optimizer, regularizer, stats
 
 

@@ -27,7 +27,11 @@ the next open decodes them again.
 
 Size: N * resize^2 * 3 bytes — ImageNet's 1.28M training images take 252 GB at 256 px and
 5.3 GB at 37 px; ``open_cache`` checks the free space first.
+
+Shared by several runs (``run.py --cache-dir DIR``, a sweep's points): ``shared_cache_folder``
+names one folder per dataset, and ``folder_lock`` makes the runs build it one at a time.
 """
+import contextlib
 import errno
 import hashlib
 import json
@@ -312,3 +316,33 @@ def open_cache(dataset, resize, path, executor=None, rebuild=False, progress=Fal
                 cache = ImageCache(npy_path, json_path)
             return cache
     return build_cache(dataset, resize, npy_path, json_path, executor, progress)
+
+
+@contextlib.contextmanager
+def folder_lock(folder):
+    """An exclusive ``flock`` on ``folder``/.lock while the block runs (waits for it).
+
+    Used around building a shared image cache, so runs started together decode it once.
+    The kernel drops the lock when its process dies: it can never go stale.  Without
+    ``fcntl`` (Windows) it does nothing.
+    """
+    os.makedirs(folder, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(os.path.join(folder, ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def shared_cache_folder(cache_dir, data_root, train_key):
+    """DIR/<key>: the cache folder of one dataset, keyed on its absolute root and its training
+    listing (``cache_key``), so runs on the same data share it and other data never
+    collides with it (within it, this module keys each split's file on its own listing)."""
+    digest = hashlib.sha256(f"{os.path.abspath(data_root)}\n{train_key}".encode("utf-8", "surrogateescape"))
+    return os.path.join(os.path.abspath(cache_dir), digest.hexdigest()[:16])

@@ -11,13 +11,12 @@ import sys
 import warnings
 
 from ..data import transforms
-from ..data.cache import cache_key
+from ..data.cache import cache_key, folder_lock, shared_cache_folder
 from ..data.folders import DatasetError, open_dataset
 from ..data.images import BadImageError, load_rgb
 from ..data.loader import BatchLoader
 from ..data.synthetic import ensure_synthetic_dataset
 from .console import RunError, fail, say
-from .sweep_points import folder_lock, shared_cache_folder
 
 
 def open_data(s, comm):
@@ -67,7 +66,8 @@ def open_loaders(stack, s, train_set, val_set, resize, crop, rank=0, ranks=1):
 
     With ``s.cache`` one uint8 cache per split in OUT/cache; with ``s.cache_dir`` (which
     implies it) in DIR/<data key>/, shared by every run on this data (a sweep's points) and
-    built by one run at a time; an evaluation reads no training image, so its training loader stays idle and uncached."""
+    built by one run at a time.  An evaluation reads no training image, so its training
+    loader stays idle and uncached."""
     cache_dir = os.path.join(s.out, "cache") if s.cache else None
     lock = contextlib.nullcontext()
     if s.cache_dir:  # implies --cache

@@ -1,5 +1,6 @@
 """The pieces of a sweep that know nothing of processes: the grid, a point's folder and state,
-the lock on it, the shared image cache's folder, and one results row per point.
+the lock on it, and one results row per point (the shared image cache's folder and its lock
+are ``data/cache.py``'s).
 
 A sweep (``python -m minicompact.sweep``) trains one ordinary ``run.py`` run per point of a
 grid over depth L, ρ and model (the paper's sensitivity analysis, sec. 5.3.2, Figs. 6-9)::
@@ -20,7 +21,6 @@ import csv
 import json
 import os
 import socket
-import hashlib
 
 from .processes import pid_alive
 
@@ -167,36 +167,6 @@ def point_lock(path):
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
-
-
-@contextlib.contextmanager
-def folder_lock(folder):
-    """An exclusive ``flock`` on ``folder``/.lock while the block runs (waits for it).
-
-    Used around building a shared image cache, so runs started together decode it once.
-    The kernel drops the lock when its process dies: it can never go stale.  Without
-    ``fcntl`` (Windows) it does nothing.
-    """
-    os.makedirs(folder, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(os.path.join(folder, ".lock"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def shared_cache_folder(cache_dir, data_root, train_key):
-    """DIR/<key>: the cache folder of one dataset, keyed on its absolute root and its training
-    listing (``cache.cache_key``), so runs on the same data share it and other data never
-    collides with it (within it, data/cache.py keys each split's file on its own listing)."""
-    digest = hashlib.sha256(f"{os.path.abspath(data_root)}\n{train_key}".encode("utf-8", "surrogateescape"))
-    return os.path.join(os.path.abspath(cache_dir), digest.hexdigest()[:16])
 
 
 # --------------------------------------------------------------------------- results
