@@ -98,7 +98,13 @@ except Exception as exc:
             if [ "$DRY" -eq 1 ]; then
                 run_step tests 60 python -m pytest -q tests/test_syncs.py tests/test_losses.py
             else
-                run_step tests 180 python -m pytest -q -k "gpu or syncs" tests
+                # The lessons' test needs nbformat, which the device image lacks (2026-12): carry
+                # it as wheels (docs/gpu.md) or its 14 GPU cases are left out, said in the log.
+                if python -c "import nbformat" 2>/dev/null; then IGNORE=(); else
+                    IGNORE=(--ignore=tests/test_lessons.py)
+                    echo "   nbformat missing: tests/test_lessons.py left out" | tee -a "$OUT/summary.txt"
+                fi
+                run_step tests 180 python -m pytest -q -rfE -k "gpu or syncs" "${IGNORE[@]}" tests
             fi
             ;;
         layers)
