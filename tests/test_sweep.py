@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from minicompact import sweep
-from minicompact.harness import sweep_points as SP
+from minicompact.harness import sweep_plots, sweep_points as SP
 from test_run import write_folder
 
 RUN = ["--width-mult", "0.03", "--image-size", "16", "--batch-size", "8", "--workers", "0",
@@ -63,6 +63,14 @@ def test_operation_modes():
     assert modes["compact"]["M"]["simple"]["structural_params"] == 40  # <= 10 % error, fewest
     assert modes["compact"]["M"]["compressed"]["structural_params"] == 90
     assert set(modes["simple"]) == {"B"}
+    # Fig. 9 labels each marked point once, with every mode that landed on it.
+    for i, r in enumerate(rows_):
+        r["point"] = f"p{i}"
+    labels = [(model, r["point"], text) for model, r, text in sweep_plots.mode_labels(modes)]
+    assert ("compact", "p4", "CompactNet: C, M(Simp)") in labels
+    assert ("compact", "p3", "CompactNet: B, M(Comp)") in labels
+    assert ("compressed", "p1", "CompressedNet: B, C, M(Simp)") in labels
+    assert len(labels) == len({(m, p) for m, p, _ in labels}) == 4   # one per marked point
 
 
 def test_point_lock(tmp_path):

@@ -79,6 +79,20 @@ def _per_depth_lines(rows, path, value, ylabel, title):
     return _save(fig, path)
 
 
+def mode_labels(modes):
+    """Fig. 9's marks: (model, row, "CompactNet: B, C, M(Simp)") once per marked point, all
+    the modes that landed on that point in one label (``modes``: ``operation_modes``)."""
+    out = []
+    for model, m in modes.items():
+        marks = [("B", m["B"])] + ([("C", m["C"])] if "C" in m else [])
+        marks += [(f"M({NAMES.get(o, o)[:4]})", r) for o, r in m.get("M", {}).items()]
+        labels = {}
+        for label, r in marks:
+            labels.setdefault(r["point"], (r, []))[1].append(label)
+        out += [(model, r, f"{NAMES.get(model, model)}: {', '.join(names)}") for r, names in labels.values()]
+    return out
+
+
 def pareto(rows, modes, path):
     """Fig. 9: error against structural effective parameters, B/C/M marked."""
     fig = Figure(figsize=(7, 4.5))
@@ -87,14 +101,12 @@ def pareto(rows, modes, path):
         rs = [r for r in rows if r["model"] == model]
         ax.scatter([r["structural_params"] for r in rs], [r["val_top1_error"] for r in rs], s=18,
                    alpha=0.5, color=COLOURS.get(model), label=NAMES.get(model, model))
-    for model, m in modes.items():
-        marks = [("B", m["B"])] + ([("C", m["C"])] if "C" in m else [])
-        marks += [(f"M({NAMES.get(o, o)[:4]})", r) for o, r in m.get("M", {}).items()]
-        for label, r in marks:
-            ax.scatter([r["structural_params"]], [r["val_top1_error"]], s=80, facecolors="none",
-                       edgecolors=COLOURS.get(model))
-            ax.annotate(f"{NAMES.get(model, model)[:7]}-{label}", (r["structural_params"], r["val_top1_error"]),
-                        textcoords="offset points", xytext=(5, 5), fontsize="x-small")
+    # Each label on its own line of text, so that nearby points' labels never overlap.
+    for row, (model, r, text) in enumerate(mode_labels(modes), 1):
+        ax.scatter([r["structural_params"]], [r["val_top1_error"]], s=80, facecolors="none",
+                   edgecolors=COLOURS.get(model))
+        ax.annotate(text, (r["structural_params"], r["val_top1_error"]), textcoords="offset points",
+                    xytext=(6, 10 * row - 4), fontsize="x-small", color=COLOURS.get(model))
     ax.set_xlabel("structural effective parameters")
     ax.set_ylabel("top-1 error (%), single crop")
     ax.set_title("Operation modes (Fig. 9): B best, C compressed, M performance match")
@@ -116,7 +128,7 @@ def summary(rows, modes, total_points, path):
                          f"{r['val_top1_error_10crop']:.1f} % | {r['structural_params']:,} ({r['total_params']:,}) |")
     lines += ["\n## Every point\n", "| " + " | ".join(FIELDS) + " |", "|" + "---|" * len(FIELDS)]
     for r in rows:
-        lines.append("| " + " | ".join(f"{r[k]:.2f}" if isinstance(r[k], float) else str(r[k]) for k in FIELDS) + " |")
+        lines.append("| " + " | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in FIELDS) + " |")
     with atomic_write(path) as f:
         f.write("\n".join(lines) + "\n")
     return os.path.basename(path)
