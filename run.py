@@ -38,7 +38,7 @@ from minicompact.harness import commands, flags, inputs
 from minicompact.harness.console import RunError, fail, fail_alone, note, one_line_warning, say
 from minicompact.harness.report import format_report, write_report
 from minicompact.harness.rundir import choose_output
-from minicompact.harness.settings import check_checkpoint, model_config, settings_for
+from minicompact.harness.settings import check_checkpoint, model_config, resolve_strength, settings_for
 from minicompact.harness.stopping import Interrupted, StopSignals
 from minicompact.harness.trainer import NoImages, NonFiniteLoss, ReplicasDiffer, Trainer
 from minicompact.layers.conv_algo import set_conv_algo
@@ -46,7 +46,6 @@ from minicompact.model import CompactNet
 from minicompact.objective import Regularizer
 from minicompact.optim import SGD, StepLR
 from minicompact.regularizers import variant
-from minicompact.strength import resolve_strength
 from minicompact.transfer import finetune_parts
 
 

@@ -1,11 +1,12 @@
-"""The regularization-strength rule (minicompact/strength.py) on numbers worked out by hand."""
+"""The regularization-strength rule (minicompact/strength.py; run.py's use of it,
+harness/settings.resolve_strength) on numbers worked out by hand."""
 import math
 
 import numpy as np
 import pytest
 
 from minicompact import strength
-from minicompact.harness.settings import Settings
+from minicompact.harness.settings import Settings, resolve_strength
 from minicompact.optim import StepLR
 
 
@@ -50,7 +51,7 @@ DEMO_K = 16666.65 / (0.01 * 151 / 2 + 450 * 0.01 + 150 * 0.001)
 
 def test_resolve_scales_the_groups_of_a_short_run_and_goes_proximal():
     s = settings()
-    line = strength.resolve_strength(s, set())
+    line = resolve_strength(s, set())
     assert s.reg_update == "proximal"
     assert s.group_scale == [pytest.approx(DEMO_K)] * 2
     assert (s.cw, s.ctheta) == (1e-4, 1e-4)             # the ℓ2 parts keep eq. 1's C
@@ -59,19 +60,19 @@ def test_resolve_scales_the_groups_of_a_short_run_and_goes_proximal():
 
 def test_resolve_keeps_explicit_flags():
     s = settings(cw=0.05, reg_update="subgradient")
-    line = strength.resolve_strength(s, {"cw", "reg_update"})
+    line = resolve_strength(s, {"cw", "reg_update"})
     assert (s.cw, s.reg_update) == (0.05, "subgradient")
     assert s.group_scale == [1.0, pytest.approx(DEMO_K)]   # a typed C: eq. 1 as written
     assert "--cw as given" in line
     s = settings(cw=0.05, ctheta=0.02, group_scale=7.0)
-    strength.resolve_strength(s, {"cw", "ctheta", "group_scale"})
+    resolve_strength(s, {"cw", "ctheta", "group_scale"})
     assert (s.cw, s.ctheta, s.group_scale, s.reg_update) == (0.05, 0.02, [7.0, 7.0], "proximal")
 
 
 def test_resolve_keeps_the_paper_values_on_the_paper_schedule():
     for images in (1_281_167, 1_200_000):        # ILSVRC12, and as the paper counts it
         s = settings(train_images=images, global_batch=256, lr=0.1, lr_step=30, epochs=90, warmup=0.0)
-        strength.resolve_strength(s, set())
+        resolve_strength(s, set())
         assert (s.cw, s.ctheta, s.group_scale, s.reg_update) == (1e-4, 1e-4, [1.0, 1.0], "subgradient")
 
 

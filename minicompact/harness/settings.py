@@ -8,6 +8,8 @@ each before any data is read: each range is checked by the code that uses the va
 (``ModelConfig``, ``regularizers.variant``, ``objective.check_weights``, ``StepLR``); only
 limits of the command line itself (finite numbers, caps, relations between flags) live here.
 ``check_checkpoint`` says whether a checkpoint fits the data and the kind of run.
+``resolve_strength`` applies the run-length rule of ``strength.py`` to the settings and
+builds the line run.py prints about it.
 """
 import math
 import os
@@ -18,6 +20,7 @@ from ..model import ModelConfig, dictionary_sizes
 from ..objective import check_weights
 from ..optim import StepLR
 from ..regularizers import variant
+from ..strength import SAME_SCHEDULE, lr_sum, paper_lr_sum
 from .checkpoint import CheckpointError, load_checkpoint
 from .console import fail, note
 
@@ -253,3 +256,45 @@ def check_checkpoint(s, how, checkpoint, train_set):
                  "mid-epoch on other data; resume on the data it was trained on")
         note(f"the training set changed since {path} ({before} -> {len(train_set)} images); the run "
              "continues on this data, so it will differ from an uninterrupted run")
+
+
+def resolve_strength(s, given):
+    """Fill the group scale and the update mode of run.py's settings ``s`` from the run's length.
+
+    s: resolved settings with train_images, global_batch, lr, lr_step, epochs, warmup, cw,
+    ctheta, reg_update ("auto" unless given) and group_scale (None unless given); given: the
+    flag names typed by the user.  Sets, in place, s.group_scale = [k_W, k_Θ] (the factors
+    on the group-lasso parts of Ω and Γ/Ψ, ``scale_groups``) and s.reg_update; C_W and C_Θ
+    stay eq. 1's constants.  k = S_paper / S_run, 1 on the paper's schedule; a term whose C
+    was typed (--cw, --ctheta) keeps eq. 1 as written (k = 1), and a typed --group-scale is
+    used for both terms.  Returns the line run.py prints: the constants and why.
+    """
+    run_s = lr_sum(s.train_images, s.global_batch, s.lr, s.lr_step, s.epochs, s.warmup)
+    paper = paper_lr_sum()
+    ratio = paper / run_s
+    paper_like = 1 / SAME_SCHEDULE <= ratio <= SAME_SCHEDULE
+    if "reg_update" not in given or s.reg_update == "auto":
+        s.reg_update = "subgradient" if paper_like else "proximal"
+    if "group_scale" in given:
+        k, why = float(s.group_scale), "as given"
+    elif paper_like:
+        k, why = 1.0, f"this run's Σ lr = {run_s:,.0f} is the paper's ({paper:,.0f})"
+    else:
+        k = ratio
+        why = (f"this run's Σ lr = {run_s:.4g} is {'1/' if k > 1 else ''}"
+               f"{_times(max(k, 1 / k))} of the paper's {paper:,.0f}")
+    typed = "group_scale" not in given
+    ks = [1.0 if typed and "cw" in given else k, 1.0 if typed and "ctheta" in given else k]
+    s.group_scale = ks
+    same = s.cw == s.ctheta
+    c = f"C_W = C_Θ = {s.cw:g}" if same else f"C_W = {s.cw:g}, C_Θ = {s.ctheta:g}"
+    groups = (f"group-lasso parts ×{_times(ks[0])}" if ks[0] == ks[1] else
+              f"group-lasso parts ×{_times(ks[0])} (Ω) and ×{_times(ks[1])} (Γ/Ψ)")
+    kept = [f for f, kk in (("--cw", ks[0]), ("--ctheta", ks[1])) if kk == 1 and f[2:] in given]
+    return (f"regularization: {c}, {groups}, {s.reg_update} updates ({why}"
+            f"{'; ' + ' and '.join(kept) + ' as given' if kept else ''}; docs/compactness.md)")
+
+
+def _times(k):
+    """A factor for the printed line: 3,084 or 10,103 (no exponent), 1.5, 0.25."""
+    return f"{k:,.0f}" if k >= 100 else f"{k:.3g}"
