@@ -8,7 +8,7 @@ regularizer of eq. 1 is applied after that reduce, identically on every rank.
 * ``checks.py``         the argument checks every communicator shares
 * ``comm.py``           the communicator interface; one process; MPI (mpi4py)
 * ``start.py``          ``init``: picks the communicator (and the GPU) of this process
-* ``nccl.py``           NCCL (CuPy) for GPU arrays; imported only by GPU runs; not yet run
+* ``nccl.py``           NCCL (CuPy) for GPU arrays; imported only by GPU runs; run with one rank only
 * ``data_parallel.py``  the gradient all-reduce, the initial broadcast, the replica check,
                         averaging batch-norm buffers
 

@@ -1,9 +1,10 @@
-"""All-reduce of CuPy arrays with NCCL; MPI for everything else.  NOT YET RUN ON A GPU.
+"""All-reduce of CuPy arrays with NCCL; MPI for everything else.  RUN WITH ONE RANK ONLY.
 
-Written from CuPy's ``cupy.cuda.nccl`` documentation while no GPU was available: it has been
-reviewed but never executed.  Importing this module imports CuPy, so nothing imports it
-unless a GPU run asks for NCCL (``distributed.init(device="gpu")``); the CPU test suite never
-does.
+Written from CuPy's ``cupy.cuda.nccl`` documentation while no GPU was available; since run
+on one H200 with one rank (``mpiexec -n 1 python bench/bench_data_parallel.py --device gpu``:
+set-up, the unique id over MPI, training steps through the all-reduce), never with several
+GPUs (docs/gpu.md).  Importing this module imports CuPy, so nothing imports it unless a GPU
+run asks for NCCL (``distributed.init(device="gpu")``); the CPU test suite never does.
 
 Setup, as NCCL's multi-process recipe (one process per GPU):
 
