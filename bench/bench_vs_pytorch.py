@@ -337,6 +337,8 @@ def memory_child(args):
     side = None
     if args.memory_child == "torch":
         torch.set_num_threads(args.threads)
+    if args.pause is None:
+        args.pause = 0.5 if args.device == "cpu" and args.threads > 1 else 0.0
         side = TorchSide(setup, torch.device("cuda" if device == "gpu" else "cpu"))
         setup.model.release_caches()
     step = setup.step if side is None else side.step
@@ -478,9 +480,19 @@ def bench_network(args, name, tdevice):
             setup.step()
             side.step()
     ours, theirs = {algo: [] for algo in algos}, []
+
+    def pause():
+        # After a step, OpenBLAS's and OpenMP's idle threads spin for a while; with several
+        # threads on few cores they would steal the next framework's cores (measured on 2
+        # cores: PyTorch's demo step 159 ms right after a minicompact step, 74 ms alone).
+        if args.pause > 0:
+            time.sleep(args.pause)
+
     for _ in range(args.repeats):   # alternate, so that load changes hit both alike
         for algo, setup in setups.items():
+            pause()
             ours[algo].append(timed(setup.step, synchronize))
+            pause()
             theirs.append(timed(side.step, side.sync))
     batch = net["batch"]
     theirs_ips = batch / float(np.median(theirs))
@@ -550,6 +562,10 @@ def main(argv=None):
     ap.add_argument("--tol64", type=float, default=1e-9,
                     help="largest relative error of every float64 quantity compared")
     ap.add_argument("--check-batch", type=int, default=8, help="batch size of the float64 check")
+    ap.add_argument("--pause", type=float,
+                    help="seconds of sleep before each timed step, so that the other framework's "
+                         "spinning threads are idle (default: 0.5 on the CPU with more than one "
+                         "thread, else 0)")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-layers", action="store_true")
     ap.add_argument("--no-memory", action="store_true")
@@ -581,11 +597,14 @@ def main(argv=None):
     if unknown:
         ap.exit(2, f"bench_vs_pytorch.py: error: unknown network(s) {unknown}; choose from {list(NETWORKS)}\n")
     torch.set_num_threads(args.threads)
+    if args.pause is None:
+        args.pause = 0.5 if args.device == "cpu" and args.threads > 1 else 0.0
     tdevice = torch.device("cuda" if args.device == "gpu" else "cpu")
     env = environment(args, tdevice)
     print("environment: " + json.dumps(env))
     print(f"timing: {args.warmup} warm-up + {args.repeats} timed whole steps per framework, "
-          f"alternating; ratio = minicompact img/s / PyTorch img/s")
+          f"alternating{f', {args.pause:g} s of sleep before each' if args.pause else ''}; "
+          f"ratio = minicompact img/s / PyTorch img/s")
     results = []
     t0 = time.time()
     for name in names:
