@@ -337,8 +337,6 @@ def memory_child(args):
     side = None
     if args.memory_child == "torch":
         torch.set_num_threads(args.threads)
-    if args.pause is None:
-        args.pause = 0.5 if args.device == "cpu" and args.threads > 1 else 0.0
         side = TorchSide(setup, torch.device("cuda" if device == "gpu" else "cpu"))
         setup.model.release_caches()
     step = setup.step if side is None else side.step
