@@ -121,8 +121,6 @@ def every_rank(args, given, comm, device, device_notes):
         line = resolve_strength(s, how.given)
         if not s.finetune or s.keep_reg:  # a fine-tune without --keep-reg has no regularizer
             say(f"run.py: {line}")
-    elif s.reg_update == "auto":  # a checkpoint saved before the automatic choice existed
-        s.reg_update = "subgradient"
     if checkpoint is not None:
         comm.agree(check_checkpoint, s, how, checkpoint, train_set, root_only=True, errors=RunError)
     s.out = comm.agree(choose_output, s, how, checkpoint, root_only=True, errors=RunError)

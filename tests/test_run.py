@@ -86,6 +86,29 @@ def test_resume_from_first_checkpoint_is_bit_identical(data, tmp_path, capsys):
     assert [[r[k] for k in same] for r in read_log(a)] == [[r[k] for k in same] for r in read_log(b)]
 
 
+def test_checkpoint_from_before_the_strength_rule_resumes_as_it_was_trained(data, tmp_path, capsys):
+    # A checkpoint whose settings have no group_scale and no reg_update (run.py before the
+    # run-length rule) trained eq. 1 as written with subgradient steps: it resumes so, and a
+    # typed --group-scale is refused with a note (it used to reach Regularizer as a bare float).
+    out = tmp_path / "a"
+    assert main("--data", data, "--epochs", 1, "--out", out, *TINY) == 0
+    z = dict(np.load(out / "last.npz"))
+    state = json.loads(str(z["__train__"]))
+    for key in ("group_scale", "reg_update"):
+        del state["settings"][key]
+    z["__train__"] = np.array(json.dumps(state))
+    np.savez(out / "old.npz", **z)
+    capsys.readouterr()
+    assert main("--resume", out / "old.npz", "--epochs", 2, "--group-scale", 5, "--workers", 0,
+                "--no-progress") == 0
+    cap = capsys.readouterr()
+    said = cap.out + cap.err
+    assert "--group-scale 5.0 ignored" in said and "trained before the flag existed" in said
+    assert "regularization:" not in said                     # no rule applied on resume
+    settings = json.loads(str(np.load(out / "last.npz")["__train__"]))["settings"]
+    assert settings["group_scale"] is None and settings["reg_update"] == "subgradient"
+
+
 def test_ctrl_c_mid_epoch_writes_checkpoint_and_resumes_exactly(data, tmp_path, monkeypatch):
     a, b = tmp_path / "a", tmp_path / "b"
     assert main("--data", data, "--epochs", 2, "--out", a, *TINY) == 0

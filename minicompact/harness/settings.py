@@ -38,6 +38,9 @@ MATH_KEYS = ("depth", "rho", "model", "batch_size", "lr", "momentum", "lr_step",
              "ctheta", "image_size", "width_mult", "stem", "reg_update", "loss", "seed",
              "compressed_beta", "sync_bn", "layer_widths", "finetune", "head_lr_mult", "keep_reg", "freeze",
              "group_scale")
+# What a checkpoint saved before a MATH_KEY existed was trained with (the run-length rule of
+# strength.py came later): such a run resumes with these, whatever the flag says now.
+BEFORE_THE_KEY = {"group_scale": None, "reg_update": "subgradient"}
 # Settings a resumed run keeps unless they are given again (they change no number).
 KEPT_KEYS = ("cache", "cache_dir")
 FLOAT_FLAGS = ("rho", "lr", "momentum", "warmup", "cw", "ctheta", "compressed_beta", "threshold",
@@ -111,10 +114,13 @@ def resolve_settings(args, given, checkpoint=None, ranks=1, ranks_per_node=1):
                  f"{'resume' if args.resume else 'evaluate'} it (saved by CompactNet.save or an "
                  "older run.py?); use a file run.py wrote: last.npz, best.npz or model.npz")
         for k in MATH_KEYS:
-            if k in saved:
-                if k in given and getattr(s, k) != saved[k]:
-                    note(f"{flag(k)} {getattr(s, k)} ignored; the checkpoint's value {saved[k]} is used")
-                setattr(s, k, saved[k])
+            if k in saved or k in BEFORE_THE_KEY:
+                value = saved.get(k, BEFORE_THE_KEY.get(k))
+                if k in given and getattr(s, k) != value:
+                    used = (f"the checkpoint's value {value} is used" if k in saved else
+                            f"{path} was trained before the flag existed and resumes as it was trained")
+                    note(f"{flag(k)} {getattr(s, k)} ignored; {used}")
+                setattr(s, k, value)
         for k in KEPT_KEYS:
             if k in saved and k not in given:
                 setattr(s, k, saved[k])
