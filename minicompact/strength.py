@@ -17,7 +17,7 @@ The paper's schedule has S_paper ≈ 16,670 (5,005 steps per epoch × 30 × (0.1
 8, 10 epochs) has S ≈ 5.4, some 3,100 times less: its groups move 3,100 times less far, and
 none reaches zero.  A run reaches the paper's shrinkage when its group part is multiplied by
 
-    k = S_paper / S_run       (``lr_sum``; run.py's ``harness.settings.resolve_strength``)
+    k = S_paper / S_run       (``group_scale``; run.py's ``harness.settings.resolve_strength``)
 
 and the paper's own schedule gets k = 1.  Only the group part is scaled: the ℓ2 part is a
 weight decay, and scaling it 3,000 times as well (C = 0.3) left the demo network at chance
@@ -50,8 +50,8 @@ import math
 
 import numpy as np
 
-PAPER_C = 1e-4
-# The schedule C_PAPER was chosen for (sec. 5.1): ILSVRC12's training set, batch 256, ...
+# The schedule the paper chose C_W = C_Θ = 1e-4 for (sec. 5.1): ILSVRC12's training set,
+# batch 256, lr 0.1 ×0.1 every 30 epochs, 90 epochs.
 PAPER_SCHEDULE = dict(train_images=1_281_167, batch_size=256, lr=0.1, lr_step=30, epochs=90,
                       warmup=0.0)
 # Runs whose S is within this factor of the paper's are the paper's schedule: keep C_paper
@@ -84,11 +84,12 @@ def paper_lr_sum():
     return lr_sum(**PAPER_SCHEDULE)
 
 
-def scaled_c(run_lr_sum, c_paper=PAPER_C):
-    """C for a run with Σ lr = ``run_lr_sum``: c_paper · S_paper / S_run (module docstring)."""
+def group_scale(run_lr_sum):
+    """k = S_paper / S_run for a run with Σ lr = ``run_lr_sum``: the factor on the group-lasso
+    parts that gives it the paper's shrinkage (module docstring)."""
     if run_lr_sum <= 0:
         raise ValueError(f"the run's learning-rate sum must be > 0, got {run_lr_sum}")
-    return c_paper * paper_lr_sum() / run_lr_sum
+    return paper_lr_sum() / run_lr_sum
 
 
 def _mix(c, mix, k):

@@ -19,7 +19,7 @@ def brute_lr_sum(images, batch, lr, lr_step, epochs, warmup):
 def test_paper_lr_sum_is_the_hand_count():
     # 5,005 steps per epoch, 30 epochs at each of 0.1, 0.01, 0.001, no warmup.
     assert strength.paper_lr_sum() == pytest.approx(5005 * 30 * 0.111)
-    assert strength.scaled_c(strength.paper_lr_sum()) == pytest.approx(1e-4)
+    assert strength.group_scale(strength.paper_lr_sum()) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("args", [(2400, 32, 0.01, 8, 10, 2.0),   # the demo preset
@@ -30,14 +30,14 @@ def test_lr_sum_matches_the_schedule_step_by_step(args):
     assert strength.lr_sum(*args) == pytest.approx(brute_lr_sum(*args), rel=1e-12)
 
 
-def test_demo_preset_scales_c_by_about_3000():
+def test_demo_preset_scales_the_groups_by_about_3000():
     s_run = strength.lr_sum(2400, 32, 0.01, 8, 10, 2.0)
     # warmup: 150 steps averaging 0.01·151/300; 450 at 0.01; 150 at 0.001.
     assert s_run == pytest.approx(0.01 * 151 / 2 + 450 * 0.01 + 150 * 0.001)
-    assert strength.scaled_c(s_run) == pytest.approx(1e-4 * 16666.65 / s_run)
-    assert 3000 < strength.scaled_c(s_run) / 1e-4 < 3200
+    assert strength.group_scale(s_run) == pytest.approx(16666.65 / s_run)
+    assert 3000 < strength.group_scale(s_run) < 3200
     with pytest.raises(ValueError):
-        strength.scaled_c(0.0)
+        strength.group_scale(0.0)
 
 
 def settings(**kw):

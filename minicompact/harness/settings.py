@@ -20,7 +20,7 @@ from ..model import ModelConfig, dictionary_sizes
 from ..objective import check_weights
 from ..optim import StepLR
 from ..regularizers import variant
-from ..strength import SAME_SCHEDULE, lr_sum, paper_lr_sum
+from ..strength import SAME_SCHEDULE, group_scale, lr_sum, paper_lr_sum
 from .checkpoint import CheckpointError, load_checkpoint
 from .console import fail, note
 
@@ -276,8 +276,7 @@ def resolve_strength(s, given):
     used for both terms.  Returns the line run.py prints: the constants and why.
     """
     run_s = lr_sum(s.train_images, s.global_batch, s.lr, s.lr_step, s.epochs, s.warmup)
-    paper = paper_lr_sum()
-    ratio = paper / run_s
+    paper, ratio = paper_lr_sum(), group_scale(run_s)
     paper_like = 1 / SAME_SCHEDULE <= ratio <= SAME_SCHEDULE
     if "reg_update" not in given or s.reg_update == "auto":
         s.reg_update = "subgradient" if paper_like else "proximal"
