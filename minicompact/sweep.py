@@ -22,8 +22,8 @@ import subprocess
 import sys
 import time
 
-from .harness.sweep_points import (Locked, SweepError, check_sweep_file, grid, parse_list, point_dir, point_flags,
-                           point_lock, point_state, read_point, shard)
+from .harness.sweep_points import (Locked, SweepError, check_sweep_file, grid, parse_list, point_dir,
+                                   point_flags, point_lock, point_state, read_point, shard)
 
 OWNED = ("--out", "--resume", "--evaluate", "--overwrite", "--depth", "--rho", "--model", "--check",
          "--cache-dir")
@@ -57,7 +57,7 @@ def split_argv(argv):
     return argv, []
 
 
-def check_run_args(run_py, run_args, point, launcher):
+def check_run_args(run_py, run_args, point):
     """One line unless run.py accepts ``run_args`` for ``point`` (``run.py --check``)."""
     owned = [a for a in run_args if a.split("=")[0] in OWNED]
     if owned:
@@ -170,7 +170,7 @@ def main(argv=None):
         mine_points = shard(points, args.shard) if args.shard else points
         args.out = os.path.abspath(args.out)
         if not args.collect:
-            check_run_args(args.run_py, run_args, points[0], args.launcher)
+            check_run_args(args.run_py, run_args, points[0])
         check_sweep_file(args.out, run_args)
     except SweepError as exc:
         print(f"sweep: error: {exc}", file=sys.stderr)

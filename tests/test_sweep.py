@@ -93,6 +93,12 @@ def test_point_lock(tmp_path):
     with pytest.raises(SP.Locked, match="another-machine"):
         with SP.point_lock(path):
             pass
+    with open(path, "w") as f:
+        f.write("")                                           # unreadable: never taken over
+    with pytest.raises(SP.Locked, match="cannot be read"):
+        with SP.point_lock(path):
+            pass
+    assert open(path).read() == "" and os.listdir(tmp_path) == ["p.lock"]   # no temp file left
 
 
 def test_sweep_trains_skips_resumes_and_collects(data, tmp_path, capsys):

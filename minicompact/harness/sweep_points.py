@@ -22,6 +22,7 @@ import json
 import os
 import socket
 
+from .atomic import atomic_write
 from .processes import pid_alive
 
 MODELS = ("compact", "compressed", "simple")
@@ -110,7 +111,6 @@ def check_sweep_file(sweep, run_args):
     An --out that already holds a sweep with other flags is refused (its points would mix
     two recipes in one table).  Returns None; raises SweepError.
     """
-    from .atomic import atomic_write
     path = os.path.join(sweep, "sweep.json")
     if os.path.exists(path):
         try:
@@ -135,33 +135,41 @@ class Locked(Exception):
 
 @contextlib.contextmanager
 def point_lock(path):
-    """Hold ``path`` (a lock file made with O_EXCL, holding "pid host") while the block runs.
+    """Hold ``path`` (a lock file holding "pid host") while the block runs.
 
+    The file is written whole under a temporary name and then hard-linked to ``path``
+    (``os.link`` fails if ``path`` exists), so no process ever sees a half-written lock.
     A lock left by a dead process of this machine is stale and taken over; a lock held by a
     live process, or by any process of another machine (whose liveness cannot be told from
-    here), raises ``Locked``.  Removed on the way out.
+    here), or one that cannot be read, raises ``Locked``.  Removed on the way out.
     """
     host = socket.gethostname()
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()} {host}\n")
+    try:
+        for _ in range(2):
             try:
-                with open(path) as f:
-                    pid, who = f.read().split()[:2]
-                pid = int(pid)
-            except (OSError, ValueError):
-                pid, who = None, host  # half-written by a process that died right away
-            if who == host and (pid is None or not pid_alive(pid)):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)  # stale
-                continue
-            raise Locked(f"held by pid {pid} on {who}") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()} {host}\n")
-        break
-    else:
-        raise Locked("could not take over a stale lock")
+                os.link(tmp, path)
+                break
+            except FileExistsError:
+                try:
+                    with open(path) as f:
+                        pid, who = f.read().split()[:2]
+                    pid = int(pid)
+                except FileNotFoundError:
+                    continue  # its holder just let it go
+                except (OSError, ValueError):
+                    raise Locked(f"{path} cannot be read; remove it if no process holds it") from None
+                if who == host and not pid_alive(pid):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(path)  # stale
+                    continue
+                raise Locked(f"held by pid {pid} on {who}") from None
+        else:
+            raise Locked("could not take over a stale lock")
+    finally:
+        os.remove(tmp)
     try:
         yield path
     finally:
