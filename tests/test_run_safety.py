@@ -316,8 +316,8 @@ def test_case9_disk_failure_during_training_is_one_line(data, tmp_path, monkeypa
 def test_case11_small_things(data, tmp_path, monkeypatch, capsys):
     from minicompact.harness import plots
     figures = []
-    real_save = plots._save
-    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or real_save(fig, path))
+    real_save = plots.save_png
+    monkeypatch.setattr(plots, "save_png", lambda fig, path: figures.append(fig) or real_save(fig, path))
     monkeypatch.chdir(data.parent)
     out = tmp_path / "x"
     # Progress bars on (no --no-progress): stderr is not a terminal, so no \r updates.

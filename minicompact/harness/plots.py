@@ -33,7 +33,7 @@ def plot_curves(history, path, loss_name="cross-entropy"):
     ax2.set_ylabel("accuracy (%)")
     ax2.legend()
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def draw_sparsity(ax, layers, title="Per-layer sparsity (paper Fig. 5)"):
@@ -67,10 +67,11 @@ def plot_sparsity(layers, path, title="Per-layer sparsity (paper Fig. 5)"):
     fig = Figure(figsize=(max(6, 0.6 * len(layers) + 2), 3.8))
     draw_sparsity(fig.subplots(), layers, title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
-def _save(fig, path):
+def save_png(fig, path):
+    """Write the Figure ``fig`` to the PNG ``path`` atomically (110 dpi); returns ``path``."""
     with atomic_write(path, "wb") as f:
         fig.savefig(f, format="png", dpi=110)
     return path

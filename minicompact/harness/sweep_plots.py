@@ -8,13 +8,14 @@
   of the best error), M (fewest parameters matching another model's best);
 * summary.md: the best point per model, the operation modes, and every point's row.
 
-Figures are matplotlib ``Figure`` objects written with ``atomic_write`` (as plots.py does).
+Figures are matplotlib ``Figure`` objects written by ``plots.save_png``.
 """
 import os
 
 from matplotlib.figure import Figure
 
 from .atomic import atomic_write
+from .plots import save_png
 from .sweep_points import operation_modes, point_dir, point_state, read_point, write_results
 
 COLOURS = {"compact": "tab:red", "compressed": "tab:blue", "simple": "tab:green"}
@@ -22,10 +23,9 @@ NAMES = {"compact": "CompactNet", "compressed": "CompressedNet", "simple": "Simp
 
 
 def _save(fig, path):
+    """``plots.save_png`` after ``tight_layout``; returns the file's name (for the summary line)."""
     fig.tight_layout()
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    return os.path.basename(path)
+    return os.path.basename(save_png(fig, path))
 
 
 def best_per_depth(rows):
