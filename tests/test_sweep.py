@@ -159,3 +159,18 @@ def test_refusals_are_one_line(tmp_path, capsys, extra, message):
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "bad").exists()                     # nothing started, nothing written
+
+
+def test_launcher_jobs_and_thread_shares(tmp_path):
+    """--launcher prefixes each point's command; --jobs N gives each point cores / N BLAS
+    threads and that minus one decoding workers, unless the run.py flags name --workers."""
+    args = sweep.build_parser().parse_args(["--out", str(tmp_path), "--jobs", "2", "--launcher", "mpiexec -n 4"])
+    point = SP.grid([3], [0.1], ["compact"])[0]
+    cmd = sweep.point_command(args, point, ["--epochs", "1"], "/cache", threads=3)
+    assert cmd[:3] == ["mpiexec", "-n", "4"] and cmd[3] == sys.executable
+    assert cmd[cmd.index("--workers") + 1] == "2" and cmd[cmd.index("--cache-dir") + 1] == "/cache"
+    cmd = sweep.point_command(args, point, ["--workers", "5"], "/cache", threads=3)
+    assert cmd.count("--workers") == 1 and cmd[cmd.index("--workers") + 1] == "5"
+    env = sweep.child_env(3)
+    assert env["OPENBLAS_NUM_THREADS"] == env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "3"
+    assert sweep.Scheduler(args, [], [], "/cache", print).threads == max(1, (os.cpu_count() or 1) // 2)

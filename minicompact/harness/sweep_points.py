@@ -214,7 +214,6 @@ def write_results(path, rows):
     """results.csv: one row per finished point (``FIELDS``; layer_sparsity: % per layer,
     conv1 ... classifier, space-separated; train_top1_error: the last epoch's running
     training error over its random crops)."""
-    from .atomic import atomic_write
     with atomic_write(path) as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
         w.writeheader()
