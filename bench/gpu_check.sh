@@ -12,7 +12,7 @@
 #   bash bench/gpu_check.sh env tests fp32 dist       [7.5 min]
 #   bash bench/gpu_check.sh layers tf32 model run     [5 min], if time is left
 # with OUT pointing at the folder whose files come back (the device tool's $OUT).
-# Measured on one H200 on 2026-12-04: the machine's start took about 30 s. The CuPy tests took
+# Measured on one H200 on 2026-12-04: start and transfers took about 30 s. The CuPy tests took
 # 48 s (219 cases) and bench_vs_pytorch.py on demo,depth8 with three algorithms and no memory
 # pass 37 s. The one-rank NCCL check took 3 s and the default run.py 55 s.
 #   env     nvidia-smi, library versions                                    -> env.log
