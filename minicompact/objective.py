@@ -66,6 +66,8 @@ class Regularizer:
         self.momentum = float(momentum)
         self.cw, self.ctheta, self.update = cw, ctheta, update
         # What the arithmetic uses: eq. 1's terms rewritten with the group parts scaled.
+        if group_scale is not None and (isinstance(group_scale, (int, float)) or len(group_scale) != 2):
+            raise ValueError(f"group_scale must be a pair (k_W, k_Θ) or None, got {group_scale!r}")
         kw, ktheta = group_scale or (1.0, 1.0)
         self._config, self._cw, self._ctheta = scale_groups(config, cw, ctheta, kw, ktheta)
         self.last_value = 0.0

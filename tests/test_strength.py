@@ -117,6 +117,8 @@ def test_proximal_threshold_includes_the_momentum_factor():
         assert float(np.linalg.norm(W[0, 0])) == pytest.approx(expect, rel=1e-5)
     with pytest.raises(ValueError):
         Regularizer(model, config, momentum=1.0)
+    with pytest.raises(ValueError, match="a pair"):
+        Regularizer(model, config, group_scale=5.0)          # a bare k: say so, not a TypeError
 
 
 def test_a_short_compact_run_ends_with_zero_groups(tmp_path, capsys):
