@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from test_processes import alive, wait_dead
-from test_run import TINY, arrays, main, read_log, write_folder
+from test_run import TINY, main, read_log, write_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.path.join(ROOT, "run.py")
