@@ -73,7 +73,9 @@ def lr_sum(train_images, batch_size, lr, lr_step, epochs, warmup=0.0, gamma=0.1)
     total = float(steps * rates.sum())
     w = warmup * steps
     if w > 1:
-        s = np.arange(int(math.ceil(w - 1)))             # the steps with (s+1) < W
+        # The steps with (s+1) < W that the run takes: a warmup longer than the run (a
+        # one-epoch run of a two-epoch-warmup preset) ends with the run.
+        s = np.arange(min(int(math.ceil(w - 1)), steps * epochs))
         s = s[s + 1 < w]
         total -= float((rates[s // steps] * (1 - (s + 1) / w)).sum())
     return total

@@ -25,7 +25,9 @@ def test_paper_lr_sum_is_the_hand_count():
 @pytest.mark.parametrize("args", [(2400, 32, 0.01, 8, 10, 2.0),   # the demo preset
                                   (1000, 64, 0.1, 3, 5, 0.7),      # fractional warmup, decays
                                   (100, 7, 0.05, 1, 3, 3.0),       # warmup = the whole run
-                                  (50, 50, 0.1, 30, 2, 0.0)])      # one step per epoch
+                                  (50, 50, 0.1, 30, 2, 0.0),       # one step per epoch
+                                  (2400, 32, 0.01, 8, 1, 2.0),     # run shorter than its warmup
+                                  (100, 7, 0.05, 1, 2, 3.5)])      # ... with a decay inside it
 def test_lr_sum_matches_the_schedule_step_by_step(args):
     assert strength.lr_sum(*args) == pytest.approx(brute_lr_sum(*args), rel=1e-12)
 
@@ -141,3 +143,14 @@ def test_a_short_compact_run_ends_with_zero_groups(tmp_path, capsys):
     zero_groups, structural, total = found["compact"]
     assert zero_groups > 0 and structural < total
     assert found["simple"][0] == 0 and found["simple"][1] == found["simple"][2]
+
+
+def test_a_run_shorter_than_the_preset_warmup_resolves():
+    """`python run.py --epochs 1`: the demo preset's two warmup epochs outlast the run; the
+    rule sums only the steps the run takes (it used to index past its last epoch)."""
+    s = settings(epochs=1)
+    line = resolve_strength(s, set())
+    s_run = brute_lr_sum(2400, 32, 0.01, 8, 1, 2.0)
+    assert s_run == pytest.approx(0.01 * 76 / 4)            # 75 steps at 0.01·(s+1)/150
+    assert s.group_scale == [pytest.approx(strength.paper_lr_sum() / s_run)] * 2
+    assert "proximal updates" in line
