@@ -18,7 +18,9 @@ has no strength at all: one point per depth, ρ = 0.
 """
 import contextlib
 import csv
+import io
 import json
+import math
 import os
 import socket
 
@@ -105,11 +107,75 @@ def point_state(folder):
     return "new"
 
 
-def check_sweep_file(sweep, run_args):
+def check_folder(path, flag):
+    """One line (SweepError) unless ``path`` is a folder, or can be made one, that we may write in.
+
+    Walks up to the nearest part of ``path`` that exists: it must be a folder (not a file)
+    and writable.  Nothing is created here, so a refused command leaves nothing behind.
+    """
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SweepError(f"{flag} {path} is a file, not a folder")
+    nearest = path
+    while not os.path.exists(nearest):
+        nearest = os.path.dirname(nearest)
+    if not os.path.isdir(nearest):
+        raise SweepError(f"{flag} {path} cannot be created: {nearest} is a file, not a folder")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise SweepError(f"{flag} {path}: no permission to write in {nearest}")
+
+
+def check_near(near):
+    """--near, the margin of Fig. 9's C mode in error points: finite and >= 0.  NaN or a negative
+    margin leaves no point within it (``operation_modes``), so the C rows would silently vanish;
+    0 is meaningful (C: the fewest parameters at exactly the best error)."""
+    if not (math.isfinite(near) and near >= 0):
+        raise SweepError(f"--near must be a finite number of error points >= 0, got {near:g}")
+
+
+# run.py flags that change how a point runs but not its numbers, so sweeps that differ only
+# in them may share a folder: --workers (batches do not depend on the number of decoding
+# processes, data/loader.py), --no-progress (bars only), --cache (every point gets the
+# sweep's --cache-dir, which takes its place).  The names are argparse's dests.
+NOT_RESULTS = ("workers", "no_progress", "cache")
+
+
+def parse_run_args(run_args):
+    """(values, given): ``run_args`` parsed by run.py's own parser (``flags.parse``) as
+    {dest: value} and the set of dests typed; SweepError with run.py's one line if it refuses them."""
+    from .flags import parse
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said), contextlib.redirect_stdout(said):
+            args, given = parse(list(run_args))
+    except SystemExit:  # argparse's error (or --help): run.py's own line, not its exit
+        lines = [line for line in said.getvalue().splitlines() if line.strip()]
+        raise SweepError(f"run.py refuses the flags after --: {lines[-1] if lines else 'they print help'}") from None
+    return vars(args), given
+
+
+def differing_flags(held, now):
+    """The run.py flags (``--name``) whose parsed values differ between the flag lists ``held``
+    and ``now``, leaving out ``NOT_RESULTS``: ``--epochs=3`` and ``--epochs 3``, or two orders
+    of the same flags, do not differ."""
+    if list(held) == list(now):
+        return []
+    try:
+        before = parse_run_args(held)[0]
+    except SweepError:
+        raise SweepError(f"the flags recorded in sweep.json ({' '.join(held)}) are no longer accepted by "
+                         "run.py; use another --out") from None
+    after = parse_run_args(now)[0]
+    return [f"--{k.replace('_', '-')}" for k in before
+            if k not in NOT_RESULTS and before[k] != after.get(k)]
+
+
+def check_sweep_file(sweep, run_args, create=True):
     """Record the run.py flags of this sweep in SWEEP/sweep.json, or check them against it.
 
-    An --out that already holds a sweep with other flags is refused (its points would mix
-    two recipes in one table).  Returns None; raises SweepError.
+    An --out that already holds a sweep with other flags (compared as parsed values, see
+    ``differing_flags``) is refused: its points would mix two recipes in one table.
+    create=False (--collect): a folder without sweep.json is refused and nothing is written,
+    so that a later sweep into it still records its own flags.  Raises SweepError.
     """
     path = os.path.join(sweep, "sweep.json")
     if os.path.exists(path):
@@ -118,14 +184,21 @@ def check_sweep_file(sweep, run_args):
                 held = json.load(f)["run_args"]
         except (OSError, ValueError, KeyError, TypeError):
             raise SweepError(f"{path} is not a sweep file; use another --out") from None
-        if held != list(run_args):
+        differ = differing_flags(held, run_args)
+        if differ:
             raise SweepError(f"--out {sweep} holds a sweep with other run.py flags ({' '.join(held) or 'none'}; "
-                             f"now: {' '.join(run_args) or 'none'}); use another --out")
+                             f"now: {' '.join(run_args) or 'none'}; they differ in {', '.join(differ)}); "
+                             "use another --out")
         return
+    if not create:
+        raise SweepError(f"--out {sweep} holds no sweep (no sweep.json): nothing to collect")
     if os.path.isdir(sweep) and os.listdir(sweep):
         raise SweepError(f"--out {sweep} exists and is not a sweep folder; use another --out")
-    with atomic_write(path) as f:
-        json.dump({"version": 1, "run_args": list(run_args)}, f, indent=1)
+    try:
+        with atomic_write(path) as f:
+            json.dump({"version": 1, "run_args": list(run_args)}, f, indent=1)
+    except OSError as exc:  # check_folder looked, but e.g. a read-only file system or an ACL
+        raise SweepError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 # --------------------------------------------------------------------------- the lock
