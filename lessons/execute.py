@@ -9,7 +9,10 @@
 
 Each notebook sets ``DEVICE = "cpu"`` in its first code cell; ``--device gpu`` rewrites that
 one line in memory, so the same notebooks run on NumPy or CuPy.  A notebook that raises
-stops with its error and the command exits with status 1.  ``tests/test_lessons.py`` calls
+stops with its error and the command exits with status 1.  A mistake in the command line or
+its folders (an unknown lesson, ``--blank`` into a file, or into a folder already holding one
+of the copies) is one line, ``execute.py: error: ...``, and exit status 2, found before
+anything is written.  ``tests/test_lessons.py`` calls
 ``execute`` on every ``lessons/NN_*.ipynb``, so a lesson can never silently rot.
 
 The kernel runs in ``lessons/`` with this checkout's root first on ``PYTHONPATH``, so a
@@ -141,31 +144,119 @@ def execute(path, device="cpu", timeout=300, env=None):
     return run(nbformat.read(path, as_version=4), device, timeout, env)
 
 
+class UserError(Exception):
+    """A mistake in the command line or its folders: one line, exit status 2, nothing written."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors in one line like every other error of this script."""
+
+    def error(self, message):
+        self.exit(2, f"execute.py: error: {message} (execute.py --help lists the arguments)\n")
+
+
+def _first_line(exc):
+    """An exception's message as one line (an OSError's own words, without the errno)."""
+    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
+def blank_targets(paths, outdir):
+    """The student copies ``{target path: notebook}`` for ``paths`` in ``outdir``, checked before
+    anything is written.  Raises ``UserError`` (one line) when ``outdir`` is the lessons folder,
+    not a folder, not writable, or already holds one of the copies; or when a lesson cannot be
+    read or blanked."""
+    if not outdir:
+        raise UserError("--blank needs a folder name")
+    folder = os.path.abspath(outdir)
+    if os.path.realpath(folder) == os.path.realpath(LESSONS):
+        raise UserError("--blank needs another folder than lessons/ (it would overwrite the answers)")
+    # The nearest part of the path that exists: it must be a folder we may write into.
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"{outdir}: {existing} exists and is not a folder" if existing != folder
+                        else f"{outdir} exists and is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{outdir}: the folder {existing} is not writable")
+    targets = {}
+    for path in paths:
+        name = os.path.basename(path)
+        try:
+            nb, count = blank(nbformat.read(path, as_version=4))
+        except (OSError, ValueError) as exc:   # nbformat's read errors are ValueErrors too
+            raise UserError(f"{name}: {_first_line(exc)}") from None
+        targets[os.path.join(folder, name)] = (nb, count)
+    taken = [os.path.basename(t) for t in targets if os.path.lexists(t)]
+    if taken:
+        raise UserError(f"{outdir} already holds {', '.join(taken)}; choose an empty folder "
+                        "(nothing was written)")
+    return targets
+
+
+def write_blanks(targets, outdir):
+    """Write the checked copies; on any failure remove what this call created (files and
+    folders) and raise ``UserError``, so that a failed run leaves nothing behind."""
+    folder = os.path.abspath(outdir)
+    created, written = [], []
+    try:
+        missing = []
+        parent = folder
+        while not os.path.exists(parent):
+            missing.append(parent)
+            parent = os.path.dirname(parent)
+        for d in reversed(missing):
+            os.mkdir(d)
+            created.append(d)
+        for target, (nb, _) in targets.items():
+            with open(target, "x", encoding="utf-8") as f:   # "x": never over a file that appeared
+                written.append(target)
+                nbformat.write(nb, f)
+    except OSError as exc:
+        for path in reversed(written):
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+        for d in reversed(created):
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
+        where = getattr(exc, "filename", None) or outdir
+        raise UserError(f"cannot write into {outdir} ({_first_line(exc)}: {where}); nothing was written") from None
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Execute the lesson notebooks.")
+    ap = Parser(description="Execute the lesson notebooks.")
     ap.add_argument("prefixes", nargs="*", help="only lessons whose file name starts so (e.g. 03)")
     ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                     help="run on NumPy (cpu) or CuPy (gpu); gpu runs are never saved")
     ap.add_argument("--check", action="store_true", help="execute without saving the outputs")
     ap.add_argument("--blank", metavar="OUTDIR",
-                    help="write student copies (exercise bodies removed, no outputs) into OUTDIR")
+                    help="write student copies (exercise bodies removed, no outputs) into OUTDIR; "
+                         "executes nothing, and writes nothing if OUTDIR already holds one of them")
     args = ap.parse_args(argv)
-    paths = lesson_paths(args.prefixes)
-    if not paths:
-        ap.exit(2, f"execute.py: error: no lesson matches {' '.join(args.prefixes)}\n")
-    if args.blank:
-        if os.path.abspath(args.blank) == LESSONS:
-            ap.exit(2, "execute.py: error: --blank needs another folder than lessons/ (it would "
-                       "overwrite the answers)\n")
-        os.makedirs(args.blank, exist_ok=True)
-        for path in paths:
-            nb, count = blank(nbformat.read(path, as_version=4))
-            target = os.path.join(args.blank, os.path.basename(path))
-            if os.path.exists(target):
-                ap.exit(2, f"execute.py: error: {target} exists; choose an empty folder\n")
-            nbformat.write(nb, target)
-            print(f"{os.path.basename(path)}: {count} exercise{'s' if count != 1 else ''} blanked")
-        return 0
+    try:
+        unmatched = [p for p in args.prefixes if not lesson_paths([p])]
+        if unmatched:
+            names = " ".join(os.path.basename(p)[:2] for p in lesson_paths())
+            raise UserError(f"no lesson matches {' '.join(unmatched)} (the lessons: {names})")
+        paths = lesson_paths(args.prefixes)
+        if not paths:
+            raise UserError(f"no lesson notebooks in {LESSONS}")
+        if args.blank is not None:
+            if args.check or args.device != "cpu":
+                raise UserError("--blank writes copies and executes nothing: drop --check and --device")
+            targets = blank_targets(paths, args.blank)
+            write_blanks(targets, args.blank)
+            for target, (_, count) in targets.items():
+                print(f"{os.path.basename(target)}: {count} exercise{'s' if count != 1 else ''} blanked")
+            return 0
+    except UserError as exc:
+        print(f"execute.py: error: {exc}", file=sys.stderr)
+        return 2
     save = not args.check and args.device == "cpu"
     total = 0.0
     for path in paths:
