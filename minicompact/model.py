@@ -17,18 +17,23 @@ The same model class serves SimpleNet, CompressedNet and CompactNet: they differ
 regularizer they are trained with (``minicompact.regularizers.variant``).
 """
 import json
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
 from .backend import to_cpu, to_device
-from .harness.checkpoint import atomic_savez, read_npz
+from .harness.checkpoint import CheckpointError, atomic_savez, check_array, read_npz, short_repr
 from .im2col import output_size
 from .layers import BatchNorm2D, Conv2D, MaxPool2D, ReLU, SoftmaxClassifier, SpatialPyramidPool
 
 STEMS = {"imagenet": (2, 2), "small": (1, 1)}  # stem name -> (first conv stride, first pool stride)
 SMALL_STEM_BELOW = 96  # px: "auto" picks the small stem for images narrower than this
 POOL = 3  # every max-pool is 3×3 with padding 1
+# Bounds of a configuration read from a file (``ModelConfig.from_json``), checked before
+# anything is built: run.py's --depth stops at 30, and 10^9 numbers are 4 GB in float32.
+MAX_DEPTH = 100
+MAX_NUMBERS = 10**9
 
 
 def dictionary_sizes(depth, widths=(128, 256, 512), width_mult=1.0):
@@ -141,6 +146,28 @@ class ModelConfig:
                              f"spatial pyramid (its finest level needs >= {need}x{need})")
         return side
 
+    def layer_shapes(self):
+        """The shape of every array of the model, from the configuration alone (nothing built).
+
+        Returns a list of ``(layer name, params, buffers)`` in ``CompactNet.named_layers``
+        order; params and buffers are dicts name -> shape: conv l: W (K^l, K^{l-1}, k, k);
+        bn l: gamma, beta and running_mean, running_var, each (K^l,); classifier: W (Y, K^{L-1}, R)
+        with R = Σ n² over the pyramid levels, and b (Y,).
+        """
+        out, channels = [], self.in_channels
+        for l, (k, (ksize, _, _)) in enumerate(zip(self.filter_counts(), self.feature_layers()), start=1):
+            out.append((f"conv{l}", {"W": (k, channels, ksize, ksize)}, {}))
+            out.append((f"bn{l}", {"gamma": (k,), "beta": (k,)}, {"running_mean": (k,), "running_var": (k,)}))
+            channels = k
+        regions = sum(n * n for n in self.levels)
+        out.append(("classifier", {"W": (self.num_classes, channels, regions), "b": (self.num_classes,)}, {}))
+        return out
+
+    def state_shapes(self):
+        """dict ``"<layer>.<name>"`` -> shape of every array ``CompactNet.state_arrays`` saves."""
+        return {f"{name}.{k}": shape for name, params, buffers in self.layer_shapes()
+                for k, shape in {**params, **buffers}.items()}
+
     def to_json(self):
         d = asdict(self)
         d["widths"], d["levels"] = list(self.widths), list(self.levels)
@@ -152,11 +179,75 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, text):
-        d = json.loads(text)
-        d["widths"], d["levels"] = tuple(d["widths"]), tuple(d["levels"])
-        if d.get("layer_widths") is not None:
-            d["layer_widths"] = tuple(d["layer_widths"])
-        return cls(**d)
+        """The configuration a file holds (``to_json``'s text), checked before anything is built.
+
+        Raises ``ValueError`` (one line, naming the field) for text that is not a JSON
+        object, an unknown field, a field of the wrong type or range, class names that do
+        not number ``num_classes``, and a model of more than ``MAX_NUMBERS`` numbers — counted
+        from ``state_shapes``, so a declared size of 10^9 filters allocates nothing.
+        """
+        try:
+            d = json.loads(text)
+        except ValueError:
+            raise ValueError("it is not valid JSON") from None
+        if not isinstance(d, dict):
+            raise ValueError("it is not a JSON object")
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown field {unknown[0]!r}")
+        _check_fields(d)
+        for key in ("widths", "levels", "layer_widths"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
+        config = cls(**d).validate()
+        numbers = sum(math.prod(shape) for shape in config.state_shapes().values())
+        if numbers > MAX_NUMBERS:
+            raise ValueError(f"it declares a model of {numbers:.3g} numbers (widest layer "
+                             f"{max(config.filter_counts())} filters, {config.num_classes} classes); "
+                             f"minicompact loads at most {MAX_NUMBERS:.0e}")
+        return config
+
+
+def _check_fields(d):
+    """``ValueError`` naming the first field of the dict ``d`` (a saved ``ModelConfig``) of the
+    wrong type or range; bounds ``depth`` so that nothing after this builds long lists."""
+    def integer(lo, hi=None):
+        return lambda v: (isinstance(v, int) and not isinstance(v, bool) and v >= lo
+                          and (hi is None or v <= hi))
+
+    def integers(n=None):
+        return lambda v: (isinstance(v, list) and len(v) >= 1 and (n is None or len(v) == n)
+                          and all(map(integer(1), v)))
+
+    rules = {
+        "depth": (integer(2, MAX_DEPTH), f"an integer in [2, {MAX_DEPTH}]"),
+        "num_classes": (integer(2), "an integer >= 2"),
+        "in_channels": (integer(1), "an integer >= 1"),
+        "widths": (integers(3), "a list of 3 integers >= 1"),
+        "width_mult": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                       and math.isfinite(v) and v > 0, "a finite number > 0"),
+        "stem": (lambda v: v in STEMS, f"one of {sorted(STEMS)}"),
+        "levels": (integers(), "a list of integers >= 1"),
+        "classes": (lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v), "a list of names"),
+        "layer_widths": (lambda v: v is None or integers()(v), "null or a list of integers >= 1"),
+    }
+    for key, (ok, what) in rules.items():
+        if key in d and not ok(d[key]):
+            raise ValueError(f"{key} must be {what}, got {short_repr(d[key])}")
+    classes, n = d.get("classes") or [], d.get("num_classes", ModelConfig.num_classes)
+    if classes and len(classes) != n:
+        raise ValueError(f"num_classes is {n} but it names {len(classes)} classes")
+
+
+def check_state_arrays(shapes, arrays):
+    """``CheckpointError`` (a ValueError; one line naming the array) unless ``arrays`` (dict
+    key -> NumPy array) holds every key of ``shapes`` (dict key -> shape) as a finite
+    floating-point array of that shape, with batch-norm running variances >= 0
+    (``checkpoint.check_array``).  Keys of ``arrays`` not in ``shapes`` are ignored."""
+    for key, shape in shapes.items():
+        if key not in arrays:
+            raise CheckpointError(f"saved state has no {key!r}")
+        check_array(key, arrays[key], shape)
 
 
 class CompactNet:
@@ -295,16 +386,15 @@ class CompactNet:
         return out
 
     def load_state_arrays(self, arrays):
-        """Inverse of ``state_arrays``; shapes must match (ValueError naming both otherwise)."""
+        """Inverse of ``state_arrays``.  Every array is checked before any is loaded: present,
+        floating-point, of this model's shape, finite, running variances >= 0
+        (``check_state_arrays``; a ValueError naming the array otherwise)."""
+        check_state_arrays({f"{name}.{k}": tuple(v.shape) for name, layer in self.named_layers()
+                            for store in (layer.params, layer.buffers) for k, v in store.items()}, arrays)
         for name, layer in self.named_layers():
             for store in (layer.params, layer.buffers):
                 for k, v in store.items():
-                    key = f"{name}.{k}"
-                    if key not in arrays:
-                        raise ValueError(f"saved state has no {key!r}")
-                    a = np.asarray(arrays[key])
-                    if a.shape != v.shape:
-                        raise ValueError(f"{key}: expected shape {tuple(v.shape)}, saved {a.shape}")
+                    a = np.asarray(arrays[f"{name}.{k}"])
                     device = "gpu" if not isinstance(v, np.ndarray) else "cpu"
                     store[k] = to_device(a.astype(v.dtype), device)
         return self
@@ -317,9 +407,18 @@ class CompactNet:
 
     @classmethod
     def load(cls, path, dtype=np.float32):
-        """Rebuild a model saved with ``save`` (or from a training checkpoint)."""
+        """Rebuild a model saved with ``save`` (or from a training checkpoint).  The
+        configuration and every array are checked before the model is built (``from_json``,
+        ``check_state_arrays``); ``ValueError`` (one line) otherwise."""
         arrays = read_npz(path)
         if "__config__" not in arrays:
             raise ValueError(f"{path} holds no model configuration")
-        model = cls(ModelConfig.from_json(str(arrays["__config__"])), dtype=dtype)
-        return model.load_state_arrays(arrays)
+        try:
+            config = ModelConfig.from_json(str(arrays["__config__"]))
+        except ValueError as exc:
+            raise ValueError(f"{path} holds a model configuration minicompact cannot use: {exc}") from None
+        try:
+            check_state_arrays(config.state_shapes(), arrays)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+        return cls(config, dtype=dtype).load_state_arrays(arrays)

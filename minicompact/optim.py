@@ -9,6 +9,7 @@ one place eq. 1 is put together), and its proximal step runs after the update
 import numpy as np
 
 from .backend import device_of, get_array_module, to_cpu, to_device
+from .harness.checkpoint import check_array
 
 
 class SGD:
@@ -99,20 +100,20 @@ class SGD:
     def load_state_dict(self, state):
         """Restore buffers saved by ``state_dict``; each moves to its parameter's device/dtype.
 
-        Raises ValueError for a key naming no parameter or a shape that does not match.
+        Every buffer is checked before any is kept: ValueError (one line) for a key naming no
+        parameter, or a buffer that is not a finite floating-point array of its parameter's
+        shape (``checkpoint.check_array``, which names it ``opt.<key>`` as the file does).
         """
         params = {key: p for key, _, _, p, _ in self.parameters()}
-        velocity = {}
         for key, v in state.items():
             if key not in params:
                 raise ValueError(f"optimizer state has a buffer {key!r} for no parameter; "
                                  f"parameters are {sorted(params)}")
+            check_array(f"opt.{key}", v, params[key].shape)
+        velocity = {}
+        for key, v in state.items():
             p = params[key]
-            v = np.asarray(v)
-            if v.shape != p.shape:
-                raise ValueError(f"momentum buffer {key}: parameter has shape {tuple(p.shape)}, "
-                                 f"saved {v.shape}")
-            velocity[key] = to_device(v.astype(p.dtype), device_of(p))
+            velocity[key] = to_device(np.asarray(v).astype(p.dtype), device_of(p))
         self.velocity = velocity
         return self
 

@@ -39,13 +39,15 @@ from .data.folders import DatasetError, open_dataset
 from .data.loader import BatchLoader
 from .data.transforms import estimate_mean_std, normalize, scaled_sizes
 from .harness.atomic import atomic_write
-from .harness.checkpoint import load_checkpoint, save_checkpoint
+from .harness.checkpoint import save_checkpoint
+from .harness.checkpoint_check import read_checkpoint
 from .harness.report import to_python
-from .harness.rundir import OutputError, check_writable, claim_new_folder, held_files, remove_files
+from .harness.rundir import (OutputError, check_writable, claim_new_folder, finished_or_removed, held_files,
+                             remove_files)
 from .layers.compact_conv import CompactConv2D, dense_fraction
 from .losses import accuracy_topk, softmax
 from .metrics import alive_channels, threshold_
-from .model import CompactNet, ModelConfig
+from .model import CompactNet
 
 
 class NothingToRemove(ValueError):
@@ -293,9 +295,11 @@ def images_per_second(models, x, repeats=7):
 
 
 def _output_folder(path, out, overwrite):
-    """RUN/thin (or -2, -3, ... when it exists: ``rundir.claim_new_folder``), or ``out``
-    refused when it holds a thinning already (unless ``overwrite``)."""
+    """(folder, created): RUN/thin (or -2, -3, ... when it exists: ``rundir.claim_new_folder``),
+    or ``out`` refused when it holds a thinning already (unless ``overwrite``); created: this
+    call made the folder (so an unfinished thinning removes all of it)."""
     import os
+    created = out is None or not os.path.lexists(out)
     if out is None:
         out = claim_new_folder(os.path.join(os.path.dirname(os.path.abspath(path)), "thin"))
     else:
@@ -308,18 +312,20 @@ def _output_folder(path, out, overwrite):
     try:
         check_writable(out)
     except OutputError as exc:
+        if created and os.path.isdir(out):  # check_writable made it before failing
+            try:
+                os.rmdir(out)
+            except OSError:
+                pass
         raise ValueError(str(exc)) from None
-    return out
+    return out, created
 
 
 def load_dense(path):
-    """(model, train_state, settings) from a run's checkpoint; ``ValueError`` (one line)."""
-    arrays, _, state = load_checkpoint(path)          # CheckpointError is a ValueError
-    try:
-        config = ModelConfig.from_json(str(arrays["__config__"]))
-        model = CompactNet(config).load_state_arrays(arrays)
-    except (TypeError, ValueError, KeyError) as exc:
-        raise ValueError(f"{path} holds no model minicompact can rebuild ({exc})") from None
+    """(model, train_state, settings) from a run's checkpoint, checked whole before the model
+    is built (``checkpoint_check.read_checkpoint``); ``ValueError`` (one line) otherwise."""
+    config, arrays, _, state = read_checkpoint(path)  # CheckpointError is a ValueError
+    model = CompactNet(config).load_state_arrays(arrays)
     return model.eval(), state, dict(state.get("settings") or {})
 
 
@@ -348,6 +354,9 @@ def thin_run(path, out=None, overwrite=False, data=None, workers=0, repeats=7, l
     root = data or settings.get("data")
     if not root:
         raise ValueError(f"{path} names no dataset; give --data ROOT (its val/ split is evaluated)")
+    if not data and not os.path.isdir(root):  # as --evaluate says it of a moved data folder
+        raise ValueError(f"the checkpoint's data folder {root!r} is not a folder; point --data at "
+                         "where the data is now")
     try:
         train_set, val_set = open_dataset(root)
     except DatasetError as exc:
@@ -360,49 +369,51 @@ def thin_run(path, out=None, overwrite=False, data=None, workers=0, repeats=7, l
         mean, std = state["mean"], state["std"]
     else:
         mean, std = estimate_mean_std(train_set, resize, seed=settings.get("seed", 0))
-    folder = _output_folder(path, out, overwrite)
+    folder, created = _output_folder(path, out, overwrite)
 
-    common = dict(resize=resize, crop=crop, workers=workers, seed=settings.get("seed", 0))
-    accuracy = {}
-    with BatchLoader(val_set, batch, mode="center", **common) as center:
-        batches = center.epoch(0)
-        first = next(batches)[0]                  # the batch both models are timed on
-        batches.close()
-        accuracy["single_crop"] = evaluate_pair(dense, thin, center, mean, std)
-    with BatchLoader(val_set, max(1, batch // 10), mode="tencrop", **common) as ten:
-        accuracy["ten_crop"] = evaluate_pair(dense, thin, ten, mean, std)
-    x = normalize(first, mean, std)
-    # Which convs run as CompactConv2D: measured once, on this batch, layer by layer.
-    fast = CompactNet(thin.config).load_state_arrays(thin.state_arrays()).eval()
-    convs = choose_convs(fast, x)
-    timed = {"dense": dense, "thin": thin}
-    if any(c["choice"] == "compact" for c in convs):
-        timed["thin_compact"] = fast                 # else it is the same network as thin
-    speed = images_per_second(timed, x, repeats)
-    speed.setdefault("thin_compact", speed["thin"])
+    # An error or Ctrl-C from here on leaves no empty or half-written thin/ behind.
+    with finished_or_removed(folder, created, THIN_FILES):
+        common = dict(resize=resize, crop=crop, workers=workers, seed=settings.get("seed", 0))
+        accuracy = {}
+        with BatchLoader(val_set, batch, mode="center", **common) as center:
+            batches = center.epoch(0)
+            first = next(batches)[0]                  # the batch both models are timed on
+            batches.close()
+            accuracy["single_crop"] = evaluate_pair(dense, thin, center, mean, std)
+        with BatchLoader(val_set, max(1, batch // 10), mode="tencrop", **common) as ten:
+            accuracy["ten_crop"] = evaluate_pair(dense, thin, ten, mean, std)
+        x = normalize(first, mean, std)
+        # Which convs run as CompactConv2D: measured once, on this batch, layer by layer.
+        fast = CompactNet(thin.config).load_state_arrays(thin.state_arrays()).eval()
+        convs = choose_convs(fast, x)
+        timed = {"dense": dense, "thin": thin}
+        if any(c["choice"] == "compact" for c in convs):
+            timed["thin_compact"] = fast                 # else it is the same network as thin
+        speed = images_per_second(timed, x, repeats)
+        speed.setdefault("thin_compact", speed["thin"])
 
-    thin_path = os.path.join(folder, "thin.npz")
-    widths = record["widths_after"]
-    thin_state = {k: v for k, v in state.items() if k != "final"}   # a fine-tune may resume it
-    thin_state.update(settings=dict(settings, layer_widths=widths, threshold=threshold),
-                      thinned_from=os.path.abspath(path),
-                      compact_convs=[c["layer"] for c in convs if c["choice"] == "compact"])
-    save_checkpoint(thin_path, thin, None, to_python(thin_state))
-    report = to_python({
-        "source": os.path.abspath(path), "threshold": threshold, "weights_zeroed_by_threshold": zeroed,
-        "widths_before": record["widths_before"], "widths_after": widths,
-        "params_before": record["params_before"], "params_after": record["params_after"],
-        "layers": record["layers"], "accuracy": accuracy, "compact_convs": convs,
-        "speed": {"batch": int(x.shape[0]), "image_size": int(x.shape[-1]), "repeats": repeats,
-                  "images_per_s": speed, "speedup": speed["thin"] / speed["dense"],
-                  "speedup_with_compact_convs": speed["thin_compact"] / speed["dense"],
-                  "load_average": list(os.getloadavg())},
-        "file_bytes": {"dense": os.path.getsize(path), "thin": os.path.getsize(thin_path)},
-        "border_note": "dead filters' constants are folded exactly away from zero-padded borders; "
-                       "max_abs_score_diff and same_prediction measure what the borders change"})
-    with atomic_write(os.path.join(folder, "thin-report.json")) as f:
-        json.dump(report, f, indent=2)
-    log(format_thin_report(report, folder))
+        thin_path = os.path.join(folder, "thin.npz")
+        widths = record["widths_after"]
+        thin_state = {k: v for k, v in state.items() if k != "final"}   # a fine-tune may resume it
+        thin_state.update(settings=dict(settings, layer_widths=widths, threshold=threshold),
+                          thinned_from=os.path.abspath(path),
+                          compact_convs=[c["layer"] for c in convs if c["choice"] == "compact"])
+        save_checkpoint(thin_path, thin, None, to_python(thin_state))
+        report = to_python({
+            "source": os.path.abspath(path), "threshold": threshold, "weights_zeroed_by_threshold": zeroed,
+            "widths_before": record["widths_before"], "widths_after": widths,
+            "params_before": record["params_before"], "params_after": record["params_after"],
+            "layers": record["layers"], "accuracy": accuracy, "compact_convs": convs,
+            "speed": {"batch": int(x.shape[0]), "image_size": int(x.shape[-1]), "repeats": repeats,
+                      "images_per_s": speed, "speedup": speed["thin"] / speed["dense"],
+                      "speedup_with_compact_convs": speed["thin_compact"] / speed["dense"],
+                      "load_average": list(os.getloadavg())},
+            "file_bytes": {"dense": os.path.getsize(path), "thin": os.path.getsize(thin_path)},
+            "border_note": "dead filters' constants are folded exactly away from zero-padded borders; "
+                           "max_abs_score_diff and same_prediction measure what the borders change"})
+        with atomic_write(os.path.join(folder, "thin-report.json")) as f:
+            json.dump(report, f, indent=2)
+        log(format_thin_report(report, folder))
     return report, folder
 
 

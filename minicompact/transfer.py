@@ -35,8 +35,9 @@ from .data.folders import DatasetError, open_dataset
 from .data.loader import BatchLoader
 from .data.transforms import estimate_mean_std, normalize, scaled_sizes
 from .harness.atomic import atomic_write
-from .harness.checkpoint import CheckpointError, load_checkpoint
-from .harness.rundir import OutputError, check_writable, claim_new_folder, held_files
+from .harness.checkpoint import CheckpointError
+from .harness.checkpoint_check import read_checkpoint
+from .harness.rundir import OutputError, check_writable, claim_new_folder, finished_or_removed, held_files
 from .layers import BatchNorm2D, SoftmaxClassifier
 from .linear import fit_linear
 from .model import CompactNet
@@ -62,16 +63,15 @@ def read_source(path, dtype=np.float32):
 
     train_state: the run's JSON state ({} for a file written by ``CompactNet.save``), whose
     ``mean``, ``std`` and ``settings`` (image size, model, ρ) fine-tuning reuses.  Raises
-    ``TransferError`` (one line) for a file that does not hold a model.
+    ``TransferError`` (one line) for a file that does not hold a model, checked whole before
+    the model is built (``checkpoint_check.read_checkpoint``).  Whatever it loads (a thinned
+    model too) transfers.
     """
     try:
-        state = load_checkpoint(path)[2]  # checks the file and that it holds a configuration
-        model = CompactNet.load(path, dtype=dtype)  # whatever it loads (a thinned model too) transfers
+        config, arrays, _, state = read_checkpoint(path)
     except CheckpointError as exc:
         raise TransferError(str(exc)) from None
-    except (TypeError, ValueError, KeyError) as exc:
-        raise TransferError(f"{path} does not hold a model CompactNet can load ({exc})") from None
-    return model, state
+    return CompactNet(config, dtype=dtype).load_state_arrays(arrays), state
 
 
 def new_classifier(model, classes, seed=0):
@@ -188,7 +188,26 @@ def extract_features(model, loader, mean, std):
             model.release_caches()
     finally:
         model.release_caches()
+    if not feats:
+        raise TransferError(f"no image of {loader.dataset.root} could be read "
+                            f"({len(loader.skipped)} skipped with a warning)")
     return np.concatenate(feats), np.concatenate(labels)
+
+
+# fit_linear chooses the classifier's lambda on a held-out part of each class's training
+# images (linear.stratified_split): a class needs one image to fit and one to hold out.
+MIN_TRAIN_PER_CLASS = 2
+
+
+def check_images_per_class(labels, classes, where):
+    """``TransferError`` (one line) when a class has fewer than MIN_TRAIN_PER_CLASS images."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(classes))
+    few = [f"{c} ({n})" for c, n in zip(classes, counts.tolist()) if n < MIN_TRAIN_PER_CLASS]
+    if few:
+        raise TransferError(f"--features needs at least {MIN_TRAIN_PER_CLASS} training images per class "
+                            f"(one to fit the classifier, one held out to choose its lambda); "
+                            f"{len(few)} of {len(classes)} classes in {where} have fewer: "
+                            f"{', '.join(few[:3])}{', ...' if len(few) > 3 else ''}")
 
 
 def run_features(source_path, root, out=None, overwrite=False, image_size=None, batch_size=64,
@@ -209,9 +228,12 @@ def run_features(source_path, root, out=None, overwrite=False, image_size=None, 
         raise TransferError(f"{root} has {len(train_set.classes)} class; a classifier needs at least 2")
     image_size = int(image_size or (state.get("settings") or {}).get("image_size") or 224)
     try:
+        resize, crop = scaled_sizes(image_size)  # the one bound on image sizes (MAX_IMAGE_SIZE)
         model.config.check_image_size(image_size)
     except ValueError as exc:
         raise TransferError(f"--image-size: {exc}") from None
+    check_images_per_class(train_set.labels, train_set.classes, os.path.join(root, "train"))
+    created = out is None or not os.path.lexists(out)  # then an unfinished run removes it all
     if out is None:
         name = os.path.splitext(os.path.basename(source_path))[0]
         out = claim_new_folder(os.path.join("runs", f"features-{name}"))
@@ -220,37 +242,44 @@ def run_features(source_path, root, out=None, overwrite=False, image_size=None, 
     try:
         check_writable(out)
     except OutputError as exc:
+        if created and os.path.isdir(out):  # check_writable made it before failing
+            try:
+                os.rmdir(out)
+            except OSError:
+                pass
         raise TransferError(str(exc)) from None
-    model.to(device)
-    resize, crop = scaled_sizes(image_size)
-    cache_dir = os.path.join(out, "cache") if cache else None
-    common = dict(resize=resize, crop=crop, workers=workers, seed=seed)
-    with BatchLoader(train_set, batch_size, mode="center", cache=cache_dir, **common) as train, \
-            BatchLoader(val_set, batch_size, mode="center", cache=cache_dir, **common) as val, \
-            BatchLoader(val_set, max(1, batch_size // 10), mode="tencrop", cache=val.cache, **common) as ten:
-        if new_stats or "mean" not in state:
-            mean, std = estimate_mean_std(train_set, resize, seed=seed, cache=train.cache)
-        else:
-            mean, std = state["mean"], state["std"]
-        log(f"run.py: features of {source_path} ({model.convs[-1].params['W'].shape[0]} maps x "
-            f"{model.spp.num_regions} regions) for {len(train_set)} train / {len(val_set)} val images, "
-            f"{len(train_set.classes)} classes, {crop}px crops; out: {out}")
-        X, y = extract_features(model, train, mean, std)
-        Xv, yv = extract_features(model, val, mean, std)
-        Xt, yt = extract_features(model, ten, mean, std)
-    report = {"source": os.path.abspath(source_path), "data": os.path.abspath(root),
-              "classes": list(train_set.classes), "train_images": int(len(y)), "val_images": int(len(yv)),
-              "feature_size": int(X.shape[1]), "image_size": image_size, "mean": [float(v) for v in mean],
-              "std": [float(v) for v in std], "classifiers": {}}
-    for loss in losses:
-        clf, info = fit_linear(X, y, len(train_set.classes), loss, seed=seed)
-        (e1, e5), (t1, t5) = clf.errors(Xv, yv), clf.errors(Xt, yt)
-        report["classifiers"][loss] = {
-            **info, "single_crop": {"top1_error": e1, "top5_error": e5},
-            "ten_crop": {"top1_error": t1, "top5_error": t5}}
-        log(f"  {loss:8s} lambda {info['lambda']:g}: top-1 error {e1:.1f}% single crop, {t1:.1f}% ten crops; "
-            f"top-5 {e5:.1f}% / {t5:.1f}%")
-    with atomic_write(os.path.join(out, "features.json")) as f:
-        json.dump(report, f, indent=2)
+    # An error or Ctrl-C from here on leaves no empty or half-written folder behind.
+    with finished_or_removed(out, created, ("features.json",)):
+        model.to(device)
+        cache_dir = os.path.join(out, "cache") if cache else None
+        common = dict(resize=resize, crop=crop, workers=workers, seed=seed)
+        with BatchLoader(train_set, batch_size, mode="center", cache=cache_dir, **common) as train, \
+                BatchLoader(val_set, batch_size, mode="center", cache=cache_dir, **common) as val, \
+                BatchLoader(val_set, max(1, batch_size // 10), mode="tencrop", cache=val.cache, **common) as ten:
+            if new_stats or "mean" not in state:
+                mean, std = estimate_mean_std(train_set, resize, seed=seed, cache=train.cache)
+            else:
+                mean, std = state["mean"], state["std"]
+            log(f"run.py: features of {source_path} ({model.convs[-1].params['W'].shape[0]} maps x "
+                f"{model.spp.num_regions} regions) for {len(train_set)} train / {len(val_set)} val images, "
+                f"{len(train_set.classes)} classes, {crop}px crops; out: {out}")
+            X, y = extract_features(model, train, mean, std)
+            Xv, yv = extract_features(model, val, mean, std)
+            Xt, yt = extract_features(model, ten, mean, std)
+        check_images_per_class(y, train_set.classes, f"{os.path.join(root, 'train')} (readable images)")
+        report = {"source": os.path.abspath(source_path), "data": os.path.abspath(root),
+                  "classes": list(train_set.classes), "train_images": int(len(y)), "val_images": int(len(yv)),
+                  "feature_size": int(X.shape[1]), "image_size": image_size, "mean": [float(v) for v in mean],
+                  "std": [float(v) for v in std], "classifiers": {}}
+        for loss in losses:
+            clf, info = fit_linear(X, y, len(train_set.classes), loss, seed=seed)
+            (e1, e5), (t1, t5) = clf.errors(Xv, yv), clf.errors(Xt, yt)
+            report["classifiers"][loss] = {
+                **info, "single_crop": {"top1_error": e1, "top5_error": e5},
+                "ten_crop": {"top1_error": t1, "top5_error": t5}}
+            log(f"  {loss:8s} lambda {info['lambda']:g}: top-1 error {e1:.1f}% single crop, {t1:.1f}% ten crops; "
+                f"top-5 {e5:.1f}% / {t5:.1f}%")
+        with atomic_write(os.path.join(out, "features.json")) as f:
+            json.dump(report, f, indent=2)
     log(f"  report: {os.path.join(out, 'features.json')}")
     return report

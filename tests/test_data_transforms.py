@@ -35,6 +35,9 @@ def test_scaled_sizes():
     assert scaled_sizes(32, resize=40) == (40, 32)
     with pytest.raises(ValueError, match="resize"):
         scaled_sizes(32, resize=30)
+    assert scaled_sizes(2048) == (2341, 2048)  # the one bound on image sizes (issue 26)
+    with pytest.raises(ValueError, match="above 2048 px"):
+        scaled_sizes(2049)
 
 
 def test_ten_crop_geometry_and_order():

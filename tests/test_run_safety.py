@@ -444,7 +444,50 @@ def test_a_checkpoint_of_a_model_run_py_would_not_build_is_one_line(data, tmp_pa
         arrays = {k: z[k] for k in z.files}
     config = json.loads(str(arrays["__config__"]))
     config["widths"] = [64, 128, 256]
+    config["width_mult"] = 0.06  # the same 4 and 8 filters: its arrays fit it, run.py's settings do not
     arrays["__config__"] = np.array(json.dumps(config))
     atomic_savez(tmp_path / "other.npz", arrays)
     one_line_failure(capsys, "--evaluate", tmp_path / "other.npz", "--out", tmp_path / "e",
                      match="widths (64, 128, 256) vs (128, 256, 512)")
+
+
+# -- Issue 26 ---------------------------------------------------------------------------------------
+def capped_run(args, cwd, gib=4, timeout=60):
+    """run.py ARGS in a subprocess whose address space is capped at ``gib`` GiB, with a timeout:
+    a regression that allocates without bound fails here instead of growing until the
+    machine's OOM killer ends it (or the test suite)."""
+    import resource
+    limit = gib * 2**30
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    return subprocess.run([sys.executable, RUN, *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=timeout, check=False,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+
+
+def assert_one_line(proc, match):
+    """The subprocess failed with exit 2 and printed one ``run.py: error:`` line with ``match``."""
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("run.py: error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert match in errors[0], errors[0]
+
+
+def test_issue26_image_size_has_one_upper_bound(data, tmp_path):
+    t0 = time.monotonic()
+    proc = capped_run(["--data", data, "--epochs", 1, *TINY, "--image-size", 100000], cwd=tmp_path)
+    assert_one_line(proc, "--image-size: image size 100000 is above 2048 px")
+    assert time.monotonic() - t0 < 30 and not (tmp_path / "runs").exists()
+
+
+def test_issue26_report_says_how_many_val_images_were_scored_and_skipped(data, tmp_path, capsys):
+    for p in sorted((data / "val" / "red").glob("*.jpg"))[:2]:  # as if deleted mid-run
+        p.write_bytes(b"")
+    out = tmp_path / "x"
+    with pytest.warns(UserWarning):
+        code, printed, _ = outcome(capsys, "--data", data, "--epochs", 1, "--out", out, *TINY)
+    assert code == 0
+    assert "scored on 10 of 12 val images: 2 skipped as unreadable" in printed
+    report = json.loads((out / "report.json").read_text())
+    for crops in ("single_crop", "ten_crop"):
+        acc = report["after_threshold"]["accuracy"][crops]
+        assert (acc["images"], acc["skipped"]) == (10, 2)

@@ -1,6 +1,7 @@
 """run.py --thin end to end: the files it writes, what the thin model is accepted by
 (--evaluate, a fine-tune via --resume, --thin again), and the refusals (one line, no file)."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -118,3 +119,65 @@ def test_refusals_are_one_line_and_write_nothing(trained, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main("--thin", out / "model.npz", "--evaluate", out / "model.npz")
     assert "--thin runs alone" in capsys.readouterr().err
+
+
+def test_thin_refuses_mpiexec(trained, tmp_path, monkeypatch, capsys):
+    """Issue 26: under a launcher every rank would thin, writing thin/ and thin-2/; like
+    --features, --thin refuses in one line (the launcher is known by its environment)."""
+    data, out = trained
+    model = tmp_path / "model.npz"
+    model.write_bytes((out / "model.npz").read_bytes())
+    monkeypatch.setenv("PMI_SIZE", "2")  # what mpiexec -n 2 (MPICH's hydra) sets
+    with pytest.raises(SystemExit) as exc:
+        main("--thin", model, "--data", data)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and err == "run.py: error: --thin runs in one process (no mpiexec)"
+    assert os.listdir(tmp_path) == ["model.npz"]
+
+
+def test_thin_under_a_real_mpiexec_writes_nothing(trained, tmp_path):
+    from test_run_distributed import launch  # skips without a working MPI
+    data, out = trained
+    model = tmp_path / "model.npz"
+    model.write_bytes((out / "model.npz").read_bytes())
+    code, _, err = launch(["--thin", model, "--data", data, "--workers", 0], timeout=60)
+    assert code == 2 and err.count("--thin runs in one process (no mpiexec)") == 1, err
+    assert os.listdir(tmp_path) == ["model.npz"]
+
+
+@pytest.mark.parametrize("out", ["default", "users"])
+def test_thin_stopped_midway_leaves_no_folder(trained, tmp_path, monkeypatch, out):
+    """Issue 26: Ctrl-C after thin.npz is written (before its report) removes the thin/ folder
+    the command made, or only thin.npz from a folder the user already had."""
+    import minicompact.thin as thin
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(thin, "atomic_write", ctrl_c)
+    data, run_dir = trained
+    model = tmp_path / "model.npz"
+    model.write_bytes((run_dir / "model.npz").read_bytes())
+    extra = []
+    if out == "users":
+        (tmp_path / "mine").mkdir()
+        (tmp_path / "mine" / "notes.txt").write_text("mine")
+        extra = ["--out", tmp_path / "mine"]
+    assert main("--thin", model, "--data", data, "--workers", 0, *extra) == 130
+    left = sorted(p.name for p in tmp_path.rglob("*"))
+    assert left == (["mine", "model.npz", "notes.txt"] if out == "users" else ["model.npz"])
+
+
+def test_a_moved_data_folder_gets_the_data_hint(trained, tmp_path, capsys):
+    """The run's data folder is gone: one line saying to point --data at it, as --evaluate does."""
+    data, out = trained
+    moved = tmp_path / "moved"
+    os.rename(data, moved)
+    try:
+        with pytest.raises(SystemExit) as exc:
+            main("--thin", out / "model.npz", "--workers", 0)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 2 and len(err) == 1
+        assert "point --data at where the data is now" in err[0]
+        assert main("--thin", out / "model.npz", "--data", moved, "--workers", 0, "--out", tmp_path / "t") == 0
+    finally:
+        os.rename(moved, data)

@@ -1,6 +1,7 @@
 """Transfer learning: loading a source network, the new head and its rate, frozen layers,
 run.py --finetune / --features end to end on tiny generated folders, and the refusals."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from minicompact.objective import train_step
 from minicompact.transfer import (FrozenBatchNorm2D, TransferError, extract_features, finetune_parts,
                                   read_source)
 from test_run import TINY, write_folder
+from test_run_safety import assert_one_line, capped_run
 
 TARGET = ("cyan", "magenta", "yellow", "grey")
 
@@ -133,7 +135,8 @@ def test_features_run_end_to_end(source, tmp_path, capsys):
     assert exc.value.code == 2 and "already holds features.json" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("case", ["not-a-model", "one-class", "freeze", "features-not-a-model"])
+@pytest.mark.parametrize("case", ["not-a-model", "one-class", "freeze", "features-not-a-model",
+                                  "features-one-image-per-class"])
 def test_bad_input_is_one_line_before_work(source, tmp_path, capsys, case):
     ckpt = source / "pre" / "model.npz"
     data = source / "tgt"
@@ -142,6 +145,8 @@ def test_bad_input_is_one_line_before_work(source, tmp_path, capsys, case):
         np.savez(ckpt, w=np.zeros(3))
     if case == "one-class":
         data = write_folder(tmp_path / "one", classes=("only",))
+    if case == "features-one-image-per-class":  # nothing left to hold out to choose lambda
+        data = write_folder(tmp_path / "few", train=1, classes=TARGET)
     flag = "--features" if case.startswith("features") else "--finetune"
     extra = ["--freeze", 3] if case == "freeze" else []
     capsys.readouterr()
@@ -150,7 +155,8 @@ def test_bad_input_is_one_line_before_work(source, tmp_path, capsys, case):
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("run.py: error:"), err
     assert {"not-a-model": "not a minicompact checkpoint", "features-not-a-model": "not a minicompact checkpoint",
-            "one-class": "1 class", "freeze": "beyond the depth"}[case] in err
+            "one-class": "1 class", "freeze": "beyond the depth",
+            "features-one-image-per-class": "needs at least 2 training images per class"}[case] in err
     assert not (tmp_path / "out").exists()
 
 
@@ -161,7 +167,7 @@ def test_read_source_refuses_a_checkpoint_without_a_loadable_model(tmp_path):
     arrays["__config__"] = np.array(m.config.to_json())
     arrays["conv1.W"] = arrays["conv1.W"][:1]                # a shape its configuration does not build
     np.savez(tmp_path / "bad.npz", **arrays)
-    with pytest.raises(TransferError, match="does not hold a model CompactNet can load"):
+    with pytest.raises(TransferError, match=r"conv1.W: expected shape \(\d+, 3, 7, 7\), saved \(1, 3"):
         read_source(tmp_path / "bad.npz")
 
 
@@ -170,3 +176,35 @@ def test_finetune_flags_without_finetune_are_refused(source, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         run.main([str(a) for a in ("--data", source / "tgt", "--freeze", 1, "--out", tmp_path / "out", *TINY)])
     assert exc.value.code == 2 and "go with --finetune" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--features", "--finetune"])
+def test_image_size_bound_holds_for_transfer_runs(source, tmp_path, flag):
+    """Issue 26: one line, exit 2, before any image is resized (not a MemoryError in Pillow)."""
+    proc = capped_run([flag, source / "pre" / "model.npz", "--data", source / "tgt", "--workers", 0,
+                       "--epochs", 1, "--image-size", 100000], cwd=tmp_path)
+    assert_one_line(proc, "--image-size: image size 100000 is above 2048 px")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("out", ["default", "new", "users"])
+def test_features_stopped_midway_leaves_no_folder(source, tmp_path, monkeypatch, capsys, out):
+    """Issue 26: Ctrl-C (or an error) in --features removes the folder it created, or only its
+    own files from a folder the user already had."""
+    import minicompact.transfer as transfer
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(transfer, "fit_linear", ctrl_c)
+    monkeypatch.chdir(tmp_path)
+    target = {"default": None, "new": tmp_path / "new", "users": tmp_path / "mine"}[out]
+    if out == "users":
+        target.mkdir()
+        (target / "notes.txt").write_text("mine")
+    args = ["--features", source / "pre" / "model.npz", "--data", source / "tgt", "--workers", 0, "--cache"]
+    assert run.main([str(a) for a in args + (["--out", target] if target else [])]) == 130
+    assert "stopped by SIGINT" in capsys.readouterr().err
+    if out == "users":
+        assert sorted(os.listdir(target)) == ["cache", "notes.txt"]  # the cache belongs to no run
+    else:  # runs/ itself may stay: it is where runs go
+        assert os.listdir(tmp_path / "runs" if out == "default" else tmp_path) == []

@@ -22,16 +22,30 @@ TEN_CROP_ORDER = ("top-left", "top-right", "bottom-left", "bottom-right", "cente
                   "bottom-right mirrored", "center mirrored")
 
 
+# The largest network input minicompact accepts, in pixels per side: the one bound on image
+# sizes (training, --evaluate, --finetune, --thin and --features all pass through
+# ``scaled_sizes``).  The paper uses 224; 2048 leaves room for fine-grained targets at 4-8x
+# that, while one 2048-px image is still small (about 50 MB as float32, 2341-px resize).
+# Without a bound a typo such as 60000 makes Pillow's resize and the first batch ask for tens
+# of GB: the process grows until the kernel kills it, with no message.
+MAX_IMAGE_SIZE = 2048
+
+
 def scaled_sizes(image_size, resize=None):
     """``(resize, crop)`` for a network input of ``image_size`` pixels.
 
     crop = image_size; resize = floor(image_size * 256 / 224 + 0.5) (round half up), the
     paper's 256/224 ratio: 224 -> 256, 112 -> 128, 64 -> 73, 32 -> 37.  ``resize`` overrides
-    it (it must be at least ``image_size``).
+    it (it must be at least ``image_size``).  Raises ``ValueError`` (one line) for an
+    ``image_size`` outside [1, MAX_IMAGE_SIZE].
     """
     crop = int(image_size)
     if crop < 1:
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    if crop > MAX_IMAGE_SIZE:
+        raise ValueError(f"image size {crop} is above {MAX_IMAGE_SIZE} px, the largest minicompact "
+                         f"accepts (the paper uses 224; a batch of 64 such images alone is "
+                         f"{64 * 3 * 4 * crop * crop / 2**30:,.1f} GiB as float32)")
     if resize is None:
         resize = (crop * 256 + 112) // 224  # integer round-half-up of crop * 256 / 224
     if int(resize) < crop:

@@ -5,6 +5,7 @@ Read in this order (each module imports only those above it, and the maths core)
 * ``atomic.py``       write a file so that a crash leaves the old one or the new one, whole
 * ``processes.py``    child processes that never outlive their parent; is a pid alive
 * ``checkpoint.py``   the ``.npz`` checkpoint format: weights, momentum, the run's state
+* ``checkpoint_check.py`` a whole checkpoint checked before a model is built from it
 * ``console.py``      what run.py prints: one line per message, ``RunError``, argparse's shape
 * ``rundir.py``       the output-folder rule: claim a fresh folder, never overwrite a run
 * ``device_sums.py``  a step's statistics summed on the device, read once per interval

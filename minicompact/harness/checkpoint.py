@@ -9,8 +9,12 @@ Layout of a training checkpoint (all NumPy arrays, no pickles):
 * ``"__config__"`` — the ``ModelConfig`` as JSON
 * ``"opt.<key>"`` — the optimizer's momentum buffers
 * ``"__train__"`` — JSON: epoch, step within the epoch, best accuracy, history, run settings.
+
+What a saved array and a training state must be (``check_array``, ``check_train_state``) is
+written here once; ``checkpoint_check.check_contents`` applies it to a whole checkpoint.
 """
 import json
+import math
 import os
 import zipfile
 
@@ -79,13 +83,88 @@ def save_checkpoint(path, model, optimizer=None, train_state=None):
     atomic_savez(path, arrays)
 
 
+def short_repr(value, limit=60):
+    """``repr(value)``, cut to ``limit`` characters (a hand-edited file may hold anything)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def check_array(key, a, shape):
+    """``CheckpointError`` (one line naming ``key``) unless the saved array ``a`` is a
+    floating-point NumPy array of ``shape`` whose every value is finite.
+
+    Batch-norm running variances must also be >= 0 (``key`` ending ``.running_var``): the
+    evaluation-mode batch norm takes their square root.
+    """
+    a = np.asarray(a)
+    if a.dtype.kind != "f":
+        what = "text" if a.dtype.kind in "US" else f"{a.dtype.name} values"
+        raise CheckpointError(f"{key} holds {what}, not floating-point numbers")
+    if a.shape != tuple(shape):
+        raise CheckpointError(f"{key}: expected shape {tuple(shape)}, saved {a.shape}")
+    if not np.isfinite(a).all():
+        raise CheckpointError(f"{key} holds NaN or infinite values")
+    if key.endswith(".running_var") and (a < 0).any():
+        raise CheckpointError(f"{key} has negative values")
+
+
+EXACT = 2**53  # JSON integers beyond this have no exact float: no field of ours holds one
+
+
+def _number(v):
+    """Whether ``v`` is a finite JSON number (not a bool) that converts to a float."""
+    if isinstance(v, bool):
+        return False
+    return (isinstance(v, int) and abs(v) <= EXACT) or (isinstance(v, float) and math.isfinite(v))
+
+
+def _count(v):
+    """Whether ``v`` is an integer >= 0 (not a bool, not 3.0)."""
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= EXACT
+
+
+def check_train_state(state):
+    """``CheckpointError`` (one line naming the field) unless the JSON training state ``state``
+    has the fields ``Trainer`` writes, each of its type: epoch and step integers >= 0,
+    best_top1 a number in [-1, 1], history a list of objects, partial null or an object of
+    numbers, mean and std lists of finite numbers (std > 0), settings an object, final a bool.
+    A field that is absent is not checked (a file of ``CompactNet.save`` has none)."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"its training state is not a JSON object but {short_repr(state)}")
+    rules = {
+        "epoch": (_count, "an integer >= 0"),
+        "step": (_count, "an integer >= 0"),
+        "best_top1": (lambda v: _number(v) and -1 <= v <= 1, "a number in [-1, 1]"),
+        "history": (lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v),
+                    "a list of objects"),
+        "partial": (lambda v: v is None or (isinstance(v, dict) and isinstance(v.get("skipped", []), list)
+                                            and all(_number(x) for k, x in v.items() if k != "skipped")),
+                    "null or an object of numbers"),
+        "mean": (lambda v: isinstance(v, list) and len(v) >= 1 and all(map(_number, v)),
+                 "a list of finite numbers"),
+        "std": (lambda v: isinstance(v, list) and len(v) == len(state.get("mean", v))
+                and all(_number(x) and x > 0 for x in v), "a list of numbers > 0, one per mean"),
+        "settings": (lambda v: isinstance(v, dict), "an object"),
+        "final": (lambda v: isinstance(v, bool), "true or false"),
+    }
+    for key, (ok, what) in rules.items():
+        if key in state and not ok(state[key]):
+            raise CheckpointError(f"its training state's {key} must be {what}, got {short_repr(state[key])}")
+
+
 def _train_state(arrays, path):
+    """The checked JSON training state of ``arrays`` ({} when it has none)."""
     if "__train__" not in arrays:
         return {}
     try:
-        return json.loads(str(arrays["__train__"]))
+        state = json.loads(str(arrays["__train__"]))
     except ValueError:
         raise CheckpointError(f"{path!r}: its training state is not valid JSON") from None
+    try:
+        check_train_state(state)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    return state
 
 
 def load_checkpoint(path):

@@ -16,6 +16,8 @@ def thin_command(args):
     """--thin CKPT: all the work is ``minicompact.thin.thin_run``; its ValueErrors are one line."""
     if args.resume or args.evaluate:
         fail("--thin runs alone: not with --resume or --evaluate")
+    if launched_by_mpi()[0]:  # every rank would thin and write its own thin/, thin-2/, ...
+        fail("--thin runs in one process (no mpiexec)")
     try:
         thin_run(args.thin, out=args.out, overwrite=args.overwrite, data=args.data,
                  workers=args.workers or 0, log=say)

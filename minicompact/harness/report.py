@@ -21,13 +21,15 @@ LOSS_NAMES = {"cross_entropy": "cross-entropy", "hinge": "multiclass hinge"}
 
 
 def crop_errors(trainer, center_loader, tencrop_loader=None):
-    """Top-1/top-5 *errors* (in %) with a single centre crop and, if given, ten crops."""
+    """Top-1/top-5 *errors* (in %) with a single centre crop and, if given, ten crops, and the
+    images they were measured on: "images" scored, "skipped" unreadable (an error on 60 of 90
+    images must not read like one on all 90)."""
     out = {}
     for name, loader in (("single_crop", center_loader), ("ten_crop", tencrop_loader)):
         if loader is not None:
             r = trainer.evaluate(loader)
             out[name] = {"top1_error": 100 * (1 - r["top1"]), "top5_error": 100 * (1 - r["top5"]),
-                         "images": r["n"]}
+                         "images": r["n"], "skipped": r["skipped"]}
     return out
 
 
@@ -124,6 +126,14 @@ def dead_structure_line(sparsity, total):
             f"parameters): " + "; ".join(parts))
 
 
+def scored_line(crop):
+    """How many val images an error was measured on, and how many were skipped as unreadable."""
+    n, skipped = crop["images"], crop.get("skipped", 0)  # reports before "skipped" have none
+    if not skipped:
+        return f"scored on all {n:,} val images"
+    return f"scored on {n:,} of {n + skipped:,} val images: {skipped:,} skipped as unreadable (warned above)"
+
+
 def format_report(report, out_dir=None):
     """The report as the few lines ``run.py`` prints: errors, parameters, per-layer metrics."""
     acc = report["after_threshold"]["accuracy"]
@@ -135,6 +145,7 @@ def format_report(report, out_dir=None):
         f"  top-1 error: {acc['single_crop']['top1_error']:.1f}% single crop, "
         f"{acc['ten_crop']['top1_error']:.1f}% ten crops;  top-5 error: "
         f"{acc['single_crop']['top5_error']:.1f}% / {acc['ten_crop']['top5_error']:.1f}%",
+        f"  {scored_line(acc['single_crop'])}",
         f"  parameters: {report['total_parameters']:,} total, {eff['nonzero']:,} nonzero, "
         f"{eff['structural']:,} effective after removing dead structure; "
         f"overall sparsity {100 * sp['overall_sparsity']:.1f}%",

@@ -9,9 +9,13 @@ The rule (README, "What a run writes"):
   go on), unless the user asks for ``--overwrite``, which removes those files first;
 * files that belong to no run (anything else in the folder, the image cache) are left alone;
 * before any work, the folder is created and a probe file written and removed, so an
-  unwritable folder fails at once, not after an epoch of training.
+  unwritable folder fails at once, not after an epoch of training;
+* a command that ends without finishing (an error, Ctrl-C) takes back what it wrote
+  (``finished_or_removed``), so no empty or half-written folder is left to puzzle over.
 """
+import contextlib
 import os
+import shutil
 
 from .checkpoint import CheckpointError, read_train_state
 from .console import fail, note
@@ -58,6 +62,26 @@ def remove_files(folder, names, keep=None):
         if keep is not None and os.path.exists(keep) and os.path.samefile(path, keep):
             continue
         os.remove(path)
+
+
+@contextlib.contextmanager
+def finished_or_removed(folder, created, names):
+    """Run the ``with`` body that fills ``folder``; if it ends without finishing (an error,
+    Ctrl-C), remove what it wrote and re-raise.
+
+    created: this command made ``folder`` (a claimed default or a new ``--out``): all of it
+    goes.  Otherwise only the ``names`` it writes go: the caller refused or removed them before
+    the work, so any present now are this command's, and a user's other files stay.
+    """
+    try:
+        yield folder
+    except BaseException:
+        with contextlib.suppress(OSError):  # the error that stopped the command is the one to show
+            if created:
+                shutil.rmtree(folder)
+            else:
+                remove_files(folder, names)
+        raise
 
 
 def check_writable(folder):

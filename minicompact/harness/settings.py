@@ -16,12 +16,15 @@ import os
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
+from ..data.sharding import steps_per_epoch
+from ..data.transforms import scaled_sizes
 from ..model import ModelConfig, dictionary_sizes
 from ..objective import check_weights
 from ..optim import StepLR
 from ..regularizers import variant
 from ..strength import SAME_SCHEDULE, group_scale, lr_sum, paper_lr_sum
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError
+from .checkpoint_check import read_checkpoint
 from .console import fail, note
 
 # Settings of the paper (sec. 5.1, 5.2, 5.3.1), used with --data.
@@ -80,14 +83,15 @@ def flag(name):
 
 def settings_for(args, given, ranks=1, ranks_per_node=1, adjust=None):
     """``(Settings, Resolution, checkpoint)``: the checkpoint of --resume/--evaluate (read
-    once, here; None without one), then every flag resolved and checked (one line if not).
+    once, here, and checked whole by ``checkpoint_check``; None without one), then every flag
+    resolved and checked (one line if not).
 
     adjust: ``adjust(s, how)``, run between resolving and checking: what a kind of run
     derives from elsewhere (run.py's --finetune takes the architecture from its source)."""
     checkpoint = None
     if args.resume or args.evaluate:
         try:
-            checkpoint = load_checkpoint(args.resume or args.evaluate)
+            checkpoint = read_checkpoint(args.resume or args.evaluate)[1:]  # (arrays, opt, state)
         except CheckpointError as exc:
             fail(str(exc))
     s, how = resolve_settings(args, given, checkpoint, ranks, ranks_per_node)
@@ -218,6 +222,10 @@ def validate(s, how):
             fail(message)
         else:
             note(message + " (the preset's warmup; set --warmup to change it)")
+    try:  # the one bound on image sizes (data/transforms.py MAX_IMAGE_SIZE)
+        scaled_sizes(s.image_size)
+    except ValueError as exc:
+        fail(f"--image-size: {exc}")
     config = ModelConfig(depth=s.depth, width_mult=s.width_mult, stem=s.stem)
     try:
         config.check_image_size(s.image_size)
@@ -262,6 +270,10 @@ def check_checkpoint(s, how, checkpoint, train_set):
                  "mid-epoch on other data; resume on the data it was trained on")
         note(f"the training set changed since {path} ({before} -> {len(train_set)} images); the run "
              "continues on this data, so it will differ from an uninterrupted run")
+    steps = steps_per_epoch(len(train_set), s.batch_size, s.ranks)
+    if state.get("step", 0) > steps:  # check_train_state saw an integer >= 0; this bounds it
+        fail(f"{path} stopped at step {state['step']} of epoch {state.get('epoch', 0) + 1}, but an epoch of "
+             f"{len(train_set)} images in global batches of {s.global_batch} has {steps} steps; was it edited?")
 
 
 def resolve_strength(s, given):

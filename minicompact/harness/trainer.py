@@ -41,7 +41,8 @@ from ..distributed.sync_batchnorm import use_sync_batchnorm
 from ..losses import accuracy_topk, check_labels, softmax
 from ..objective import NonFiniteLoss, train_step
 from .atomic import atomic_write
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import check_train_state, save_checkpoint
+from .checkpoint_check import read_checkpoint
 from .device_sums import DeviceSums, EpochSums
 from .progress import ProgressBar
 from .stopping import Interrupted, StopSignals, agreed_stop, interrupted, stop_votes
@@ -250,11 +251,15 @@ class Trainer:
         return path
 
     def resume(self, path):
-        """Load weights, momentum and position from a checkpoint written by ``save``."""
-        return self.load_state(*load_checkpoint(path))
+        """Load weights, momentum and position from a checkpoint written by ``save``
+        (checked whole first: ``checkpoint_check.read_checkpoint``)."""
+        return self.load_state(*read_checkpoint(path)[1:])
 
     def load_state(self, arrays, opt_state, state):
-        """``resume`` from a checkpoint already read with ``checkpoint.load_checkpoint``."""
+        """``resume`` from a checkpoint already read (``checkpoint_check.read_checkpoint``).
+        Each part is checked again as it loads (a ``CheckpointError`` naming it), so a state
+        built by other code is never loaded unchecked."""
+        check_train_state(state)
         self.model.load_state_arrays(arrays)
         if self.comm.size > 1:  # every rank read the same file; rank 0's copy is the one
             broadcast_model(self.model, self.comm)
