@@ -42,6 +42,15 @@ signal.signal(signal.SIGINT, stop)
 with open(os.path.join(out, "started"), "w") as f:
     f.write(str(os.getpid()))
 time.sleep(float(os.environ.get("FAKE_SECONDS", "0")))
+deadline = time.time() + 60  # FAKE_WAIT_FOR: wait until that file exists, FAKE_WAIT_GONE: until gone
+while time.time() < deadline and not (
+        os.path.exists(os.environ.get("FAKE_WAIT_FOR", os.devnull))
+        and not os.path.exists(os.environ.get("FAKE_WAIT_GONE", "/nonexistent"))):
+    time.sleep(0.05)
+if os.environ.get("FAKE_REPORT"):
+    with open(os.path.join(out, "report.json"), "w") as f:
+        f.write("finished")
+sys.exit(int(os.environ.get("FAKE_EXIT", "0")))
 '''
 
 
@@ -87,6 +96,42 @@ def test_a_point_finished_meanwhile_is_not_retrained(tmp_path, fake_run):
     assert not (out / "points" / f"{point['name']}.lock").exists()
     with pytest.raises(ValueError, match="finished"):                     # and never a command for it
         sweep.point_command(args, point, [], "/cache", threads=1)
+
+
+def test_two_sweeps_sharing_a_point_never_retrain_it(tmp_path, fake_run):
+    """The issue's reproduction with two real sweeps, ordered by files instead of sleeps: A
+    trains P; B lists P as to do while A runs, trains Q, and reaches P only after A finished
+    it and let go of its lock.  B must look again under the lock and leave P alone (before,
+    it retrained P with --overwrite, deleting A's result first).  The stand-ins exit 1 so the
+    sweeps read no report; --shard 0/1 keeps them from collecting one."""
+    out = tmp_path / "sw"
+    points = out / "points"
+    p, q = points / "compact-d3-rho0.1", points / "compact-d3-rho0.05"
+
+    def start(rhos, **env):
+        return subprocess.Popen(
+            [sys.executable, "-m", "minicompact.sweep", "--out", str(out), "--depths", "3", "--rhos", rhos,
+             "--shard", "0/1", "--run-py", str(fake_run)], cwd=str(tmp_path), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONPATH=ROOT, FAKE_EXIT="1", **env))
+
+    a = start("0.1", FAKE_REPORT="1", FAKE_WAIT_FOR=str(q / "started"))
+    b = None
+    try:
+        deadline = time.time() + 30
+        while not (p / "started").exists():
+            assert time.time() < deadline and a.poll() is None, a.communicate()
+            time.sleep(0.05)
+        b = start("0.05,0.1", FAKE_WAIT_FOR=str(p / "report.json"), FAKE_WAIT_GONE=str(points / "compact-d3-rho0.1.lock"))
+        said_a, said_b = a.communicate(timeout=60)[0], b.communicate(timeout=60)[0]
+    finally:
+        for proc in (a, b):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert "2 points, shard 0/1: 2; 0 finished, 2 to train" in said_b, said_b   # P was on B's list
+    assert (p / "report.json").read_text() == "finished", said_a + said_b      # A's result kept
+    assert "compact-d3-rho0.1 was finished by another sweep meanwhile; skipped" in said_b, said_b
+    assert "--overwrite" not in (out / "logs" / "compact-d3-rho0.1.log").read_text()
 
 
 # --------------------------------------------------------------------------- 5, 11: folders
