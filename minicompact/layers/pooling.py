@@ -1,69 +1,39 @@
 """Max-pooling (paper sec. 3.1) and spatial pyramid pooling (paper sec. 3.2).
 
 ``max_pool_forward`` / ``max_pool_backward`` are the max-pool to read: a loop over the
-kh·kw window offsets.  ``MaxPool2D`` runs, by default, the faster separable version of
-``minicompact.separable_maxpool`` with the same results (tested against each other and the loops).
-Both route each output's gradient to the single input that won its max.  Ties go to the
-*first* candidate in row-major order (top row first, left to right), so on a constant input
-every window sends its whole gradient to its top-left real pixel.
+kh·kw window offsets.  They live in ``minicompact.cuda.pooling``, right beside the CUDA
+kernels that compute the same on a GPU (kernels sit below the layers, so their reference
+does too), and are imported here.  On the CPU ``MaxPool2D`` runs, by default, the faster
+separable version of ``minicompact.separable_maxpool`` with the same results (tested against
+each other and the loops); on a GPU it runs the kernels.  All of them route each output's
+gradient to the single input that won its max.  Ties go to the *first* candidate in row-major
+order (top row first, left to right), so on a constant input every window sends its whole
+gradient to its top-left real pixel.
 """
 import numpy as np
 
-from ..backend import get_array_module
+from ..backend import is_gpu_array
+from ..cuda.pooling import (max_pool_backward, max_pool_backward_cuda, max_pool_forward,
+                            max_pool_forward_cuda, spatial_pyramid_pool_backward,
+                            spatial_pyramid_pool_backward_cuda, spatial_pyramid_pool_forward,
+                            spatial_pyramid_pool_forward_cuda)
 from ..im2col import output_size
 from ..separable_maxpool import separable_max_pool_backward, separable_max_pool_forward
 from .base import Layer, check_input, kernel_pair
 
 
-def max_pool_forward(x, kernel_size, stride, padding):
-    """The max over every kh×kw window, as a running max over the kh·kw window offsets.
-
-    Tap (i, j) is one strided slice holding pixel (i, j) of every window at once; the loop
-    runs over the kh·kw taps only (9 for 3×3), never over pixels.  A tap replaces the running
-    max only where it is *strictly* greater, so on a tie the earlier tap in row-major order
-    keeps it: the first-maximum rule.
-
-    x: (N, C, H, W); kernel_size: (kh, kw); stride, padding: ints (padding is -inf, so it
-    never wins).  Returns (out, cache): out (N, C, Ho, Wo), x's dtype; cache = (x.shape,
-    arg) with arg (N, C, Ho, Wo) (uint8 up to 256 taps) the winning tap t = i·kw + j of every window.
-    """
-    (kh, kw), s, p = kernel_size, stride, padding
-    xp = get_array_module(x)
-    n, c, h, w = x.shape
-    ho, wo = output_size(h, kh, s, p), output_size(w, kw, s, p)
-    xpad = xp.full((n, c, h + 2 * p, w + 2 * p), -np.inf, dtype=x.dtype)
-    xpad[:, :, p:p + h, p:p + w] = x
-    out = xp.full((n, c, ho, wo), -np.inf, dtype=x.dtype)
-    arg = xp.zeros((n, c, ho, wo), dtype=np.min_scalar_type(kh * kw - 1))
-    for t, (i, j) in enumerate(np.ndindex(kh, kw)):
-        tap = xpad[:, :, i:i + s * ho:s, j:j + s * wo:s]   # pixel (i, j) of every window
-        better = tap > out            # strictly: on a tie the earlier tap keeps the max
-        xp.copyto(arg, t, where=better)   # arg = t where better (a mask index would sync a GPU)
-        xp.maximum(out, tap, out=out)
-    return out, (x.shape, arg)
-
-
-def max_pool_backward(dout, cache, kernel_size, stride, padding):
-    """Backward of ``max_pool_forward``: each dout[n, c, y, x] goes to its window's winner.
-
-    dout: (N, C, Ho, Wo); cache: (x.shape, arg) from forward.  Returns dx (N, C, H, W).
-    Overlapping windows (stride < kernel) may share a winner: its gradients add up.
-    """
-    (kh, kw), s, p = kernel_size, stride, padding
-    x_shape, arg = cache
-    xp = get_array_module(dout)
-    n, c, h, w = x_shape
-    ho, wo = dout.shape[2:]
-    dxpad = xp.zeros((n, c, h + 2 * p, w + 2 * p), dtype=dout.dtype)
-    for t, (i, j) in enumerate(np.ndindex(kh, kw)):
-        # One tap's slice never repeats a pixel, so this += adds every window's share.
-        dxpad[:, :, i:i + s * ho:s, j:j + s * wo:s] += dout * (arg == t)
-    return xp.ascontiguousarray(dxpad[:, :, p:p + h, p:p + w])
-
-
-# name -> (forward, backward): the readable version above and the fast one beside it.
+# name -> (forward, backward) on the CPU: the readable version and the fast one beside it.
 MAX_POOL_IMPLS = {"simple": (max_pool_forward, max_pool_backward),
                   "separable": (separable_max_pool_forward, separable_max_pool_backward)}
+
+
+def max_pool_backward_for(cache, dout):
+    """The backward that reads ``cache``: the separable one's (x.shape, col_arg, row_arg), or
+    the readable one's (x.shape, arg), which the CUDA kernel also writes — on a GPU array the
+    kernel, else the readable version."""
+    if len(cache) == 3:
+        return separable_max_pool_backward
+    return max_pool_backward_cuda if is_gpu_array(dout) else max_pool_backward
 
 
 class MaxPool2D(Layer):
@@ -71,8 +41,11 @@ class MaxPool2D(Layer):
 
     kernel_size: int or (kh, kw); stride: int; padding: int < kernel size.  Padding is -inf,
     so it never wins.  Ties go to the first maximum in row-major window order.
-    impl: "separable" (default: the same results in fewer passes, ``minicompact.separable_maxpool``) or
-    "simple" (``max_pool_forward`` / ``max_pool_backward`` above, the version to read).
+    impl, on the CPU: "separable" (default: the same results in fewer passes,
+    ``minicompact.separable_maxpool``) or "simple" (``max_pool_forward`` / ``max_pool_backward``,
+    the version to read).  On a GPU either runs ``max_pool_forward_cuda``: one kernel launch
+    each way, whose twin (after a failed self-check, or with ``MINICOMPACT_KERNELS=off``) is
+    the simple version.
     """
 
     def __init__(self, kernel_size=3, stride=1, padding=1, impl="separable"):
@@ -97,7 +70,7 @@ class MaxPool2D(Layer):
         """x: (N, C, H, W), floating → (N, C, Ho, Wo), same dtype."""
         (kh, kw), p = self.kernel_size, self.padding
         check_input(self, x, 4, min_hw=(max(1, kh - 2 * p), max(1, kw - 2 * p)))
-        forward = MAX_POOL_IMPLS[self.impl][0]
+        forward = max_pool_forward_cuda if is_gpu_array(x) else MAX_POOL_IMPLS[self.impl][0]
         out, self.cache = forward(x, self.kernel_size, self.stride, self.padding)
         return out
 
@@ -110,7 +83,7 @@ class MaxPool2D(Layer):
         if tuple(dout.shape) != (n, c, ho, wo):
             raise ValueError(f"MaxPool2D.backward expects dout of shape {(n, c, ho, wo)}, "
                              f"got {tuple(dout.shape)}")
-        backward = MAX_POOL_IMPLS[self.impl][1]
+        backward = max_pool_backward_for(self.cache, dout)   # whichever forward wrote the cache
         return backward(dout, self.cache, self.kernel_size, self.stride, self.padding)
 
     def __repr__(self):
@@ -132,9 +105,9 @@ class SpatialPyramidPool(Layer):
 
     levels: grid sizes n, level n cutting the map into n×n regions (see ``pyramid_bins``);
     (1, 2, 4) gives R = 1 + 4 + 16 = 21.  Region order: level by level as given, each level's
-    regions row-major (top-left first).  A Python loop over the R regions (R is small), each a
-    max over the whole batch and all channels.  Memory kept for backward: one argmax index per
-    (n, c, region).
+    regions row-major (top-left first).  The max is ``spatial_pyramid_pool_forward``, a loop
+    over the R regions, on the CPU, and one kernel launch for all regions on a GPU.  Memory
+    kept for backward: one int32 argmax index per (n, c, region).
     """
 
     def __init__(self, levels=(1, 2, 4)):
@@ -158,35 +131,23 @@ class SpatialPyramidPool(Layer):
         """x: (N, K, H, W), H and W >= max(levels) → (N, K, R), same dtype."""
         finest = max(self.levels)
         check_input(self, x, 4, min_hw=(finest, finest))
-        xp = get_array_module(x)
-        n, c, h, w = x.shape
-        regions = self.regions(h, w)
-        out = xp.empty((n, c, len(regions)), dtype=x.dtype)
-        argmaxes = []
-        for r, (y0, y1, x0, x1) in enumerate(regions):
-            flat = x[:, :, y0:y1, x0:x1].reshape(n, c, -1)   # (N, K, region pixels)
-            a = flat.argmax(axis=2)                          # first max in row-major order
-            out[:, :, r] = xp.take_along_axis(flat, a[:, :, None], axis=2)[:, :, 0]
-            argmaxes.append(a)
-        self.cache = (x.shape, regions, argmaxes)
+        regions = self.regions(*x.shape[2:])
+        forward = spatial_pyramid_pool_forward_cuda if is_gpu_array(x) else spatial_pyramid_pool_forward
+        out, arg = forward(x, regions)
+        self.cache = (x.shape, regions, arg)
         return out
 
     def backward(self, dout):
         """dout: (N, K, R) → dx (N, K, H, W); overlapping regions add up."""
         if self.cache is None:
             raise RuntimeError("SpatialPyramidPool.backward needs a forward first")
-        x_shape, regions, argmaxes = self.cache
+        x_shape, regions, arg = self.cache
         n, c = x_shape[:2]
         if tuple(dout.shape) != (n, c, len(regions)):
             raise ValueError(f"SpatialPyramidPool.backward expects dout of shape "
                              f"{(n, c, len(regions))}, got {tuple(dout.shape)}")
-        xp = get_array_module(dout)
-        dx = xp.zeros(x_shape, dtype=dout.dtype)
-        for r, ((y0, y1, x0, x1), a) in enumerate(zip(regions, argmaxes)):
-            size = (y1 - y0) * (x1 - x0)
-            won = xp.arange(size) == a[:, :, None]           # (N, K, size) one-hot
-            dx[:, :, y0:y1, x0:x1] += (won * dout[:, :, r:r + 1]).reshape(n, c, y1 - y0, x1 - x0)
-        return dx
+        backward = spatial_pyramid_pool_backward_cuda if is_gpu_array(dout) else spatial_pyramid_pool_backward
+        return backward(dout, arg, x_shape, regions)
 
     def __repr__(self):
         return f"SpatialPyramidPool(levels={self.levels})"
