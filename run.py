@@ -179,7 +179,8 @@ def run(s, device, train_set, val_set, checkpoint, comm, source=None):
             trainer = Trainer(model, optimizer, schedule, regularizer, loss_fn, train_loader, val_loader,
                               mean, std, epochs=s.epochs, out_dir=out, settings=s.saved(),
                               progress=comm.is_root and not s.no_progress and sys.stderr.isatty(),
-                              log=say, comm=comm, sync_bn=s.sync_bn)  # no \r into pipes and logs
+                              log=say, comm=comm, sync_bn=s.sync_bn,  # no \r into pipes and logs
+                              cuda_graph=s.cuda_graph)
             if checkpoint is not None:
                 trainer.load_state(*checkpoint)
             if not s.evaluate:

@@ -20,8 +20,12 @@ not Python floats: on a GPU, turning one into a Python number waits for the GPU 
 """
 import math
 
+import numpy as np
+
+from .backend import get_array_module, is_gpu_array
+from .cuda.sgd import GROUP_GRADIENT, GROUP_SHRINK
 from .losses import multiclass_hinge_loss, softmax_cross_entropy
-from .regularizers import proximal_step, regularization
+from .regularizers import proximal_step, regularization, regularized_groups
 from .strength import scale_groups
 
 LOSSES = {"cross_entropy": softmax_cross_entropy, "hinge": multiclass_hinge_loss}
@@ -77,8 +81,18 @@ class Regularizer:
         (0-d, on the model's device; also kept in ``last_value``).
 
         Called by ``objective`` right after the model's backward has set the data gradients.
+        On a GPU each regularized array takes one fused kernel (``cuda/sgd.py``) instead of
+        ``regularization``'s twenty-odd array expressions: the same terms, in the same order.
         """
         m = self.model
+        if is_gpu_array(m.classifier.params["W"]):
+            value = None
+            grads = [m.classifier.grads] + [conv.grads for conv in m.convs]
+            for (x, c, mix, axes), grad in zip(self._terms(), grads):
+                _, value = GROUP_GRADIENT(x, grad["W"], value, c, mix, axes, self.update == "subgradient",
+                                          grad["W"])
+            self.last_value = value
+            return value
         value, dW, dthetas = regularization(
             self._config, m.classifier.params["W"], m.thetas(), self._cw, self._ctheta,
             group_subgradient=(self.update == "subgradient"))
@@ -88,13 +102,30 @@ class Regularizer:
         self.last_value = value
         return value
 
+    def _terms(self):
+        """``regularizers.regularized_groups`` of this model: (array, C, mix, group axes) each."""
+        m = self.model
+        return regularized_groups(self._config, m.classifier.params["W"], m.thetas(), self._cw, self._ctheta)
+
     def after_step(self, lr):
         """After an SGD step with learning rate ``lr``: the proximal step (proximal mode only),
-        with step lr/(1-μ) (see the class docstring)."""
-        if self.update == "proximal":
-            m = self.model
-            proximal_step(self._config, m.classifier.params["W"], m.thetas(), lr / (1.0 - self.momentum),
-                          self._cw, self._ctheta)
+        with step lr/(1-μ) (see the class docstring).
+
+        lr: a float, or on a GPU the optimizer's 0-d device copy (``SGD.step_lr``), which a
+        step captured as a CUDA graph must read rather than a number fixed at capture."""
+        if self.update != "proximal":
+            return
+        m = self.model
+        W = m.classifier.params["W"]
+        if is_gpu_array(W):  # one kernel per array, τ computed on the device
+            xp = get_array_module(W)
+            if isinstance(lr, (int, float)):
+                lr = xp.full((), float(lr), dtype=np.float64)
+            for x, c, mix, axes in self._terms():
+                if c * mix != 0:  # τ = 0 leaves the array as it is (group_soft_threshold)
+                    GROUP_SHRINK(x, lr, 1.0 - self.momentum, c, mix, axes, x)
+            return
+        proximal_step(self._config, W, m.thetas(), float(lr) / (1.0 - self.momentum), self._cw, self._ctheta)
 
 
 def _loss_function(loss):
@@ -153,5 +184,5 @@ def train_step(model, optimizer, x, labels, regularizer=None, loss="cross_entrop
         optimizer.lr = lr
     optimizer.step()
     if regularizer is not None:
-        regularizer.after_step(optimizer.lr)
+        regularizer.after_step(optimizer.step_lr())
     return value, data_loss, scores

@@ -8,7 +8,8 @@ one place eq. 1 is put together), and its proximal step runs after the update
 """
 import numpy as np
 
-from .backend import device_of, get_array_module, to_cpu, to_device
+from .backend import device_of, get_array_module, is_gpu_array, to_cpu, to_device
+from .cuda.sgd import SGD_MOMENTUM
 from .harness.checkpoint import check_array
 
 
@@ -27,6 +28,11 @@ class SGD:
     lr_mult: one factor per layer (default 1 each): that layer's parameters step with
     ``lr_mult[i] · lr`` in the formulas above, nothing else changes (fine-tuning trains a new
     classifier at a larger rate than the transferred layers, paper sec. 5.3.3).
+
+    On a GPU each parameter's update is one fused kernel (``cuda/sgd.py``: the same formulas,
+    the same bits) that reads the rate from a 0-d device array (``lr_array``), written when
+    ``lr`` is set: a step captured as a CUDA graph then uses each replay's rate, never the
+    number it was captured with (``harness/graph_step.py``).
     """
 
     def __init__(self, layers, lr=0.1, momentum=0.9, nesterov=False, lr_mult=None):
@@ -38,10 +44,37 @@ class SGD:
         self.lr_mult = [1.0] * len(self.layers) if lr_mult is None else [float(m) for m in lr_mult]
         if len(self.lr_mult) != len(self.layers) or min(self.lr_mult, default=0.0) < 0:
             raise ValueError(f"lr_mult needs one factor >= 0 per layer ({len(self.layers)}), got {lr_mult}")
+        self._lr_array = None  # lr on the parameters' device (GPU only; see lr_array)
         self.lr = float(lr)
         self.momentum = float(momentum)
         self.nesterov = bool(nesterov)
         self.velocity = {}  # "<layer index>.<param name>" -> array like the parameter
+
+    @property
+    def lr(self):
+        """The learning rate of the next step (a float)."""
+        return self._lr
+
+    @lr.setter
+    def lr(self, value):
+        value = float(value)
+        if self._lr_array is not None and value != self._lr:
+            self._lr_array.fill(value)  # a tiny kernel, queued before the step: no sync
+        self._lr = value
+
+    def lr_array(self, xp):
+        """``lr`` as a 0-d float64 array on ``xp``'s device: what the GPU kernels read.
+
+        Made at the first GPU step and rewritten whenever ``lr`` changes, always outside the
+        step itself, so a captured step reads each replay's rate from it."""
+        if self._lr_array is None or get_array_module(self._lr_array) is not xp:
+            self._lr_array = xp.full((), self._lr, dtype=np.float64)
+        return self._lr_array
+
+    def step_lr(self):
+        """The rate of the step just taken, for ``Regularizer.after_step``: the device array of
+        ``lr_array`` once a GPU step has made it, else the float."""
+        return self._lr if self._lr_array is None else self._lr_array
 
     def parameters(self):
         """Yield ``(key, layer, name, param, grad)`` for every parameter, looked up now.
@@ -61,10 +94,15 @@ class SGD:
         """Update every parameter in place from its gradient, with ``self.lr``."""
         base, mu = float(self.lr), self.momentum  # Python floats never promote float32 arrays
         for key, _, name, p, g in self.parameters():
-            lr = base * self.lr_mult[int(key.split(".", 1)[0])]
+            mult = self.lr_mult[int(key.split(".", 1)[0])]
+            lr = base * mult
             if g is None or g.shape != p.shape:
                 raise ValueError(f"parameter {key} of shape {tuple(p.shape)} has gradient of shape "
                                  f"{None if g is None else tuple(g.shape)}; run backward first")
+            if is_gpu_array(p):  # the formulas below as one kernel, lr·mult read on the device
+                v = self._buffer(key, p) if mu else None
+                SGD_MOMENTUM(p, g, v, self.lr_array(get_array_module(p)), mult, mu, self.nesterov, p, v)
+                continue
             if mu == 0:
                 p -= lr * g
                 continue
@@ -75,6 +113,14 @@ class SGD:
                 p -= lr * (g + mu * v)
             else:
                 p -= lr * v
+
+    def buffers(self):
+        """Every parameter's momentum buffer, in parameter order, made now (zeros) where a
+        first step has not made it yet; [] without momentum.  What a step updates in place
+        besides the parameters (``harness/graph_step.py`` saves and restores them)."""
+        if self.momentum == 0:
+            return []
+        return [self._buffer(key, p) for key, _, _, p, _ in self.parameters()]
 
     def _buffer(self, key, p):
         """The momentum buffer of parameter ``key``, zeros at first, on p's device and dtype."""

@@ -87,7 +87,7 @@ def group_lasso(x, group_axes):
     return norms.sum(), x * _inverse(norms)
 
 
-def _mixed(x, mix, group_axes, group_subgradient):
+def mixed_term(x, mix, group_axes, group_subgradient):
     """(1-mix)·½‖x‖²_F + mix·Σ_g ‖x_g‖ and its (sub)gradient, sharing one pass over x².
 
     The gradient is built as one broadcast product x·((1-mix) + mix/‖g‖), so it allocates
@@ -115,7 +115,7 @@ def omega(W, alpha, group_subgradient=True):
     Returns ``(value, dW)``: a 0-d array and an array like W.
     """
     _check_ndim(W, "W")
-    return _mixed(W, _check_mix("alpha", alpha), OMEGA_AXES, group_subgradient)
+    return mixed_term(W, _check_mix("alpha", alpha), OMEGA_AXES, group_subgradient)
 
 
 def gamma(theta, beta, group_subgradient=True):
@@ -127,7 +127,7 @@ def gamma(theta, beta, group_subgradient=True):
     Returns ``(value, dtheta)``: a 0-d array and an array like theta.
     """
     _check_ndim(theta, "theta")
-    return _mixed(theta, _check_mix("beta", beta), GAMMA_AXES, group_subgradient)
+    return mixed_term(theta, _check_mix("beta", beta), GAMMA_AXES, group_subgradient)
 
 
 def psi(theta, beta, group_subgradient=True):
@@ -139,7 +139,7 @@ def psi(theta, beta, group_subgradient=True):
     Returns ``(value, dtheta)``: a 0-d array and an array like theta.
     """
     _check_ndim(theta, "theta")
-    return _mixed(theta, _check_mix("beta", beta), PSI_AXES, group_subgradient)
+    return mixed_term(theta, _check_mix("beta", beta), PSI_AXES, group_subgradient)
 
 
 # --------------------------------------------------------------------------- proximal operators
@@ -265,6 +265,7 @@ def variant(name, depth, rho, compressed_beta=0.1):
 
 
 _CONV_TERMS = {"gamma": (gamma, prox_gamma), "psi": (psi, prox_psi)}
+_CONV_AXES = {"gamma": GAMMA_AXES, "psi": PSI_AXES}
 
 
 def _check_layers(config, thetas):
@@ -282,6 +283,23 @@ def _per_layer(ctheta, n):
             raise ValueError(f"got {len(ctheta)} per-layer C_Θ for {n} dictionaries")
         return [float(c) for c in ctheta]
     return [float(ctheta)] * n
+
+
+def regularized_groups(config, W, thetas, cw=1e-4, ctheta=1e-4):
+    """Every term of eq. (1)'s regularizer as ``(array, C, mix, group_axes)``, in the order
+    ``regularization`` sums them: ``(W, C_W, α, OMEGA_AXES)``, then ``(Θ^l, C_Θ^l, β^l,
+    GAMMA_AXES or PSI_AXES)`` for l = 1..L-1 (arguments as ``regularization``; checked the
+    same way).  What the fused kernels of ``cuda/sgd.py`` walk on a GPU.  Returns a list.
+    """
+    _check_layers(config, thetas)
+    _check_ndim(W, "W")
+    for theta in thetas:
+        _check_ndim(theta, "theta")
+    axes = _CONV_AXES[config.conv_term]
+    terms = [(W, float(cw), _check_mix("alpha", config.alpha), OMEGA_AXES)]
+    for theta, beta, c in zip(thetas, config.betas, _per_layer(ctheta, len(thetas))):
+        terms.append((theta, c, _check_mix("beta", beta), axes))
+    return terms
 
 
 def regularization(config, W, thetas, cw=1e-4, ctheta=1e-4, group_subgradient=True):

@@ -63,6 +63,11 @@ def build_parser(given_only=False):
     a("--conv-algo", choices=("auto", "im2col", "winograd"), default="im2col",
       help="3x3 stride-1 convolutions by im2col + GEMM, Winograd F(2x2, 3x3), or auto: the faster, "
            "measured once per layer shape (same maths; see docs/winograd.md)")
+    a("--cuda-graph", choices=("auto", "on", "off"), default="auto",
+      help="capture the training step once as a CUDA graph and replay it for every full batch (one launch "
+           "instead of hundreds; the same maths, checked against an eager step first, which a failure "
+           "falls back to with a warning): auto = on a GPU with one process; on = the same, refused "
+           "elsewhere (docs/gpu.md)")
     a("--workers", type=int, help="image-decoding processes (default: CPU cores - 1, at most 8)")
     a("--cache", action="store_true", help="decode and resize the dataset once into a uint8 memory-mapped "
       "cache in OUT/cache (refreshed when files change)")

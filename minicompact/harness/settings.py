@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
+from ..backend import gpu_available
 from ..data.sharding import steps_per_epoch
 from ..data.transforms import scaled_sizes
 from ..model import ModelConfig, dictionary_sizes
@@ -213,6 +214,12 @@ def validate(s, how):
     for ok, message in checks:
         if not ok:
             fail(message)
+    if s.cuda_graph == "on":  # it changes no number, so it is no MATH_KEY: only where it can run
+        if s.device == "cpu" or (s.device == "auto" and not gpu_available()):
+            why = "--device is cpu" if s.device == "cpu" else "none is usable"
+            fail(f"--cuda-graph on needs a GPU, and {why}; use --cuda-graph auto (eager steps on the CPU)")
+        if getattr(s, "ranks", 1) > 1:
+            fail(f"--cuda-graph on runs one process; with {s.ranks} ranks the steps run eagerly (use auto)")
     if s.warmup > s.epochs and not s.evaluate:  # an evaluation trains nothing
         message = (f"--warmup {s.warmup:g} is longer than the run (--epochs {s.epochs}): the learning "
                    f"rate would never reach --lr {s.lr:g}")

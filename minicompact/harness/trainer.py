@@ -19,6 +19,9 @@
   (``Trainer._read_sums``), so it stops the run at most one log interval after it appeared,
   and every checkpoint first checks that the weights are finite (``Trainer.save``), so a
   diverged model is never written;
+* on a GPU, the step captured once as a CUDA graph and replayed for every full batch
+  (``graph_step.CapturedStep``; ``cuda_graph``: auto|on|off), checked against an eager step
+  first, with partial batches and evaluation eager;
 * data-parallel training when given a communicator of several ranks (``distributed``):
   the loaders read each rank's part of the data (``BatchLoader(rank=, ranks=)``), one
   all-reduce per step turns the ranks' gradients into the global batch's, rank 0's weights
@@ -44,6 +47,7 @@ from .atomic import atomic_write
 from .checkpoint import check_train_state, save_checkpoint
 from .checkpoint_check import read_checkpoint
 from .device_sums import DeviceSums, EpochSums
+from .graph_step import CapturedStep, check_mode
 from .progress import ProgressBar
 from .stopping import Interrupted, StopSignals, agreed_stop, interrupted, stop_votes
 
@@ -68,13 +72,16 @@ class Trainer:
     ``out_dir``, ``progress`` and a ``log``.  sync_bn: normalise with the global batch's
     statistics (``SyncBatchNorm2D``) instead of each rank's own; the running statistics are
     averaged over the ranks at every step either way (``GradientAllReduce(buffers=True)``).
+    cuda_graph: "auto" captures the step as a CUDA graph on a GPU with one process (falling back
+    to eager steps with a warning if the capture fails its check), "on" the same but a
+    ValueError where no graph can be captured, "off" never (``graph_step.py``).
     """
 
     log_interval = 1.0  # seconds between reads of the running sums (progress bar, NaN check)
 
     def __init__(self, model, optimizer, schedule, regularizer, loss_fn, train_loader, val_loader,
                  mean, std, epochs, out_dir=None, settings=None, progress=True, log=print,
-                 comm=None, sync_bn=False):
+                 comm=None, sync_bn=False, cuda_graph="auto"):
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.regularizer, self.loss_fn = regularizer, loss_fn
         self.train_loader, self.val_loader = train_loader, val_loader
@@ -90,11 +97,31 @@ class Trainer:
                 use_sync_batchnorm(model, self.comm)
             broadcast_model(model, self.comm)
             self.reducer = GradientAllReduce(self.comm, model, buffers=not sync_bn)
+        self.step = CapturedStep(self._train_batch, self.xp, self._state_arrays, self._set_lr,
+                                  capture=check_mode(cuda_graph, self.xp, self.comm.size))
 
     # -- one step, one epoch -------------------------------------------------------------
     def _to_model(self, images_u8, labels):
         x = normalize(images_u8, self.mean, self.std, self.xp)
         return x, self.xp.asarray(labels)
+
+    def _train_batch(self, x, labels):
+        """One SGD step on eq. 1 at the optimizer's current rate (``train_step``) and the batch's
+        top-1/top-5 counts: what ``CapturedStep`` captures.  x, labels: on the device (None on
+        a data-parallel rank without readable images).  Returns (objective, loss, top1, top5),
+        0-d device arrays (the counts None without images)."""
+        value, loss, scores = train_step(self.model, self.optimizer, x, labels, self.regularizer, self.loss_fn,
+                                         check_finite=False, reduce_gradients=self.reducer)
+        top1, top5 = accuracy_topk(scores, labels, ks=(1, 5)) if x is not None else (None, None)
+        return value, loss, top1, top5
+
+    def _set_lr(self, lr):
+        self.optimizer.lr = lr
+
+    def _state_arrays(self):
+        """Every array a step updates in place: parameters, batch-norm statistics, momentum."""
+        return ([a for layer in self.model.layers for store in (layer.params, layer.buffers)
+                 for a in store.values()] + self.optimizer.buffers())
 
     def _read_sums(self, sums, where):
         """Bring the running ``EpochSums`` to the host (one transfer: the one sync of a log
@@ -159,11 +186,9 @@ class Trainer:
                 if total:
                     x, y = self._to_model(images, labels) if n else (None, None)
                     lr = self.schedule.lr_at(epoch, step - 1, steps)
-                    value, loss, scores = train_step(model, self.optimizer, x, y, self.regularizer,
-                                                     self.loss_fn, lr, check_finite=False,
-                                                     reduce_gradients=self.reducer)
+                    value, loss, top1, top5 = self.step(lr, x, y, full=n == getattr(loader, "batch_size", n))
                     if n:
-                        sums.add(loss, value, *accuracy_topk(scores, y, ks=(1, 5)), n)
+                        sums.add(loss, value, top1, top5, n)
                 done, skipped_done = step, skipped
                 bar.update(step)
         host = self._read_sums(sums, f"in epoch {epoch + 1}")  # also waits for the GPU
