@@ -135,8 +135,9 @@ def check_near(near):
 # run.py flags that change how a point runs but not its numbers, so sweeps that differ only
 # in them may share a folder: --workers (batches do not depend on the number of decoding
 # processes, data/loader.py), --no-progress (bars only), --cache (every point gets the
-# sweep's --cache-dir, which takes its place).  The names are argparse's dests.
-NOT_RESULTS = ("workers", "no_progress", "cache")
+# sweep's --cache-dir, which takes its place), --cuda-graph (a captured step is checked
+# against the eager one and computes the same numbers).  The names are argparse's dests.
+NOT_RESULTS = ("workers", "no_progress", "cache", "cuda_graph")
 
 
 def parse_run_args(run_args):
