@@ -4,6 +4,8 @@
     python bench/bench_vs_pytorch.py --device gpu --precision tf32 --json out.json
     python bench/bench_vs_pytorch.py --nets demo,depth8 --repeats 10 --threads 2
     python bench/bench_vs_pytorch.py --nets demo,depth8 --conv-algo im2col,winograd   # both
+    python bench/bench_vs_pytorch.py --device gpu --nets demo,depth8 --conv-algo im2col \
+        --cuda-graph both --kernels both      # eager vs captured, kernels vs twins: 4 columns
 
 For each network: the minicompact model is built, and the same network is written with
 torch.nn and given minicompact's weights.  First the two are checked equal: the scores, the
@@ -27,6 +29,18 @@ default both im2col and winograd): each gets its own model (same
 seed, same weights), is checked, timed (each minicompact step followed by a PyTorch step, so
 every algorithm alternates with PyTorch), attributed and measured, and gets its own column.
 
+``--cuda-graph`` (off, on or both) times minicompact's whole step eager, captured once as a
+CUDA graph and replayed, or both: the step function is wrapped in ``CapturedStep``
+(minicompact/harness/graph_step.py) as ``Trainer`` wraps its own, eager steps with
+``capture=False``; the capture (one eager step, the capture, one checked replay) happens
+before the warm-up.  A CUDA graph needs a GPU: on the CPU ``on`` stops with one line and
+``both`` times the eager step only.  ``--kernels`` (on, off or both) times the hand-written
+kernels of minicompact/cuda (on, the default), their array-expression twins
+(``MINICOMPACT_KERNELS=off`` around every minicompact call), or both; on the CPU both are the
+same NumPy code.  Every combination of algorithm, graph and kernels is a column of its own
+(named like ``im2col graph twins``); the equality check and the per-layer pass run once per
+algorithm and kernels setting (eagerly), the memory pass with the first kernels setting.
+
 PyTorch is imported here only: minicompact never needs it.  Precision: "fp32" runs strict
 float32 in both; "tf32" lets both use TF32 tensor cores for float32 GEMMs and convolutions
 (``backend.set_precision`` for CuPy, ``fp32_precision = "tf32"`` for cuBLAS and cuDNN in
@@ -44,8 +58,10 @@ import time
 import numpy as np
 
 from minicompact import backend
-from minicompact.backend import set_precision, synchronize, to_cpu
-from minicompact.objective import objective
+from minicompact.backend import array_module, get_array_module, set_precision, synchronize, to_cpu
+from minicompact.harness.graph_step import CapturedStep, check_mode
+from minicompact.losses import softmax_cross_entropy
+from minicompact.objective import objective, train_step
 from timing import CTHETA, CW, LR, MOMENTUM, NETWORKS, Setup, describe, layer_times, timed
 
 try:
@@ -178,6 +194,73 @@ def set_torch_precision(precision):
     else:
         torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
         torch.backends.cudnn.allow_tf32 = precision == "tf32"
+
+
+# --------------------------------------------------------------------------- minicompact's variants
+@contextlib.contextmanager
+def kernels_env(mode):
+    """``MINICOMPACT_KERNELS`` set to ``mode`` ("on": the hand-written kernels, "off": their
+    twins) inside the block.  ``CudaKernel`` reads it at every call (``cuda.kernels_enabled``),
+    so a step run, captured or checked inside the block uses that setting."""
+    old = os.environ.get("MINICOMPACT_KERNELS")
+    os.environ["MINICOMPACT_KERNELS"] = mode
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("MINICOMPACT_KERNELS", None)
+        else:
+            os.environ["MINICOMPACT_KERNELS"] = old
+
+
+def variant_label(algo, graph=False, kernels="on"):
+    """A column's name: the algorithm, then " graph" (captured) and " twins" (kernels off)."""
+    return algo + (" graph" if graph else "") + (" twins" if kernels == "off" else "")
+
+
+class Variant:
+    """minicompact's training step in one configuration: a convolution algorithm, the step eager
+    or captured as a CUDA graph (``graph``), the kernels on or off (``kernels``: "on"/"off").
+
+    Its own ``Setup`` (the same seed, so the same weights and batch as every other variant),
+    and its step wrapped in ``CapturedStep`` exactly as ``Trainer`` wraps ``_train_batch``:
+    ``capture=False`` steps call the step function directly.  ``step()`` must run inside
+    ``kernels_env(self.kernels)``.
+    """
+
+    def __init__(self, net, device, algo, graph, kernels):
+        self.algo, self.graph, self.kernels = algo, graph, kernels
+        self.label = variant_label(algo, graph, kernels)
+        self.setup = Setup(net, device, conv_algo=algo)
+        xp = get_array_module(self.setup.x)
+        self.captured = CapturedStep(self._train, xp, self._state_arrays, self._set_lr,
+                                     capture=check_mode("on" if graph else "off", xp))
+
+    def _train(self, x, y):
+        """The step ``Setup.step`` times (forward, loss, backward, regularizer, SGD), returning
+        its objective and loss (0-d device arrays): what ``CapturedStep`` captures."""
+        s = self.setup
+        value, loss, _ = train_step(s.model, s.optimizer, x, y, s.regularizer, softmax_cross_entropy,
+                                    check_finite=False)
+        return value, loss
+
+    def _set_lr(self, lr):
+        self.setup.optimizer.lr = lr
+
+    def _state_arrays(self):
+        """Every array a step updates in place (as ``Trainer._state_arrays``)."""
+        model = self.setup.model
+        return ([a for layer in model.layers for store in (layer.params, layer.buffers)
+                 for a in store.values()] + self.setup.optimizer.buffers())
+
+    def step(self):
+        """One whole training step: replayed once captured, eager otherwise; no sync inside."""
+        self.captured(LR, self.setup.x, self.setup.y)
+
+    @property
+    def is_captured(self):
+        """Whether replays run (False for an eager variant, or a capture that failed and warned)."""
+        return self.captured.graph is not None
 
 
 # --------------------------------------------------------------------------- the equality check
@@ -378,8 +461,9 @@ def memory_child(args):
     print(json.dumps(out))
 
 
-def measure_memory(args, net_name, framework, conv_algo="im2col"):
-    """Peaks of ``framework`` ("minicompact" or "torch") on one network, in a fresh process."""
+def measure_memory(args, net_name, framework, conv_algo="im2col", kernels="on"):
+    """Peaks of ``framework`` ("minicompact" or "torch") on one network, in a fresh process
+    (minicompact with its kernels on or off: ``MINICOMPACT_KERNELS``)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--memory-child",
            "torch" if framework == "torch" else "minicompact", "--net", net_name,
            "--conv-algo", conv_algo,
@@ -388,7 +472,7 @@ def measure_memory(args, net_name, framework, conv_algo="im2col"):
         cmd += ["--batch", str(args.batch)]
     # A fixed mmap threshold: freed large arrays go back to the OS at once in both frameworks,
     # instead of glibc's adaptive threshold keeping some in the heap (and out of the peak).
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MINICOMPACT_KERNELS=kernels)
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     if run.returncode != 0:
         return {"error": (run.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -401,7 +485,7 @@ def environment(args, tdevice):
     env = {"python": platform.python_version(), "numpy": np.__version__,
            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
            "cpu": _cpu_name(), "cores": os.cpu_count(), "load_avg": os.getloadavg(),
-           "precision": args.precision}
+           "precision": args.precision, "cuda_graph": args.cuda_graph, "kernels": args.kernels}
     blas = np.show_config(mode="dicts").get("Build Dependencies", {}).get("blas", {})
     env["numpy_blas"] = f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
     env["blas_threads_env"] = {k: os.environ[k] for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
@@ -454,12 +538,15 @@ def bench_network(args, name, tdevice):
     print(f"\n== {name}: {describe(net)}")
     set_precision("fp32")
     set_torch_precision("fp32")
-    algos = args.conv_algos
+    algos, graphs, kmodes = args.conv_algos, args.graph_modes, args.kernel_modes
+    eager_keys = [(algo, k) for algo in algos for k in kmodes]   # one check, layer pass each
     if not args.no_check:
-        for algo in algos:
-            c = check_equal(args, net, tdevice, algo)
-            result.setdefault("check", {})[algo] = c
-            print(f"   [{algo}] same computation (batch {min(net['batch'], args.check_batch)}): in "
+        for algo, k in eager_keys:
+            key = variant_label(algo, kernels=k)
+            with kernels_env(k):
+                c = check_equal(args, net, tdevice, algo)
+            result.setdefault("check", {})[key] = c
+            print(f"   [{key}] same computation (batch {min(net['batch'], args.check_batch)}): in "
                   f"float64 the scores, loss, objective, every gradient, BN statistics and the weights "
                   f"after one SGD step agree to {c['float64_worst']:.1e} (worst: {c['float64_worst_is']}); "
                   f"in float32 the scores and loss to {c['float32_forward']:.1e}; float32 gradients "
@@ -467,17 +554,27 @@ def bench_network(args, name, tdevice):
                   f"{c['minicompact_float32_vs_float64']:.1e} ({c['minicompact_float32_worst_is']}), "
                   f"PyTorch {c['torch_float32_vs_float64']:.1e} ({c['torch_float32_worst_is']})"
                   f" (between the two: {c['float32_gradients_between']:.1e})")
-    setups = {algo: Setup(net, args.device, conv_algo=algo) for algo in algos}   # same weights
-    side = TorchSide(setups[algos[0]], tdevice)
+    variants = [Variant(net, args.device, algo, graph, k)    # same weights and batch in each
+                for algo in algos for graph in graphs for k in kmodes]
+    side = TorchSide(variants[0].setup, tdevice)
     set_precision(args.precision)
     set_torch_precision(args.precision)
     if args.device == "gpu":
         result["cupy_float32_gemm"] = cupy_compute_type()
+    for v in variants:
+        if v.graph:   # the first full batch: an eager step, the capture and one checked replay
+            with kernels_env(v.kernels):
+                v.step()
+            synchronize()
+            print(f"   [{v.label}] " + ("captured as a CUDA graph; one replay reproduced the eager step"
+                                        if v.is_captured else
+                                        "capture FAILED (see the warning above): its steps run eagerly"))
     for _ in range(args.warmup):
-        for setup in setups.values():
-            setup.step()
+        for v in variants:
+            with kernels_env(v.kernels):
+                v.step()
             side.step()
-    ours, theirs = {algo: [] for algo in algos}, []
+    ours, theirs = {v.label: [] for v in variants}, []
 
     def pause():
         # After a step, OpenBLAS's and OpenMP's idle threads spin for a while; with several
@@ -487,24 +584,40 @@ def bench_network(args, name, tdevice):
             time.sleep(args.pause)
 
     for _ in range(args.repeats):   # alternate, so that load changes hit both alike
-        for algo, setup in setups.items():
+        for v in variants:
             pause()
-            ours[algo].append(timed(setup.step, synchronize))
+            with kernels_env(v.kernels):
+                ours[v.label].append(timed(v.step, synchronize))
             pause()
             theirs.append(timed(side.step, side.sync))
     batch = net["batch"]
     theirs_ips = batch / float(np.median(theirs))
     result.update(torch_img_s=theirs_ips, torch_step_ms=[1e3 * t for t in theirs], algos={})
-    for algo in algos:
-        ours_ips = batch / float(np.median(ours[algo]))
-        result["algos"][algo] = dict(minicompact_img_s=ours_ips, ratio=ours_ips / theirs_ips,
-                                     minicompact_step_ms=[1e3 * t for t in ours[algo]])
-        print(f"   [{algo}] whole step, median of {args.repeats}: minicompact "
-              f"{1e3 * np.median(ours[algo]):8.1f} ms = {ours_ips:7.1f} img/s | PyTorch "
+    for v in variants:
+        ours_ips = batch / float(np.median(ours[v.label]))
+        result["algos"][v.label] = dict(conv_algo=v.algo, cuda_graph=v.graph, captured=v.is_captured,
+                                        kernels=v.kernels, minicompact_img_s=ours_ips,
+                                        ratio=ours_ips / theirs_ips,
+                                        minicompact_step_ms=[1e3 * t for t in ours[v.label]])
+        print(f"   [{v.label}] whole step, median of {args.repeats}: minicompact "
+              f"{1e3 * np.median(ours[v.label]):8.1f} ms = {ours_ips:7.1f} img/s | PyTorch "
               f"{1e3 * np.median(theirs):8.1f} ms = {theirs_ips:7.1f} img/s (median of "
-              f"{len(theirs)}) | ratio {ours_ips / theirs_ips:.2f}")
+              f"{len(theirs)}) | ratio {ours_ips / theirs_ips:.2f}"
+              + ("" if v.is_captured or not v.graph else " (not captured: eager)"))
+    # (on the CPU kernels and twins are the same code: no ratio of them)
+    speedups = speedup_lines(result["algos"], algos, graphs, kmodes if args.device == "gpu" else kmodes[:1])
+    if speedups:
+        result["speedups"] = speedups
+        for line in speedups.values():
+            print(f"   {line}")
     if not args.no_layers:
-        mine = {algo: layer_times(setup, steps=args.layer_steps) for algo, setup in setups.items()}
+        first = {}   # the first variant of each (algo, kernels): eager where there is one
+        for v in variants:
+            first.setdefault((v.algo, v.kernels), v)
+        mine = {}
+        for (algo, k), v in first.items():
+            with kernels_env(k):
+                mine[variant_label(algo, kernels=k)] = layer_times(v.setup, steps=args.layer_steps)
         try:
             other = torch_layer_times(side, steps=args.layer_steps)
         except Exception as exc:   # the profiler is a nicety: never lose the run to it
@@ -512,22 +625,50 @@ def bench_network(args, name, tdevice):
             print(f"   (PyTorch profiler failed: {type(exc).__name__}: {exc})")
         result["layers"] = {"minicompact_s": mine, "torch_s": other}
         print("   per layer kind, ms per step (minicompact: a separate pass with a sync after every "
-              "layer; PyTorch: profiler self time per operator)")
-        print(f"     {'':<20s} " + " ".join(f"{a:>11s}" for a in algos) + f" {'PyTorch':>9s}")
-        first = mine[algos[0]]
-        kinds = sorted(set().union(*mine.values(), other), key=lambda k: -first.get(k, 0.0))
+              "layer, eager; PyTorch: profiler self time per operator)")
+        keys = list(mine)
+        width = max([11] + [len(k) + 1 for k in keys])
+        print(f"     {'':<20s} " + " ".join(f"{k:>{width}s}" for k in keys) + f" {'PyTorch':>9s}")
+        first_times = mine[keys[0]]
+        kinds = sorted(set().union(*mine.values(), other), key=lambda k: -first_times.get(k, 0.0))
         for kind in kinds:
-            cells = [mine[a].get(kind) for a in algos] + [other.get(kind)]
+            cells = [mine[k].get(kind) for k in keys] + [other.get(kind)]
             print(f"     {kind:<20s} " + " ".join(
-                f"{'' if v is None else f'{1e3 * v:.2f}':>{11 if i < len(algos) else 9}s}"
-                for i, v in enumerate(cells)))
+                f"{'' if t is None else f'{1e3 * t:.2f}':>{width if i < len(keys) else 9}s}"
+                for i, t in enumerate(cells)))
     if not args.no_memory:
-        setups = setup = side = None
-        mem = {f"minicompact {algo}": measure_memory(args, name, "minicompact", algo) for algo in algos}
+        variants = side = v = first = None   # free the device memory before the children measure
+        k = kmodes[0]
+        mem = {f"minicompact {variant_label(algo, kernels=k)}": measure_memory(args, name, "minicompact", algo, k)
+               for algo in algos}
         mem["torch"] = measure_memory(args, name, "torch")
         result["memory"] = mem
-        print(f"   peak memory over two steps, fresh process each: {format_memory(mem, args.device)}")
+        print(f"   peak memory over two eager steps, fresh process each: {format_memory(mem, args.device)}")
     return result
+
+
+def speedup_lines(timings, algos, graphs, kmodes):
+    """{name: one line} of the step-time ratios within an algorithm: eager / captured (for each
+    kernels setting) and twins / kernels (for each of eager and captured); above 1, the
+    second is faster.  Empty when only one variant per algorithm was timed."""
+    def ms(algo, graph, k):
+        return float(np.median(timings[variant_label(algo, graph, k)]["minicompact_step_ms"]))
+
+    lines = {}
+    for algo in algos:
+        parts = []
+        if len(graphs) == 2:
+            parts.append("eager / captured " + ", ".join(
+                (f"{ms(algo, False, k) / ms(algo, True, k):.2f}"
+                 if timings[variant_label(algo, True, k)]["captured"] else "none (capture failed)")
+                + f" ({'kernels' if k == 'on' else 'twins'})" for k in kmodes))
+        if len(kmodes) == 2:
+            parts.append("twins / kernels " + ", ".join(
+                f"{ms(algo, g, 'off') / ms(algo, g, 'on'):.2f} ({'captured' if g else 'eager'})"
+                for g in graphs))
+        if parts:
+            lines[algo] = f"[{algo}] step time ratios (above 1: the second is faster): " + "; ".join(parts)
+    return lines
 
 
 def format_memory(mem, device):
@@ -571,6 +712,12 @@ def main(argv=None):
                     help="minicompact's convolution algorithms to time, comma-separated, from "
                          "im2col, winograd, auto (one column each); append +shared for one column "
                          "workspace shared by all layers, columns rebuilt in backward")
+    ap.add_argument("--cuda-graph", default="off", choices=["off", "on", "both"],
+                    help="time minicompact's step eager (off), captured once as a CUDA graph and "
+                         "replayed (on: GPU only), or both; on the CPU 'both' times eager only")
+    ap.add_argument("--kernels", default="on", choices=["on", "off", "both"],
+                    help="minicompact's hand-written CUDA kernels (on), their array-expression twins "
+                         "(off: MINICOMPACT_KERNELS=off), or both; the same code on the CPU")
     ap.add_argument("--json", metavar="PATH", help="also write the results here")
     ap.add_argument("--net", help=argparse.SUPPRESS)            # for --memory-child
     ap.add_argument("--memory-child", choices=["minicompact", "torch"], help=argparse.SUPPRESS)
@@ -590,6 +737,23 @@ def main(argv=None):
                    f"got {args.conv_algo!r}\n")
     if args.memory_child:
         return memory_child(args)
+    args.kernel_modes = ["on", "off"] if args.kernels == "both" else [args.kernels]
+    args.graph_modes = {"off": [False], "on": [True], "both": [False, True]}[args.cuda_graph]
+    if args.device == "cpu" and args.cuda_graph == "on":
+        ap.exit(2, "bench_vs_pytorch.py: error: --cuda-graph on needs a GPU (--device gpu); "
+                   "'--cuda-graph both' on the CPU times the eager step only\n")
+    if args.device == "gpu" and args.cuda_graph != "off":
+        try:
+            check_mode("on", array_module("gpu"))
+        except ValueError as exc:
+            ap.exit(2, f"bench_vs_pytorch.py: error: {exc}\n")
+    notes = []
+    if args.device == "cpu" and args.cuda_graph == "both":
+        args.graph_modes = [False]
+        notes.append("--cuda-graph both: the CPU has no CUDA graphs, so only the eager step is timed")
+    if args.device == "cpu" and args.kernels != "on":
+        notes.append(f"--kernels {args.kernels}: on the CPU every kernel is its NumPy twin, so kernels "
+                     "and twins run the same code")
     names = [n.strip() for n in args.nets.split(",") if n.strip()]
     unknown = [n for n in names if n not in NETWORKS]
     if unknown:
@@ -600,21 +764,29 @@ def main(argv=None):
     tdevice = torch.device("cuda" if args.device == "gpu" else "cpu")
     env = environment(args, tdevice)
     print("environment: " + json.dumps(env))
+    for note in notes:
+        print(note)
     print(f"timing: {args.warmup} warm-up + {args.repeats} timed whole steps per framework, "
           f"alternating{f', {args.pause:g} s of sleep before each' if args.pause else ''}; "
           f"ratio = minicompact img/s / PyTorch img/s")
+    labels = [variant_label(a, g, k) for a in args.conv_algos for g in args.graph_modes
+              for k in args.kernel_modes]
+    if labels != args.conv_algos:
+        print("columns: the convolution algorithm, then 'graph': the step captured as a CUDA graph "
+              "and replayed, 'twins': MINICOMPACT_KERNELS=off (else eager, kernels on)")
     results = []
     t0 = time.time()
     for name in names:
         results.append(bench_network(args, name, tdevice))
-    algos = args.conv_algos
-    print(f"\n{'network':<9s} {'batch':>5s} " + " ".join(f"{a + ' img/s':>15s}" for a in algos)
-          + f" {'PyTorch img/s':>14s} " + " ".join(f"{'ratio ' + a:>15s}" for a in algos))
+    labels = list(results[0]["algos"]) if results else labels   # the columns timed
+    width = max([15] + [len(a) + 7 for a in labels])
+    print(f"\n{'network':<9s} {'batch':>5s} " + " ".join(f"{a + ' img/s':>{width}s}" for a in labels)
+          + f" {'PyTorch img/s':>14s} " + " ".join(f"{'ratio ' + a:>{width}s}" for a in labels))
     for r in results:
         mc = r["algos"]
         print(f"{r['net']:<9s} {r['config']['batch']:>5d} "
-              + " ".join(f"{mc[a]['minicompact_img_s']:>15.1f}" for a in algos)
-              + f" {r['torch_img_s']:>14.1f} " + " ".join(f"{mc[a]['ratio']:>15.2f}" for a in algos))
+              + " ".join(f"{mc[a]['minicompact_img_s']:>{width}.1f}" for a in labels)
+              + f" {r['torch_img_s']:>14.1f} " + " ".join(f"{mc[a]['ratio']:>{width}.2f}" for a in labels))
     print(f"({args.device}, {args.precision}, PyTorch threads {torch.get_num_threads()}, "
           f"load average {os.getloadavg()[0]:.2f} at the end, {time.time() - t0:.0f} s in all)")
     if args.json:

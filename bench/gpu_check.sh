@@ -9,13 +9,25 @@
 # Steps, in order, each with its own time limit so that one hang cannot eat the device budget.
 # A device call may last 10 minutes at most, and a task gets about 15 minutes of device time
 # with the machine's start included, so run the steps that matter most first (limits in brackets):
-#   bash bench/gpu_check.sh env tests fp32 dist       [7.5 min]
-#   bash bench/gpu_check.sh layers tf32 model run     [5 min], if time is left
+#   bash bench/gpu_check.sh env kernels graph fp32   [9 min]: the first call: the kernels, the
+#                                                    captured step, the speed table
+#   bash bench/gpu_check.sh tests                    [3 min], if 4 minutes are left
+#   bash bench/gpu_check.sh layers tf32 model run    [7.5 min], then dist [2.5 min]: a later session
 # with OUT pointing at the folder whose files come back (the device tool's $OUT).
 # Measured on one H200 on 2026-12-04: start and transfers took about 30 s. The CuPy tests took
 # 48 s (219 cases) and bench_vs_pytorch.py on demo,depth8 with three algorithms and no memory
-# pass 37 s. The one-rank NCCL check took 3 s and the default run.py 55 s.
+# pass 37 s. The one-rank NCCL check took 3 s and the default run.py 55 s. The kernels and
+# graph steps have not run on a GPU yet (their limits are guesses from those figures).
 #   env     nvidia-smi, library versions                                    -> env.log
+#   kernels the tests of minicompact/cuda (kernels against their twins, the captured step
+#           against the eager one) and the sync test                        -> kernels.log
+#           + every registered kernel's self-check in float32 and float64, a table of
+#           name / dtype / ok, so a failing kernel shows even if no test reaches it
+#                                                                           -> kernels_selfcheck.log
+#   graph   bench_vs_pytorch.py on demo,depth8 (im2col, strict float32, no memory pass):
+#           eager vs captured step x kernels vs twins, four columns      -> graph.log/.json
+#           + bench/gpu_budget.py's launch counts and estimated step times (CPU only), kernels
+#           on and off, to read beside graph's measured ones             -> budget.log/.json
 #   tests   the CuPy-parametrised test cases (pytest -k gpu) + the sync test -> tests.log
 #   layers  bench_layers.py on the GPU: ms, GFLOP/s, GB/s per layer          -> layers.log
 #   fp32    bench_vs_pytorch.py, 4 networks, strict float32, with memory     -> vs_fp32.log/.json
@@ -33,12 +45,12 @@ STEPS=()
 for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY=1 ;;
-        env|tests|layers|fp32|tf32|model|run|dist) STEPS+=("$arg") ;;
+        env|kernels|graph|tests|layers|fp32|tf32|model|run|dist) STEPS+=("$arg") ;;
         *) echo "gpu_check.sh: unknown argument '$arg'" >&2; exit 2 ;;
     esac
 done
 if [ "${#STEPS[@]}" -eq 0 ]; then
-    STEPS=(env tests layers fp32 tf32 model run dist)
+    STEPS=(env kernels graph fp32 tests layers tf32 model run dist)
 fi
 
 OUT="${OUT:-$PWD/gpu-check}"
@@ -53,6 +65,7 @@ if [ "$DRY" -eq 1 ]; then
     DEVICE=cpu
     LAYER_ARGS=(--batch 2 --repeats 1 --only "relu 128, 28")
     VS_ARGS=(--nets demo --batch 4 --repeats 1 --warmup 1 --layer-steps 1 --check-batch 2)
+    GRAPH_ARGS=(--nets demo --batch 4 --repeats 1 --warmup 1 --layer-steps 1 --check-batch 2)
     MODEL_ARGS=(--net demo --batch 4 --repeats 1 --warmup 1)
     RUN_ARGS=(--epochs 1 --device cpu --workers 0)
     DIST_STEPS=1; DIST_ARGS=(--repeats 1 --allreduce 1000)
@@ -61,6 +74,7 @@ else
     DEVICE=gpu
     LAYER_ARGS=(--batch 64 --repeats 20)
     VS_ARGS=(--nets "paper,quarter,demo,depth8" --repeats 20 --warmup 3 --conv-algo im2col,winograd,auto)
+    GRAPH_ARGS=(--nets demo,depth8 --repeats 20 --warmup 3)
     MODEL_ARGS=(--net paper --repeats 10 --warmup 3)
     RUN_ARGS=(--epochs 2 --device gpu --workers 8 --cache)
     DIST_STEPS=10; DIST_ARGS=(--repeats 10 --allreduce 21395560)
@@ -85,7 +99,7 @@ run_step() {
 for step in "${STEPS[@]}"; do
     case "$step" in
         env)
-            run_step env 60 bash -c 'nvidia-smi || echo "no nvidia-smi"; python -c "
+            run_step env 30 bash -c 'nvidia-smi || echo "no nvidia-smi"; python -c "
 import platform, numpy, torch
 print(\"python\", platform.python_version(), \"numpy\", numpy.__version__, \"torch\", torch.__version__,
       \"cuda\", torch.version.cuda, \"cudnn\", torch.backends.cudnn.version(), \"torch sees GPU\", torch.cuda.is_available())
@@ -96,6 +110,68 @@ try:
 except Exception as exc:
     print(\"cupy unusable:\", exc)
 "'
+            ;;
+        kernels)
+            # The test files of minicompact/cuda and the captured step (their CuPy cases skip
+            # on the CPU); a file not there yet is left out, said in the summary.
+            FILES=()
+            for f in tests/test_cuda_kernels.py tests/test_cuda_pooling.py tests/test_cuda_sgd_graph.py \
+                     tests/test_cuda_batchnorm_im2col.py tests/test_syncs.py; do
+                if [ -f "$f" ]; then FILES+=("$f"); else
+                    echo "   $f missing: left out" | tee -a "$OUT/summary.txt"; fi
+            done
+            run_step kernels 100 python -m pytest -q -rsfE "${FILES[@]}"
+            # Every kernel's self-check (CudaKernel._check: compile, run on a sample, compare with
+            # the twin) in float32 and float64, whether or not a test reaches it.  On the CPU
+            # (no CuPy or no GPU) it imports the modules and lists the kernels only.
+            run_step kernels_selfcheck 45 python - <<'PY'
+import importlib, pkgutil, sys, warnings
+import numpy as np
+import minicompact.cuda as cuda
+failed = 0
+for module in sorted(m.name for m in pkgutil.iter_modules(cuda.__path__)):
+    try:
+        importlib.import_module(f"minicompact.cuda.{module}")
+        print(f"imported minicompact.cuda.{module}")
+    except Exception as exc:
+        failed += 1
+        print(f"FAILED to import minicompact.cuda.{module}: {type(exc).__name__}: {exc}")
+try:
+    import cupy
+    cupy.zeros(1).sum().item()   # a usable GPU, not only the package
+except Exception as exc:
+    cupy = None
+    print(f"no usable CuPy ({type(exc).__name__}): the self-checks are skipped")
+print(f"{'kernel':<32} {'dtype':<8} ok")
+for name, kernel in sorted(cuda.REGISTRY.items()):
+    for dtype in (np.dtype(np.float32), np.dtype(np.float64)):
+        if cupy is None:
+            print(f"{name:<32} {dtype.name:<8} skipped (no GPU)")
+            continue
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ok = kernel._check(cupy, dtype)
+        failed += not ok
+        why = "" if ok else " " + " ".join(str(w.message) for w in caught)
+        print(f"{name:<32} {dtype.name:<8} {'yes' if ok else 'NO'}{why}")
+checked = 0 if cupy is None else 2 * len(cuda.REGISTRY)
+print(f"{len(cuda.REGISTRY)} kernels registered; {failed} failures in {checked} self-checks and the imports")
+sys.exit(1 if failed else 0)
+PY
+            ;;
+        graph)
+            # minicompact's step eager and captured, kernels and twins, beside PyTorch (on the
+            # CPU only the eager columns: no CUDA graphs), then the CPU-counted budget of the
+            # same steps, so measured and estimated step times sit side by side.
+            if python -c "import torch" 2>/dev/null; then
+                run_step graph 120 python bench/bench_vs_pytorch.py --device "$DEVICE" --precision fp32 \
+                    "${GRAPH_ARGS[@]}" --conv-algo im2col --no-memory --cuda-graph both --kernels both \
+                    --json "$OUT/graph.json"
+            else
+                echo "   PyTorch missing: bench_vs_pytorch.py left out of graph" | tee -a "$OUT/summary.txt"
+            fi
+            run_step budget 60 python bench/gpu_budget.py --nets demo,depth8 --kernels both \
+                --json "$OUT/budget.json"
             ;;
         tests)
             if [ "$DRY" -eq 1 ]; then
