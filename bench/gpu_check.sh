@@ -136,6 +136,8 @@ for module in sorted(m.name for m in pkgutil.iter_modules(cuda.__path__)):
     except Exception as exc:
         failed += 1
         print(f"FAILED to import minicompact.cuda.{module}: {type(exc).__name__}: {exc}")
+for module in ("minicompact.model", "minicompact.optim", "minicompact.objective"):
+    importlib.import_module(module)  # the layers, im2col and the optimizer make their kernels
 try:
     import cupy
     cupy.zeros(1).sum().item()   # a usable GPU, not only the package

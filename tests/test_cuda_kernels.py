@@ -15,9 +15,12 @@ from minicompact.cuda import REGISTRY, CudaKernel, source_for
 
 
 def _load_all():
-    """Import every kernel module of the package, so that REGISTRY holds them all."""
+    """Import every module that makes kernels, so that REGISTRY holds them all: the package's
+    own, and the layers, im2col and the optimizer, which make theirs beside their twins."""
     for info in pkgutil.iter_modules(cuda.__path__):
         importlib.import_module(f"minicompact.cuda.{info.name}")
+    for name in ("minicompact.model", "minicompact.optim", "minicompact.objective"):
+        importlib.import_module(name)
     return sorted(REGISTRY)
 
 

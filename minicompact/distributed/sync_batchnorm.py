@@ -11,7 +11,9 @@ Forward, two passes (three small all-reduces; the two-pass variance stays accura
 
     M    = Σ_r M_r                                  all-reduce of one host number
     mean = (Σ_r Σ_{x_r} x) / M                      all-reduce of (C,)
-    var  = (Σ_r Σ_{x_r} (x - mean)²) / M            all-reduce of (C,), biased
+    var  = (Σ_r Σ_{x_r} (x - mean)²) / M            all-reduce of (C,), biased; each rank's
+           Σ_{x_r} (x - mean)² = Σ_{x_r} (x - mean_r)² + M_r·(mean_r - mean)², from its own
+           centred sum (BatchNorm2D: the same sum, without cancellation)
     xhat = (x - mean) / sqrt(var + eps),   out = gamma·xhat + beta      (as BatchNorm2D)
 
 so mean, var and therefore the running statistics are the same bits on every rank.

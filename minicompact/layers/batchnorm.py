@@ -15,10 +15,19 @@ and updates the running statistics used in evaluation mode (PyTorch's convention
 i.e. the running variance tracks the *unbiased* batch variance, exactly as
 ``torch.nn.BatchNorm2d`` does.  Evaluation mode uses ``running_mean`` / ``running_var``
 in place of the batch statistics, so the layer is a fixed per-channel affine map.
+
+Training mode runs in four steps, each a function below with a CUDA kernel as its GPU twin
+(``cuda/batchnorm.py``; the functions are what the CPU runs and what the kernels are tested
+against), with the layer's hooks in between, where sync batch-norm all-reduces::
+
+    forward:  batch_statistics  -> _batch_sum (twice) -> normalise
+    backward: gradient_sums     -> _gradient_sums     -> input_gradient
 """
 import numpy as np
 
 from ..backend import get_array_module
+from ..cuda import CudaKernel
+from ..cuda import batchnorm as cuda_bn
 from .base import Layer, check_input
 
 _AXES = (0, 2, 3)  # the statistics of channel c run over batch, height and width
@@ -27,6 +36,66 @@ _AXES = (0, 2, 3)  # the statistics of channel c run over batch, height and widt
 def _per_channel(v):
     """View a (C,) vector as (1, C, 1, 1) so it broadcasts against NCHW (no copy)."""
     return v.reshape(1, -1, 1, 1)
+
+
+def batch_statistics(x):
+    """Per-channel Σ x and Σ (x - x̄)², x̄ = Σ x / (N·H·W) the batch's own mean.
+
+    x: (N, C, H, W) → (sums, centred): two (C,) vectors, x's dtype.  Two passes (centre,
+    then square; ``einsum`` writes no array of squares), which stays accurate when
+    |mean| >> std, unlike Σ x² - (Σ x)²/M.  Twin of the kernel ``bn_stats``.
+    """
+    xp = get_array_module(x)
+    sums = x.sum(axis=_AXES)
+    centred = x - _per_channel(sums / (x.size // x.shape[1]))
+    return sums, xp.einsum("nchw,nchw->c", centred, centred)
+
+
+def normalise(x, mean, inv_std, gamma, beta):
+    """xhat = (x - mean)·inv_std and out = gamma·xhat + beta, per channel.
+
+    x: (N, C, H, W); mean, inv_std, gamma, beta: (C,) → (xhat, out), each (N, C, H, W),
+    x's dtype.  Twin of the kernel ``bn_normalise``.
+    """
+    xhat = x - _per_channel(mean)
+    xhat *= _per_channel(inv_std)
+    out = xhat * _per_channel(gamma)
+    out += _per_channel(beta)
+    return xhat, out
+
+
+def gradient_sums(dout, xhat):
+    """Per-channel Σ dout·xhat and Σ dout (dgamma and dbeta of this batch).
+
+    dout, xhat: (N, C, H, W) → two (C,) vectors.  Twin of the kernel ``bn_grad_sums``.
+    """
+    return get_array_module(dout).einsum("nchw,nchw->c", dout, xhat), dout.sum(axis=_AXES)
+
+
+def input_gradient(dout, xhat, sum_dout_xhat, sum_dout, gamma, inv_std, m):
+    """dx = gamma·inv_std · (dout - Σ dout / m - xhat · Σ dout·xhat / m), per channel.
+
+    dout, xhat: (N, C, H, W); the sums, gamma, inv_std: (C,); m: an int → dx (N, C, H, W),
+    a new array (dout is left untouched).  Twin of the kernel ``bn_grad_input``.
+    """
+    xp = get_array_module(dout)
+    dx = xhat * _per_channel(sum_dout_xhat / m)
+    xp.subtract(dout, dx, out=dx)
+    dx -= _per_channel(sum_dout / m)
+    dx *= _per_channel(gamma * inv_std)
+    return dx
+
+
+# The four functions above as CUDA kernels on a GPU (cuda/batchnorm.py), each checked against
+# its function at first use; NumPy (and a kernel that fails its check) runs the function.
+BN_STATS = CudaKernel("bn_stats", cuda_bn.SOURCE, ["bn_stats"], cuda_bn.launch_stats, batch_statistics,
+                      cuda_bn.sample_stats)
+BN_NORMALISE = CudaKernel("bn_normalise", cuda_bn.SOURCE, ["bn_normalise"], cuda_bn.launch_normalise,
+                          normalise, cuda_bn.sample_normalise)
+BN_GRAD_SUMS = CudaKernel("bn_grad_sums", cuda_bn.SOURCE, ["bn_grad_sums"], cuda_bn.launch_grad_sums,
+                          gradient_sums, cuda_bn.sample_grad_sums)
+BN_GRAD_INPUT = CudaKernel("bn_grad_input", cuda_bn.SOURCE, ["bn_grad_input"], cuda_bn.launch_grad_input,
+                           input_gradient, cuda_bn.sample_grad_input)
 
 
 class BatchNorm2D(Layer):
@@ -41,13 +110,14 @@ class BatchNorm2D(Layer):
 
     Memory kept for backward: in training mode ``xhat`` (one array of the input's size and
     dtype) and ``inv_std`` (C,); in evaluation mode only a *reference* to the input (no copy)
-    and a (C,) vector.  Training forward allocates two input-sized arrays (``xhat`` and the
-    output), backward one (``dx``; two in evaluation mode).  Per-channel sums of products
-    use ``einsum`` so that no input-sized array of products is written.
+    and a (C,) vector.  Training forward keeps two new input-sized arrays (``xhat`` and the
+    output; on the CPU a third, the centred input, lives only inside ``batch_statistics``),
+    backward one (``dx``; two in evaluation mode).  Per-channel sums of products use
+    ``einsum`` so that no input-sized array of products is written.
 
     All statistics are computed in the input's dtype (float32 stays float32) and the
-    variance is taken in two passes (centre first, then average the squares), which stays
-    accurate when |mean| >> std, unlike E[x²] - E[x]².
+    variance from centred values (``batch_statistics``), which stays accurate when
+    |mean| >> std, unlike E[x²] - E[x]².
     """
 
     def __init__(self, channels, eps=1e-5, momentum=0.1, dtype=np.float32):
@@ -77,14 +147,17 @@ class BatchNorm2D(Layer):
         if m < 2:
             raise ValueError(f"BatchNorm2D in training mode needs more than one value per channel "
                              f"(N·H·W >= 2), got input of shape {tuple(x.shape)}")
-        gamma, beta = self.params["gamma"], self.params["beta"]
-        mean = self._batch_sum(x.sum(axis=_AXES)) / m    # (C,), x's dtype
-        xhat = x - _per_channel(mean)                  # centred; becomes xhat in place below
-        var = self._batch_sum(xp.einsum("nchw,nchw->c", xhat, xhat)) / m  # biased; no squares array
+        sums, centred = BN_STATS(x)             # (C,) each: Σ x, Σ (x - own mean)²
+        own_mean = sums / (n * h * w)
+        mean = self._batch_sum(sums) / m                # (C,), x's dtype
+        # Move the centred sum from this batch's own mean to the mean of every process's
+        # batch (Chan et al.: Σ (x - mean)² = Σ (x - own)² + M_r·(own - mean)², no
+        # cancellation; + 0 with one process), then sum it over processes: M·variance.
+        centred += (n * h * w) * (own_mean - mean) ** 2
+        var = self._batch_sum(centred) / m
         inv_std = 1.0 / xp.sqrt(var + self.eps)
-        xhat *= _per_channel(inv_std)
-        out = xhat * _per_channel(gamma)
-        out += _per_channel(beta)
+        gamma, beta = self.params["gamma"], self.params["beta"]
+        xhat, out = BN_NORMALISE(x, mean, inv_std, gamma, beta)
         self._update_running_statistics(mean, var, m)
         self.cache = ("train", xhat, inv_std)
         return out
@@ -146,13 +219,9 @@ class BatchNorm2D(Layer):
         if mode == "train":
             xhat = a
             m = xhat.shape[0] * xhat.shape[2] * xhat.shape[3]
-            dgamma = xp.einsum("nchw,nchw->c", dout, xhat)
-            dbeta = dout.sum(axis=_AXES)
+            dgamma, dbeta = BN_GRAD_SUMS(dout, xhat)
             sum_dout_xhat, sum_dout = self._gradient_sums(dgamma, dbeta)
-            dx = xhat * _per_channel(sum_dout_xhat / m)
-            xp.subtract(dout, dx, out=dx)
-            dx -= _per_channel(sum_dout / m)
-            dx *= _per_channel(gamma * inv_std)
+            dx = BN_GRAD_INPUT(dout, xhat, sum_dout_xhat, sum_dout, gamma, inv_std, m)
         else:
             x = a
             centred = x - _per_channel(self.buffers["running_mean"])  # xhat = centred·inv_std
