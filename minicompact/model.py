@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-from .backend import to_cpu, to_device
+from .backend import is_gpu_array, to_cpu, to_device
 from .harness.checkpoint import CheckpointError, atomic_savez, check_array, read_npz, short_repr
 from .im2col import output_size
 from .layers import BatchNorm2D, Conv2D, MaxPool2D, ReLU, SoftmaxClassifier, SpatialPyramidPool
@@ -239,6 +239,11 @@ def _check_fields(d):
         raise ValueError(f"num_classes is {n} but it names {len(classes)} classes")
 
 
+def _bn_then_relu(layer, following):
+    """Whether ``layer`` is a batch norm and ``following`` the ReLU after it (fusable)."""
+    return isinstance(layer, BatchNorm2D) and isinstance(following, ReLU)
+
+
 def check_state_arrays(shapes, arrays):
     """``CheckpointError`` (a ValueError; one line naming the array) unless ``arrays`` (dict
     key -> NumPy array) holds every key of ``shapes`` (dict key -> shape) as a finite
@@ -289,16 +294,35 @@ class CompactNet:
 
     # -- the data path -------------------------------------------------------------------
     def forward(self, x):
-        """x: (N, C, H, W) → scores (N, Y). Keeps in each layer what backward needs."""
-        for layer in self.layers:
-            x = layer.forward(x)
+        """x: (N, C, H, W) → scores (N, Y). Keeps in each layer what backward needs.
+
+        On a GPU in training mode a ``BatchNorm2D`` and the ``ReLU`` after it run as one step,
+        ``forward_relu`` (the ReLU layer is skipped, and its launches with it); on the CPU
+        and in evaluation mode every layer runs on its own.
+        """
+        fuse = is_gpu_array(x)
+        i, layers = 0, self.layers
+        while i < len(layers):
+            layer = layers[i]
+            if fuse and i + 1 < len(layers) and _bn_then_relu(layer, layers[i + 1]) and layer.training:
+                x = layer.forward_relu(x)
+                layers[i + 1].cache = None     # the skipped ReLU keeps no stale mask
+                i += 2
+            else:
+                x = layer.forward(x)
+                i += 1
         return x
 
     def backward(self, dscores):
         """dscores: (N, Y) = dL/dscores → dL/dx (N, C, H, W), or None unless built with
-        ``input_grad=True``; fills every layer's ``grads``."""
+        ``input_grad=True``; fills every layer's ``grads``.  A ReLU whose batch norm ran
+        ``forward_relu`` is skipped: the batch norm's backward applies its mask."""
         d = dscores
-        for layer in reversed(self.layers):
+        layers = self.layers
+        for i in reversed(range(len(layers))):
+            layer = layers[i]
+            if i > 0 and _bn_then_relu(layers[i - 1], layer) and layers[i - 1].relu_fused:
+                continue
             d = layer.backward(d)
         return d
 

@@ -21,10 +21,11 @@ from minicompact.cuda import REGISTRY, CudaKernel  # noqa: E402
 
 # Kernel launches of one training step (kernels on), at most.  Before minicompact/cuda (commit
 # 7dde784, array expressions only) the demo step launched 1,824 kernels and depth 8 ×¼ 1,300;
-# with the kernels of minicompact/cuda they launch 428 and 284 (under a quarter, issue 27's
-# goal), and the budget is that plus 2 %.  These numbers must only go down: lower them when a
-# change launches fewer kernels; a step that launches more fails here.
-BUDGET = {"demo": 436, "depth8": 290}
+# with the kernels of minicompact/cuda, each ReLU fused into its batch norm's, they launch 395
+# and 263 (under a quarter, issue 27's goal), and the budget is that plus 2 %.  These numbers
+# must only go down: lower them when a change launches fewer kernels; a step that launches
+# more fails here.
+BUDGET = {"demo": 403, "depth8": 268}
 QUARTER_OF_BEFORE = {"demo": 1824 // 4, "depth8": 1300 // 4}
 
 
@@ -107,8 +108,9 @@ def test_every_launch_of_a_step_is_charged_to_a_layer():
     log = gpu_budget.count_step(dict(NETWORKS["depth8"], batch=4), "on")
     layers = log.by_layer()
     assert "other" not in layers, log.by_name("other")
-    assert {"conv", "batchnorm", "relu", "maxpool", "pyramid", "classifier", "loss",
+    assert {"conv", "batchnorm", "maxpool", "pyramid", "classifier", "loss",
             "regularizer", "optimizer"} <= set(layers)
+    assert "relu" not in layers    # each ReLU runs inside its batch norm's kernels (issue 27)
     assert sum(r["launches"] for r in layers.values()) == len(log)
 
 

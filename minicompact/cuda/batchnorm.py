@@ -1,4 +1,4 @@
-"""Batch-norm training as four CUDA kernels: their source, launches and self-check inputs.
+"""Batch-norm training as four CUDA kernels (three with a ReLU variant): source, launches, samples.
 
 ``layers/batchnorm.py`` makes each a ``CudaKernel`` beside the function it is the twin of
 (imports point down: the layer uses this module, never the reverse).
@@ -15,6 +15,8 @@ sync batch-norm all-reduces the per-channel sums over ranks::
               -> _gradient_sums
               bn_grad_input (a thread per element)  dx
 
+and the ``_relu`` variants of the last three, with the ReLU that follows folded in (below).
+
 **Why Welford in ``bn_stats``.**  The CPU version centres first and then squares (two
 passes), because Σ x² - (Σ x)²/M cancels catastrophically in float32 once |mean| >> std.
 The kernel keeps that accuracy in one pass over x: each thread runs Welford's update
@@ -26,10 +28,14 @@ with the same formula, ``+ M·(own mean - mean)²``.  A channel is one block of
 ``REDUCE_THREADS`` threads (C blocks in all): enough to stream the channel, no second launch
 to combine partial results, no atomics (the same bits every run).
 
-**Why no fused ReLU.**  The model runs BN and then a separate ``ReLU`` layer, which keeps
-its own mask for backward; fusing would move that mask and ReLU's backward into this layer,
-change the model's layer list and the BN-fold of lesson 14, and the gain (one elementwise
-launch of each direction) is small next to the launches saved here.
+**How the ReLU after it is fused.**  In the model every BN is followed by a ``ReLU``.  On a
+GPU in training mode ``CompactNet.forward`` runs the pair as one step (the layer list is
+unchanged; the ``ReLU`` layer is skipped): ``bn_normalise_relu`` writes xhat and
+out = max(0, gamma·xhat + beta), and the layer keeps that out for backward, where
+``bn_grad_sums_relu`` and ``bn_grad_input_relu`` mask dout as ReLU's backward does,
+dout·[out > 0] (out > 0 exactly where ReLU's input was), as they read it.  That saves ReLU's
+three launches a layer (its mask and maximum forward, its product backward) and its
+traffic; the CPU runs the two layers one after the other.
 """
 import numpy as np
 
@@ -90,30 +96,54 @@ extern "C" __global__ void bn_stats(const T* x, T* sum, T* centred, long long ch
     }
 }
 
-// A thread per element: xhat = (x - mean[c]) * inv_std[c], out = gamma[c] * xhat + beta[c].
-extern "C" __global__ void bn_normalise(const T* x, const T* mean, const T* inv_std,
-                                        const T* gamma, const T* beta, T* xhat, T* out,
-                                        long long channels, long long hw, long long size) {
+// ReLU as activations.py has it.  Forward: max(v, 0), NaN kept (NumPy's and CuPy's maximum).
+__device__ T relu(T v) { return (v > 0 || v != v) ? v : (T)0; }
+
+// Backward: dout * [out > 0] as a product (so dout * 0 stays what NumPy gives: -0, NaN for inf).
+// out is the fused output max(0, y): out > 0 exactly where y > 0.  relu_out == nullptr: no ReLU.
+__device__ T relu_grad(const T* dout, const T* relu_out, long long i) {
+    return relu_out ? dout[i] * (T)(relu_out[i] > 0) : dout[i];
+}
+
+// A thread per element: xhat = (x - mean[c]) * inv_std[c], out = gamma[c] * xhat + beta[c],
+// then out = max(0, out) when with_relu.
+__device__ void normalise(const T* x, const T* mean, const T* inv_std, const T* gamma,
+                          const T* beta, T* xhat, T* out, long long channels, long long hw,
+                          long long size, bool with_relu) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= size) return;
     const long long c = (i / hw) % channels;
     const T h = (x[i] - mean[c]) * inv_std[c];
+    const T y = h * gamma[c] + beta[c];
     xhat[i] = h;
-    out[i] = h * gamma[c] + beta[c];
+    out[i] = with_relu ? relu(y) : y;
 }
 
-// One block per channel c: sum_dout_xhat[c] = sum of dout*xhat, sum_dout[c] = sum of dout.
-extern "C" __global__ void bn_grad_sums(const T* dout, const T* xhat, T* sum_dout_xhat,
-                                        T* sum_dout, long long channels, long long hw,
-                                        long long m) {
+extern "C" __global__ void bn_normalise(const T* x, const T* mean, const T* inv_std,
+                                        const T* gamma, const T* beta, T* xhat, T* out,
+                                        long long channels, long long hw, long long size) {
+    normalise(x, mean, inv_std, gamma, beta, xhat, out, channels, hw, size, false);
+}
+
+extern "C" __global__ void bn_normalise_relu(const T* x, const T* mean, const T* inv_std,
+                                             const T* gamma, const T* beta, T* xhat, T* out,
+                                             long long channels, long long hw, long long size) {
+    normalise(x, mean, inv_std, gamma, beta, xhat, out, channels, hw, size, true);
+}
+
+// One block per channel c: sum_dout_xhat[c] = sum of g*xhat, sum_dout[c] = sum of g, with
+// g = dout, or ReLU's dout * [relu_out > 0].
+__device__ void grad_sums(const T* dout, const T* xhat, const T* relu_out, T* sum_dout_xhat,
+                          T* sum_dout, long long channels, long long hw, long long m) {
     __shared__ T s_a[REDUCE_THREADS], s_b[REDUCE_THREADS];
     const long long c = blockIdx.x;
     const int t = threadIdx.x;
     T a = 0, b = 0;
     for (long long k = t; k < m; k += REDUCE_THREADS) {
         const long long i = channel_offset(k, c, channels, hw);
-        a += dout[i] * xhat[i];
-        b += dout[i];
+        const T g = relu_grad(dout, relu_out, i);
+        a += g * xhat[i];
+        b += g;
     }
     s_a[t] = a; s_b[t] = b;
     __syncthreads();
@@ -130,17 +160,45 @@ extern "C" __global__ void bn_grad_sums(const T* dout, const T* xhat, T* sum_dou
     }
 }
 
-// A thread per element:
-// dx = gamma[c]*inv_std[c] * (dout - xhat * sum_dout_xhat[c] / m - sum_dout[c] / m).
+extern "C" __global__ void bn_grad_sums(const T* dout, const T* xhat, T* sum_dout_xhat,
+                                        T* sum_dout, long long channels, long long hw,
+                                        long long m) {
+    grad_sums(dout, xhat, nullptr, sum_dout_xhat, sum_dout, channels, hw, m);
+}
+
+extern "C" __global__ void bn_grad_sums_relu(const T* dout, const T* xhat, const T* relu_out,
+                                             T* sum_dout_xhat, T* sum_dout, long long channels,
+                                             long long hw, long long m) {
+    grad_sums(dout, xhat, relu_out, sum_dout_xhat, sum_dout, channels, hw, m);
+}
+
+// A thread per element, g = dout (or ReLU's dout * [relu_out > 0]):
+// dx = gamma[c]*inv_std[c] * (g - xhat * sum_dout_xhat[c] / m - sum_dout[c] / m).
+__device__ void grad_input(const T* dout, const T* xhat, const T* relu_out,
+                           const T* sum_dout_xhat, const T* sum_dout, const T* gamma,
+                           const T* inv_std, T* dx, T m, long long channels, long long hw,
+                           long long size) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= size) return;
+    const long long c = (i / hw) % channels;
+    dx[i] = (relu_grad(dout, relu_out, i) - xhat[i] * (sum_dout_xhat[c] / m) - sum_dout[c] / m)
+            * (gamma[c] * inv_std[c]);
+}
+
 extern "C" __global__ void bn_grad_input(const T* dout, const T* xhat, const T* sum_dout_xhat,
                                          const T* sum_dout, const T* gamma, const T* inv_std,
                                          T* dx, T m, long long channels, long long hw,
                                          long long size) {
-    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= size) return;
-    const long long c = (i / hw) % channels;
-    dx[i] = (dout[i] - xhat[i] * (sum_dout_xhat[c] / m) - sum_dout[c] / m)
-            * (gamma[c] * inv_std[c]);
+    grad_input(dout, xhat, nullptr, sum_dout_xhat, sum_dout, gamma, inv_std, dx, m, channels, hw,
+               size);
+}
+
+extern "C" __global__ void bn_grad_input_relu(const T* dout, const T* xhat, const T* relu_out,
+                                              const T* sum_dout_xhat, const T* sum_dout,
+                                              const T* gamma, const T* inv_std, T* dx, T m,
+                                              long long channels, long long hw, long long size) {
+    grad_input(dout, xhat, relu_out, sum_dout_xhat, sum_dout, gamma, inv_std, dx, m, channels,
+               hw, size);
 }
 '''
 
@@ -160,36 +218,57 @@ def launch_stats(functions, x):
     return sums, centred
 
 
-def launch_normalise(functions, x, mean, inv_std, gamma, beta):
+def launch_normalise(functions, x, mean, inv_std, gamma, beta, name="bn_normalise"):
     xp = get_array_module(x)
     xhat, out = xp.empty(x.shape, dtype=x.dtype), xp.empty(x.shape, dtype=x.dtype)
     vectors = [xp.ascontiguousarray(v, dtype=x.dtype) for v in (mean, inv_std, gamma, beta)]
-    functions["bn_normalise"]((blocks(x.size),), (THREADS,),
-                              (xp.ascontiguousarray(x), *vectors, xhat, out, *_sizes(x),
-                               np.int64(x.size)))
+    functions[name]((blocks(x.size),), (THREADS,),
+                    (xp.ascontiguousarray(x), *vectors, xhat, out, *_sizes(x), np.int64(x.size)))
     return xhat, out
 
 
-def launch_grad_sums(functions, dout, xhat):
+def launch_normalise_relu(functions, x, mean, inv_std, gamma, beta):
+    return launch_normalise(functions, x, mean, inv_std, gamma, beta, name="bn_normalise_relu")
+
+
+def launch_grad_sums(functions, dout, xhat, relu_out=None):
+    """``bn_grad_sums``, or with ``relu_out`` (the fused forward's output) ``bn_grad_sums_relu``."""
     xp = get_array_module(dout)
     channels, hw = _sizes(dout)
     sum_dout_xhat, sum_dout = (xp.empty(dout.shape[1], dtype=dout.dtype) for _ in range(2))
-    functions["bn_grad_sums"]((dout.shape[1],), (REDUCE_THREADS,),
-                              (xp.ascontiguousarray(dout), xp.ascontiguousarray(xhat),
-                               sum_dout_xhat, sum_dout, channels, hw,
-                               np.int64(dout.size // dout.shape[1])))
+    arrays = [xp.ascontiguousarray(a) for a in (dout, xhat)]
+    if relu_out is not None:
+        arrays.append(xp.ascontiguousarray(relu_out))
+    functions["bn_grad_sums" if relu_out is None else "bn_grad_sums_relu"](
+        (dout.shape[1],), (REDUCE_THREADS,),
+        (*arrays, sum_dout_xhat, sum_dout, channels, hw, np.int64(dout.size // dout.shape[1])))
     return sum_dout_xhat, sum_dout
 
 
-def launch_grad_input(functions, dout, xhat, sum_dout_xhat, sum_dout, gamma, inv_std, m):
+def launch_grad_input(functions, dout, xhat, sum_dout_xhat, sum_dout, gamma, inv_std, m,
+                      relu_out=None):
+    """``bn_grad_input``, or with ``relu_out`` ``bn_grad_input_relu``."""
     xp = get_array_module(dout)
     dx = xp.empty(dout.shape, dtype=dout.dtype)
+    arrays = [xp.ascontiguousarray(a) for a in (dout, xhat)]
+    if relu_out is not None:
+        arrays.append(xp.ascontiguousarray(relu_out))
     vectors = [xp.ascontiguousarray(v, dtype=dout.dtype)
                for v in (sum_dout_xhat, sum_dout, gamma, inv_std)]
-    functions["bn_grad_input"]((blocks(dout.size),), (THREADS,),
-                               (xp.ascontiguousarray(dout), xp.ascontiguousarray(xhat), *vectors,
-                                dx, dout.dtype.type(m), *_sizes(dout), np.int64(dout.size)))
+    functions["bn_grad_input" if relu_out is None else "bn_grad_input_relu"](
+        (blocks(dout.size),), (THREADS,),
+        (*arrays, *vectors, dx, dout.dtype.type(m), *_sizes(dout), np.int64(dout.size)))
     return dx
+
+
+def launch_grad_sums_relu(functions, dout, xhat, relu_out):
+    return launch_grad_sums(functions, dout, xhat, relu_out)
+
+
+def launch_grad_input_relu(functions, dout, xhat, relu_out, sum_dout_xhat, sum_dout, gamma,
+                           inv_std, m):
+    return launch_grad_input(functions, dout, xhat, sum_dout_xhat, sum_dout, gamma, inv_std, m,
+                             relu_out)
 
 
 # Self-check inputs: odd sizes, more values per channel than a block has threads, and a
@@ -222,3 +301,18 @@ def sample_grad_sums(xp, dtype):
 def sample_grad_input(xp, dtype):
     m = _SHAPE[0] * _SHAPE[2] * _SHAPE[3]
     return _arrays(xp, dtype, 3, _SHAPE, _SHAPE) + _vectors(xp, dtype, 4) + [m]
+
+
+# The ReLU variants: a fused output max(0, ·) with about half its entries 0.
+def _relu_out(xp, dtype, seed):
+    rng = np.random.default_rng(seed)
+    return xp.asarray(np.maximum(rng.standard_normal(_SHAPE), 0).astype(dtype))
+
+
+def sample_grad_sums_relu(xp, dtype):
+    return sample_grad_sums(xp, dtype) + [_relu_out(xp, dtype, 5)]
+
+
+def sample_grad_input_relu(xp, dtype):
+    dout, xhat, *rest = sample_grad_input(xp, dtype)
+    return [dout, xhat, _relu_out(xp, dtype, 5), *rest]

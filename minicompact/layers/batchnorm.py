@@ -22,12 +22,19 @@ against), with the layer's hooks in between, where sync batch-norm all-reduces::
 
     forward:  batch_statistics  -> _batch_sum (twice) -> normalise
     backward: gradient_sums     -> _gradient_sums     -> input_gradient
+
+**The ReLU after it, fused (GPU only).**  ``forward_relu`` is a training forward followed by
+``ReLU``, with ``normalise_relu`` in place of ``normalise``; its backward takes the gradient
+of the ReLU's output and masks it inside ``gradient_sums_relu`` and ``input_gradient_relu``.
+``CompactNet`` uses it, skipping the ReLU layer, only for GPU arrays in training mode (three
+launches fewer a layer); the CPU runs ``forward`` and then the ``ReLU`` layer, as written.
 """
 import numpy as np
 
 from ..backend import get_array_module
 from ..cuda import CudaKernel
 from ..cuda import batchnorm as cuda_bn
+from .activations import relu, relu_backward
 from .base import Layer, check_input
 
 _AXES = (0, 2, 3)  # the statistics of channel c run over batch, height and width
@@ -86,7 +93,27 @@ def input_gradient(dout, xhat, sum_dout_xhat, sum_dout, gamma, inv_std, m):
     return dx
 
 
-# The four functions above as CUDA kernels on a GPU (cuda/batchnorm.py), each checked against
+# With the ReLU that follows folded in (``forward_relu``): the functions above and then
+# activations.py's ReLU, forward and backward, as the two layers compute them one by one.
+def normalise_relu(x, mean, inv_std, gamma, beta):
+    """``normalise`` then ReLU: (xhat, max(0, gamma·xhat + beta)).  Twin of ``bn_normalise_relu``."""
+    xhat, out = normalise(x, mean, inv_std, gamma, beta)
+    return xhat, relu(out)
+
+
+def gradient_sums_relu(dout, xhat, relu_out):
+    """``gradient_sums`` of ReLU's backward dout·[relu_out > 0], relu_out = ``normalise_relu``'s
+    out (> 0 exactly where ReLU's input was).  Twin of ``bn_grad_sums_relu``."""
+    return gradient_sums(relu_backward(dout, relu_out > 0), xhat)
+
+
+def input_gradient_relu(dout, xhat, relu_out, sum_dout_xhat, sum_dout, gamma, inv_std, m):
+    """``input_gradient`` of dout·[relu_out > 0].  Twin of ``bn_grad_input_relu``."""
+    return input_gradient(relu_backward(dout, relu_out > 0), xhat, sum_dout_xhat, sum_dout,
+                          gamma, inv_std, m)
+
+
+# The functions above as CUDA kernels on a GPU (cuda/batchnorm.py), each checked against
 # its function at first use; NumPy (and a kernel that fails its check) runs the function.
 BN_STATS = CudaKernel("bn_stats", cuda_bn.SOURCE, ["bn_stats"], cuda_bn.launch_stats, batch_statistics,
                       cuda_bn.sample_stats)
@@ -96,6 +123,14 @@ BN_GRAD_SUMS = CudaKernel("bn_grad_sums", cuda_bn.SOURCE, ["bn_grad_sums"], cuda
                           gradient_sums, cuda_bn.sample_grad_sums)
 BN_GRAD_INPUT = CudaKernel("bn_grad_input", cuda_bn.SOURCE, ["bn_grad_input"], cuda_bn.launch_grad_input,
                            input_gradient, cuda_bn.sample_grad_input)
+BN_NORMALISE_RELU = CudaKernel("bn_normalise_relu", cuda_bn.SOURCE, ["bn_normalise_relu"],
+                               cuda_bn.launch_normalise_relu, normalise_relu, cuda_bn.sample_normalise)
+BN_GRAD_SUMS_RELU = CudaKernel("bn_grad_sums_relu", cuda_bn.SOURCE, ["bn_grad_sums_relu"],
+                               cuda_bn.launch_grad_sums_relu, gradient_sums_relu,
+                               cuda_bn.sample_grad_sums_relu)
+BN_GRAD_INPUT_RELU = CudaKernel("bn_grad_input_relu", cuda_bn.SOURCE, ["bn_grad_input_relu"],
+                                cuda_bn.launch_grad_input_relu, input_gradient_relu,
+                                cuda_bn.sample_grad_input_relu)
 
 
 class BatchNorm2D(Layer):
@@ -113,7 +148,8 @@ class BatchNorm2D(Layer):
     and a (C,) vector.  Training forward keeps two new input-sized arrays (``xhat`` and the
     output; on the CPU a third, the centred input, lives only inside ``batch_statistics``),
     backward one (``dx``; two in evaluation mode).  Per-channel sums of products use
-    ``einsum`` so that no input-sized array of products is written.
+    ``einsum`` so that no input-sized array of products is written.  After ``forward_relu``
+    (GPU) the output is kept too, by reference, in place of the ReLU layer's mask.
 
     All statistics are computed in the input's dtype (float32 stays float32) and the
     variance from centred values (``batch_statistics``), which stays accurate when
@@ -139,7 +175,24 @@ class BatchNorm2D(Layer):
             return self._forward_train(x)
         return self._forward_eval(x)
 
-    def _forward_train(self, x):
+    def forward_relu(self, x):
+        """Training forward and then ReLU in one step: x (N, C, H, W) → max(0, forward(x)).
+
+        What ``CompactNet`` runs on a GPU in place of this layer and the ``ReLU`` after it
+        (the kernel ``bn_normalise_relu``); ``backward`` then takes the gradient of this
+        output and applies ReLU's mask itself.  Keeps the output (a reference) for backward.
+        """
+        check_input(self, x, 4, channels=self.channels)
+        if not self.training:
+            raise RuntimeError("BatchNorm2D.forward_relu is for training mode only")
+        return self._forward_train(x, with_relu=True)
+
+    @property
+    def relu_fused(self):
+        """Whether the last forward was ``forward_relu`` (backward masks dout itself)."""
+        return self.cache is not None and self.cache[0] == "train_relu"
+
+    def _forward_train(self, x, with_relu=False):
         """Normalise with the batch statistics and update the running statistics."""
         xp = get_array_module(x)
         n, _, h, w = x.shape
@@ -157,9 +210,13 @@ class BatchNorm2D(Layer):
         var = self._batch_sum(centred) / m
         inv_std = 1.0 / xp.sqrt(var + self.eps)
         gamma, beta = self.params["gamma"], self.params["beta"]
-        xhat, out = BN_NORMALISE(x, mean, inv_std, gamma, beta)
+        if with_relu:
+            xhat, out = BN_NORMALISE_RELU(x, mean, inv_std, gamma, beta)
+            self.cache = ("train_relu", xhat, inv_std, out)
+        else:
+            xhat, out = BN_NORMALISE(x, mean, inv_std, gamma, beta)
+            self.cache = ("train", xhat, inv_std)
         self._update_running_statistics(mean, var, m)
-        self.cache = ("train", xhat, inv_std)
         return out
 
     def _update_running_statistics(self, mean, var, m):
@@ -207,10 +264,12 @@ class BatchNorm2D(Layer):
             dx = gamma·inv_std / M · (M·dout - Σ dout - xhat · Σ dout·xhat)
 
         Evaluation mode (statistics are constants): dx = gamma·inv_std·dout.
+        After ``forward_relu``, dout is the gradient of the ReLU's output, and each formula
+        reads dout·[out > 0] (ReLU's backward) in its place.
         """
         if self.cache is None:
             raise RuntimeError("BatchNorm2D.backward called before forward")
-        mode, a, inv_std = self.cache
+        mode, a, inv_std = self.cache[:3]
         if dout.shape != a.shape:
             raise ValueError(f"BatchNorm2D.backward expects dout of shape {tuple(a.shape)}, "
                              f"got {tuple(dout.shape)}")
@@ -222,6 +281,12 @@ class BatchNorm2D(Layer):
             dgamma, dbeta = BN_GRAD_SUMS(dout, xhat)
             sum_dout_xhat, sum_dout = self._gradient_sums(dgamma, dbeta)
             dx = BN_GRAD_INPUT(dout, xhat, sum_dout_xhat, sum_dout, gamma, inv_std, m)
+        elif mode == "train_relu":
+            xhat, relu_out = a, self.cache[3]
+            m = xhat.shape[0] * xhat.shape[2] * xhat.shape[3]
+            dgamma, dbeta = BN_GRAD_SUMS_RELU(dout, xhat, relu_out)
+            sum_dout_xhat, sum_dout = self._gradient_sums(dgamma, dbeta)
+            dx = BN_GRAD_INPUT_RELU(dout, xhat, relu_out, sum_dout_xhat, sum_dout, gamma, inv_std, m)
         else:
             x = a
             centred = x - _per_channel(self.buffers["running_mean"])  # xhat = centred·inv_std
