@@ -75,8 +75,12 @@ LAYER_OF_FILE = {
     "layers/classifier.py": "classifier", "losses.py": "loss", "regularizers.py": "regularizer",
     "optim.py": "optimizer", "objective.py": "objective",
 }
-# Classes whose file holds two layers' code: the class decides.
-LAYER_OF_CLASS = {"SpatialPyramidPool": "pyramid", "Regularizer": "regularizer"}
+# Classes and functions whose file holds two layers' code: the class or function decides
+# (layers/pooling.py holds max-pooling and the pyramid, each with its kernel wrappers).
+LAYER_OF_CLASS = {"SpatialPyramidPool": "pyramid", "Regularizer": "regularizer",
+                  "spatial_pyramid_pool_forward": "pyramid", "spatial_pyramid_pool_backward": "pyramid",
+                  "spatial_pyramid_pool_forward_cuda": "pyramid",
+                  "spatial_pyramid_pool_backward_cuda": "pyramid"}
 
 
 @dataclass

@@ -21,11 +21,12 @@ import fake_gpu
 from minicompact import backend
 from minicompact.backend import to_cpu
 from minicompact.cuda import THREADS, source_for
-from minicompact.cuda import pooling as kernels
-from minicompact.cuda.pooling import (max_pool_backward, max_pool_backward_cuda, max_pool_forward,
-                                      max_pool_forward_cuda, spatial_pyramid_pool_backward,
-                                      spatial_pyramid_pool_backward_cuda, spatial_pyramid_pool_forward,
-                                      spatial_pyramid_pool_forward_cuda)
+from minicompact.cuda import pooling as cuda_pool
+from minicompact.layers import pooling as kernels   # the CudaKernels, beside their twins
+from minicompact.layers.pooling import (max_pool_backward, max_pool_backward_cuda, max_pool_forward,
+                                        max_pool_forward_cuda, spatial_pyramid_pool_backward,
+                                        spatial_pyramid_pool_backward_cuda, spatial_pyramid_pool_forward,
+                                        spatial_pyramid_pool_forward_cuda)
 from minicompact.gradcheck import check_layer
 from minicompact.layers.pooling import MaxPool2D, SpatialPyramidPool
 from minicompact.reference import spatial_pyramid_pool_backward_reference, spatial_pyramid_pool_reference
@@ -122,7 +123,7 @@ def host_bounds(xp, regions, like):
 
 def record(kernel, args, monkeypatch):
     """Launch ``kernel`` on NumPy ``args`` with a Recorder; return (outputs, grid, block, args)."""
-    monkeypatch.setattr(kernels, "_bounds", host_bounds)
+    monkeypatch.setattr(cuda_pool, "_bounds", host_bounds)
     recorder = Recorder()
     outputs = kernel.launch({name: recorder for name in kernel.function_names}, *args)
     [(grid, block, passed)] = recorder.launches
@@ -190,13 +191,13 @@ def test_region_bounds_go_to_the_device_once_per_map_size_and_device():
         def __init__(self, id):
             self.device = Device(id)
 
-    kernels._BOUNDS.clear()
+    cuda_pool._BOUNDS.clear()
     regions = ((0, 2, 0, 3), (1, 2, 2, 3))
-    a = kernels._bounds(np, regions, Like(0))
+    a = cuda_pool._bounds(np, regions, Like(0))
     assert a.dtype == np.int32 and a.tolist() == [[0, 2, 0, 3], [1, 2, 2, 3]]
-    assert kernels._bounds(np, regions, Like(0)) is a
-    assert kernels._bounds(np, regions, Like(1)) is not a
-    kernels._BOUNDS.clear()
+    assert cuda_pool._bounds(np, regions, Like(0)) is a
+    assert cuda_pool._bounds(np, regions, Like(1)) is not a
+    cuda_pool._BOUNDS.clear()
 
 
 # ---- the layers on the fake GPU: through the kernels, the NumPy path's results ------------
@@ -421,7 +422,7 @@ def run(request, monkeypatch):
     ("gpu", after asserting that the kernel passes its self-check on this card)."""
     if request.param == "host":
         functions = request.getfixturevalue("host_build")
-        monkeypatch.setattr(kernels, "_bounds", host_bounds)
+        monkeypatch.setattr(cuda_pool, "_bounds", host_bounds)
         return lambda kernel, dtype, *args: kernel.launch(functions(kernel, dtype), *args)
     if not backend.gpu_available():
         pytest.skip("no GPU/CuPy on this machine")
@@ -506,7 +507,7 @@ def test_spp_kernel_lets_the_first_nan_win_as_argmax(dtype, run):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_each_kernel_agrees_with_its_twin_on_its_self_check_sample(kernel, dtype, host_build, monkeypatch):
     """What the self-check will compare on a GPU, compared here with the host build."""
-    monkeypatch.setattr(kernels, "_bounds", host_bounds)
+    monkeypatch.setattr(cuda_pool, "_bounds", host_bounds)
     args = kernel.sample(np, dtype)
     got = kernel.launch(host_build(kernel, dtype), *args)
     want = kernel.twin(*args)
