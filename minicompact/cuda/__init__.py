@@ -22,8 +22,11 @@ a side-by-side timing, or to rule the kernels out).
 twin then runs inside it, so the stand-in can count the whole twin as the one launch the kernel
 would be.  Real CuPy has no such attribute.
 
-Writing a kernel (see ``pooling.py``): a ``CudaKernel(name, source, launch, twin, sample)``.
-``source`` is CUDA C with ``T`` for the element type, compiled once per dtype (float, double)
+Writing a kernel: a module of this package holds the CUDA C source and the function that
+launches it (``pooling.py``, ``batchnorm.py``, ``im2col.py``); the module of the readable
+version (``layers/pooling.py``, ...) makes ``CudaKernel(name, source, functions, launch, twin,
+sample)`` right beside that version, its twin, so imports point down (``sgd.py`` holds its
+twins itself: ``optim.py`` and ``objective.py`` import them).  ``source`` is CUDA C with ``T`` for the element type, compiled once per dtype (float, double)
 with ``#define T ...`` in front, so every ``extern "C" __global__`` function is plain C and
 also compiles with ``nvcc`` (``tests/test_cuda_kernels.py`` does that on a machine without a
 GPU); ``launch(functions, *args)`` allocates the outputs and launches the compiled
