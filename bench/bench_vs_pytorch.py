@@ -62,7 +62,7 @@ from minicompact.backend import array_module, get_array_module, set_precision, s
 from minicompact.harness.graph_step import CapturedStep, check_mode
 from minicompact.losses import softmax_cross_entropy
 from minicompact.objective import objective, train_step
-from timing import CTHETA, CW, LR, MOMENTUM, NETWORKS, Setup, describe, layer_times, timed
+from timing import CTHETA, CW, LR, MOMENTUM, NETWORKS, Setup, describe, kernels_switch, layer_times, timed
 
 try:
     import torch
@@ -197,22 +197,6 @@ def set_torch_precision(precision):
 
 
 # --------------------------------------------------------------------------- minicompact's variants
-@contextlib.contextmanager
-def kernels_env(mode):
-    """``MINICOMPACT_KERNELS`` set to ``mode`` ("on": the hand-written kernels, "off": their
-    twins) inside the block.  ``CudaKernel`` reads it at every call (``cuda.kernels_enabled``),
-    so a step run, captured or checked inside the block uses that setting."""
-    old = os.environ.get("MINICOMPACT_KERNELS")
-    os.environ["MINICOMPACT_KERNELS"] = mode
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("MINICOMPACT_KERNELS", None)
-        else:
-            os.environ["MINICOMPACT_KERNELS"] = old
-
-
 def variant_label(algo, graph=False, kernels="on"):
     """A column's name: the algorithm, then " graph" (captured) and " twins" (kernels off)."""
     return algo + (" graph" if graph else "") + (" twins" if kernels == "off" else "")
@@ -225,7 +209,7 @@ class Variant:
     Its own ``Setup`` (the same seed, so the same weights and batch as every other variant),
     and its step wrapped in ``CapturedStep`` exactly as ``Trainer`` wraps ``_train_batch``:
     ``capture=False`` steps call the step function directly.  ``step()`` must run inside
-    ``kernels_env(self.kernels)``.
+    ``kernels_switch(self.kernels)``.
     """
 
     def __init__(self, net, device, algo, graph, kernels):
@@ -543,7 +527,7 @@ def bench_network(args, name, tdevice):
     if not args.no_check:
         for algo, k in eager_keys:
             key = variant_label(algo, kernels=k)
-            with kernels_env(k):
+            with kernels_switch(k):
                 c = check_equal(args, net, tdevice, algo)
             result.setdefault("check", {})[key] = c
             print(f"   [{key}] same computation (batch {min(net['batch'], args.check_batch)}): in "
@@ -563,7 +547,7 @@ def bench_network(args, name, tdevice):
         result["cupy_float32_gemm"] = cupy_compute_type()
     for v in variants:
         if v.graph:   # the first full batch: an eager step, the capture and one checked replay
-            with kernels_env(v.kernels):
+            with kernels_switch(v.kernels):
                 v.step()
             synchronize()
             print(f"   [{v.label}] " + ("captured as a CUDA graph; one replay reproduced the eager step"
@@ -571,7 +555,7 @@ def bench_network(args, name, tdevice):
                                         "capture FAILED (see the warning above): its steps run eagerly"))
     for _ in range(args.warmup):
         for v in variants:
-            with kernels_env(v.kernels):
+            with kernels_switch(v.kernels):
                 v.step()
             side.step()
     ours, theirs = {v.label: [] for v in variants}, []
@@ -586,7 +570,7 @@ def bench_network(args, name, tdevice):
     for _ in range(args.repeats):   # alternate, so that load changes hit both alike
         for v in variants:
             pause()
-            with kernels_env(v.kernels):
+            with kernels_switch(v.kernels):
                 ours[v.label].append(timed(v.step, synchronize))
             pause()
             theirs.append(timed(side.step, side.sync))
@@ -616,7 +600,7 @@ def bench_network(args, name, tdevice):
             first.setdefault((v.algo, v.kernels), v)
         mine = {}
         for (algo, k), v in first.items():
-            with kernels_env(k):
+            with kernels_switch(k):
                 mine[variant_label(algo, kernels=k)] = layer_times(v.setup, steps=args.layer_steps)
         try:
             other = torch_layer_times(side, steps=args.layer_steps)

@@ -25,14 +25,12 @@ hand-written kernels of minicompact/cuda on ("on": each one launch), off
 (``MINICOMPACT_KERNELS=off``: their twins' operations one by one) or both.
 """
 import argparse
-import contextlib
 import json
-import os
 import sys
 import time
 
 import launch_counter
-from timing import NETWORKS, Setup, describe
+from timing import NETWORKS, Setup, describe, kernels_switch
 
 # One H200 (docs/gpu.md), strict float32, whole training steps: (images/s, batch).  The
 # paper network's figure was measured by an earlier version of the code (docs/data-parallel.md).
@@ -64,20 +62,6 @@ def measured_ms(net):
     """The H200 step time of network ``net`` (ms), from its images/s and batch."""
     rate, batch = MEASURED_H200[net]
     return 1e3 * batch / rate
-
-
-@contextlib.contextmanager
-def kernels_switch(mode):
-    """MINICOMPACT_KERNELS as ``mode`` ("on" or "off") for the code inside."""
-    saved = os.environ.get("MINICOMPACT_KERNELS")
-    os.environ["MINICOMPACT_KERNELS"] = mode
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ["MINICOMPACT_KERNELS"]
-        else:
-            os.environ["MINICOMPACT_KERNELS"] = saved
 
 
 def count_step(net, kernels="off"):

@@ -6,6 +6,8 @@ per layer: a sync per layer costs more than a small layer on a GPU.  Where the t
 measured in a *separate* pass (``layer_times``) that syncs after every layer; its total is
 larger than a step's, and only its shares are meant to be read.
 """
+import contextlib
+import os
 import time
 from collections import defaultdict
 
@@ -108,3 +110,19 @@ def layer_times(setup, steps=2):
             reg.after_step(opt.lr)
         run("regularizer + SGD", update, None)
     return {kind: t / steps for kind, t in per_kind.items()}
+
+
+@contextlib.contextmanager
+def kernels_switch(mode):
+    """MINICOMPACT_KERNELS as ``mode`` ("on": the hand-written kernels, "off": their twins) for
+    the code inside; ``CudaKernel`` reads it at every call, so a step run, captured or counted
+    inside uses that setting."""
+    saved = os.environ.get("MINICOMPACT_KERNELS")
+    os.environ["MINICOMPACT_KERNELS"] = mode
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["MINICOMPACT_KERNELS"]
+        else:
+            os.environ["MINICOMPACT_KERNELS"] = saved

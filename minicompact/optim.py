@@ -10,7 +10,7 @@ import numpy as np
 
 from .backend import device_of, get_array_module, is_gpu_array, to_cpu, to_device
 from .cuda.sgd import SGD_MOMENTUM
-from .harness.checkpoint import check_array
+from .saved_arrays import check_array
 
 
 class SGD:

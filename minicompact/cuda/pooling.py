@@ -13,7 +13,6 @@ bit for bit.
 import numpy as np
 
 from ..backend import get_array_module
-from ..im2col import output_size
 from . import THREADS, blocks
 
 
@@ -132,7 +131,8 @@ def launch_max_pool_forward(functions, x, kernel_size, stride, padding):
     xp = get_array_module(x)
     x = xp.ascontiguousarray(x)
     n, c, h, w = x.shape
-    ho, wo = output_size(h, kh, s, p), output_size(w, kw, s, p)
+    # im2col.output_size, written out: this module sits below im2col.py and does not import it
+    ho, wo = (h + 2 * p - kh) // s + 1, (w + 2 * p - kw) // s + 1
     out = xp.empty((n, c, ho, wo), dtype=x.dtype)
     arg = xp.empty((n, c, ho, wo), dtype=np.uint8)
     functions["max_pool_forward"]((blocks(out.size),), (THREADS,),

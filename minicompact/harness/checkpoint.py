@@ -10,8 +10,8 @@ Layout of a training checkpoint (all NumPy arrays, no pickles):
 * ``"opt.<key>"`` — the optimizer's momentum buffers
 * ``"__train__"`` — JSON: epoch, step within the epoch, best accuracy, history, run settings.
 
-What a saved array and a training state must be (``check_array``, ``check_train_state``) is
-written here once; ``checkpoint_check.check_contents`` applies it to a whole checkpoint.
+What a saved array must be is ``saved_arrays.check_array``; what a training state must be,
+``check_train_state``, is written here once; ``checkpoint_check.check_contents`` applies both.
 """
 import json
 import math
@@ -20,11 +20,8 @@ import zipfile
 
 import numpy as np
 
+from ..saved_arrays import CheckpointError, short_repr
 from .atomic import atomic_write
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, unreadable or not one of ours (one-line message)."""
 
 
 def atomic_savez(path, arrays):
@@ -81,31 +78,6 @@ def save_checkpoint(path, model, optimizer=None, train_state=None):
             arrays[f"opt.{k}"] = np.asarray(v)
     arrays["__train__"] = np.array(json.dumps(train_state or {}))
     atomic_savez(path, arrays)
-
-
-def short_repr(value, limit=60):
-    """``repr(value)``, cut to ``limit`` characters (a hand-edited file may hold anything)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def check_array(key, a, shape):
-    """``CheckpointError`` (one line naming ``key``) unless the saved array ``a`` is a
-    floating-point NumPy array of ``shape`` whose every value is finite.
-
-    Batch-norm running variances must also be >= 0 (``key`` ending ``.running_var``): the
-    evaluation-mode batch norm takes their square root.
-    """
-    a = np.asarray(a)
-    if a.dtype.kind != "f":
-        what = "text" if a.dtype.kind in "US" else f"{a.dtype.name} values"
-        raise CheckpointError(f"{key} holds {what}, not floating-point numbers")
-    if a.shape != tuple(shape):
-        raise CheckpointError(f"{key}: expected shape {tuple(shape)}, saved {a.shape}")
-    if not np.isfinite(a).all():
-        raise CheckpointError(f"{key} holds NaN or infinite values")
-    if key.endswith(".running_var") and (a < 0).any():
-        raise CheckpointError(f"{key} has negative values")
 
 
 EXACT = 2**53  # JSON integers beyond this have no exact float: no field of ours holds one

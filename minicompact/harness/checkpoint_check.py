@@ -17,7 +17,8 @@ The loaders below it check again what they load (``CompactNet.load_state_arrays`
 ``SGD.load_state_dict``), so a state passed in by other code is never loaded unchecked.
 """
 from ..model import ModelConfig, check_state_arrays
-from .checkpoint import CheckpointError, check_array, load_checkpoint
+from ..saved_arrays import CheckpointError, check_array
+from .checkpoint import load_checkpoint
 
 
 def optimizer_shapes(config, freeze=0):

@@ -25,6 +25,7 @@ import os
 import socket
 
 from .atomic import atomic_write
+from .flags import parse
 from .processes import pid_alive
 
 MODELS = ("compact", "compressed", "simple")
@@ -143,7 +144,6 @@ NOT_RESULTS = ("workers", "no_progress", "cache", "cuda_graph")
 def parse_run_args(run_args):
     """(values, given): ``run_args`` parsed by run.py's own parser (``flags.parse``) as
     {dest: value} and the set of dests typed; SweepError with run.py's one line if it refuses them."""
-    from .flags import parse
     said = io.StringIO()
     try:
         with contextlib.redirect_stderr(said), contextlib.redirect_stdout(said):
