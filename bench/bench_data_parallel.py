@@ -22,7 +22,7 @@ from minicompact.backend import array_module, resolve_device, synchronize
 from minicompact.distributed import GradientAllReduce, broadcast_model, init
 from minicompact.distributed.sync_batchnorm import use_sync_batchnorm
 from minicompact.model import CompactNet, ModelConfig
-from minicompact.objective import Regularizer, train_step
+from minicompact.objective import Penalty, train_step
 from minicompact.optim import SGD
 from minicompact.regularizers import variant
 
@@ -49,7 +49,7 @@ def bench_steps(comm, args, device):
     if args.sync_bn:
         use_sync_batchnorm(model, comm)
     opt = SGD(model.param_layers, lr=0.01, momentum=0.9)
-    reg = Regularizer(model, variant("compact", args.depth, 0.03))
+    reg = Penalty(model, variant("compact", args.depth, 0.03))
     # Under a launcher even one rank reduces: `mpiexec -n 1 ... --device gpu` runs the NCCL
     # code path of many ranks (NCCL, unlike MPI, does not skip a 1-rank all-reduce).
     reducer = _Timed(GradientAllReduce(comm, model)) if comm.backend != "single" else None

@@ -31,7 +31,7 @@ every algorithm alternates with PyTorch), attributed and measured, and gets its 
 
 ``--cuda-graph`` (off, on or both) times minicompact's whole step eager, captured once as a
 CUDA graph and replayed, or both: the step function is wrapped in ``CapturedStep``
-(minicompact/harness/graph_step.py) as ``Trainer`` wraps its own, eager steps with
+(minicompact/training/graph_step.py) as ``Trainer`` wraps its own, eager steps with
 ``capture=False``; the capture (one eager step, the capture, one checked replay) happens
 before the warm-up.  A CUDA graph needs a GPU: on the CPU ``on`` stops with one line and
 ``both`` times the eager step only.  ``--kernels`` (on, off or both) times the hand-written
@@ -59,7 +59,7 @@ import numpy as np
 
 from minicompact import backend
 from minicompact.backend import array_module, get_array_module, set_precision, synchronize, to_cpu
-from minicompact.harness.graph_step import CapturedStep, check_mode
+from minicompact.training.graph_step import CapturedStep, check_mode
 from minicompact.losses import softmax_cross_entropy
 from minicompact.objective import objective, train_step
 from timing import CTHETA, CW, LR, MOMENTUM, NETWORKS, Setup, describe, kernels_switch, layer_times, timed
@@ -125,7 +125,7 @@ def torch_twin(setup, tdevice):
 
 def torch_regularizer(convs, linear, config, regions):
     """C_W Ω(W) + C_Θ Σ Γ_l(Θ^l): add its subgradient to the gradients (as minicompact's
-    ``Regularizer.add_gradient`` does, after the backward) and return its value (a tensor)."""
+    ``Penalty.add_gradient`` does, after the backward) and return its value (a tensor)."""
     def mixed(x, mix, dims):
         sq = x.square().sum(dim=dims, keepdim=True)
         value = (1 - mix) * 0.5 * sq.sum()

@@ -8,7 +8,7 @@ time they imply.
     python bench/gpu_budget.py --json -                 # the counts as JSON (tests read this)
 
 One steady-state step (forward, loss, backward, regularizer, SGD with momentum: the step
-``harness.trainer.Trainer`` runs, through ``bench/timing.py``'s ``Setup``) of each network of
+``training.trainer.Trainer`` runs, through ``bench/timing.py``'s ``Setup``) of each network of
 ``timing.NETWORKS`` runs on ``launch_counter``'s stand-in for CuPy, which records every kernel
 launch CuPy would make, with the bytes it moves, by layer.  No GPU is used: the launches and
 bytes are counts, the step times estimates from the model below.

@@ -68,8 +68,8 @@ import numpy as np
 
 # The minicompact file (relative to the package) → the layer its launches are charged to.
 LAYER_OF_FILE = {
-    "layers/conv.py": "conv", "layers/conv_algo.py": "conv", "im2col.py": "conv",
-    "winograd.py": "conv", "layers/batchnorm.py": "batchnorm",
+    "layers/conv.py": "conv", "layers/conv_choice.py": "conv", "layers/workspace.py": "conv",
+    "im2col.py": "conv", "winograd.py": "conv", "layers/batchnorm.py": "batchnorm",
     "distributed/sync_batchnorm.py": "batchnorm", "layers/activations.py": "relu",
     "layers/pooling.py": "maxpool", "separable_maxpool.py": "maxpool",
     "layers/classifier.py": "classifier", "losses.py": "loss", "regularizers.py": "regularizer",
@@ -77,7 +77,7 @@ LAYER_OF_FILE = {
 }
 # Classes and functions whose file holds two layers' code: the class or function decides
 # (layers/pooling.py holds max-pooling and the pyramid, each with its kernel wrappers).
-LAYER_OF_CLASS = {"SpatialPyramidPool": "pyramid", "Regularizer": "regularizer",
+LAYER_OF_CLASS = {"SpatialPyramidPool": "pyramid", "Penalty": "regularizer",
                   "spatial_pyramid_pool_forward": "pyramid", "spatial_pyramid_pool_backward": "pyramid",
                   "spatial_pyramid_pool_forward_cuda": "pyramid",
                   "spatial_pyramid_pool_backward_cuda": "pyramid"}

@@ -14,10 +14,11 @@ from collections import defaultdict
 import numpy as np
 
 from minicompact.backend import array_module, synchronize
-from minicompact.layers.conv_algo import set_conv_algo, share_columns
+from minicompact.layers.conv_choice import set_conv_algo
+from minicompact.layers.workspace import share_columns
 from minicompact.losses import softmax_cross_entropy
 from minicompact.model import CompactNet, ModelConfig
-from minicompact.objective import Regularizer, train_step
+from minicompact.objective import Penalty, train_step
 from minicompact.optim import SGD
 from minicompact.regularizers import variant
 
@@ -42,7 +43,7 @@ class Setup:
 
     net: a dict of ``NETWORKS``; device: "cpu" or "gpu"; seed: of weights and data;
     dtype: of the model and the images (float64 for exact comparisons); conv_algo: of its
-    3×3 stride-1 convolutions ("im2col", "winograd" or "auto", see ``layers.conv_algo``),
+    3×3 stride-1 convolutions ("im2col", "winograd" or "auto", see ``layers.conv_choice``),
     "+shared" appended for one column workspace shared by all layers (``share_columns``).
     """
 
@@ -55,7 +56,7 @@ class Setup:
         self.model = set_conv_algo(CompactNet(cfg, seed=seed, dtype=dtype).to(device), algo)
         share_columns(self.model, shared == "shared")
         self.optimizer = SGD(self.model.param_layers, lr=LR, momentum=MOMENTUM)
-        self.regularizer = Regularizer(self.model, variant("compact", net["depth"], RHO), CW, CTHETA)
+        self.regularizer = Penalty(self.model, variant("compact", net["depth"], RHO), CW, CTHETA)
         rng = np.random.default_rng(seed)
         size = net["image_size"]
         self.x_host = rng.standard_normal((net["batch"], 3, size, size), dtype=np.float32).astype(dtype)

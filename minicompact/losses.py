@@ -11,7 +11,7 @@ Nothing here reads a value of a GPU array back into Python: on a GPU each such r
 ``float()``, an ``int()``, a label check's min and max) makes the host wait until the GPU has
 finished all its queued work, a *sync*.  A training loop keeps the loss and the accuracy counts
 on the device, sums them there and reads the sums once per log interval
-(``harness.trainer.Trainer``).  For the same reason labels are range-checked only where they are
+(``training.trainer.Trainer``).  For the same reason labels are range-checked only where they are
 still on the host (``check_labels``): call it where the labels come from, before moving them.
 """
 import numpy as np

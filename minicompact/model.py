@@ -23,8 +23,7 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 
 from .backend import is_gpu_array, to_cpu, to_device
-from .harness.checkpoint import atomic_savez, read_npz
-from .saved_arrays import CheckpointError, check_array, short_repr
+from .system.npz import CheckpointError, atomic_savez, check_array, read_npz, short_repr
 from .im2col import output_size
 from .layers import BatchNorm2D, Conv2D, MaxPool2D, ReLU, SoftmaxClassifier, SpatialPyramidPool
 

@@ -4,7 +4,7 @@
 
 There is exactly one place where the regularizer's gradient joins the data gradient:
 ``objective`` runs the model's forward and backward for the data term and then calls
-``Regularizer.add_gradient`` once.  ``train_step`` is ``objective`` followed by the SGD
+``Penalty.add_gradient`` once.  ``train_step`` is ``objective`` followed by the SGD
 update and, for ``update="proximal"``, the group soft-thresholding after it.  The optimizer
 itself knows nothing about regularizers, so the term cannot be counted twice.  In
 data-parallel training the data gradients are all-reduced between the backward and the
@@ -23,18 +23,21 @@ import math
 import numpy as np
 
 from .backend import get_array_module, is_gpu_array
-from .cuda.sgd import GROUP_GRADIENT, GROUP_SHRINK
-from .losses import multiclass_hinge_loss, softmax_cross_entropy
-from .regularizers import proximal_step, regularization, regularized_groups
-from .strength import scale_groups
+from .cuda import CudaKernel
+from .cuda import sgd
+from . import losses
+from .regularizers import group_norms, mixed_term, proximal_step, regularization, regularized_groups
+from .group_scale import scale_groups
 
-LOSSES = {"cross_entropy": softmax_cross_entropy, "hinge": multiclass_hinge_loss}
+# The losses by name: functions of losses.py, looked up at each call, so that a loss replaced
+# there (by a notebook experimenting, or a test) is the one used.
+LOSSES = {"cross_entropy": "softmax_cross_entropy", "hinge": "multiclass_hinge_loss"}
 UPDATES = ("subgradient", "proximal")
 
 
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite (``train_step`` raises it before updating anything;
-    ``harness.trainer.Trainer`` when it reads its running sums, before any checkpoint is written)."""
+    ``training.trainer.Trainer`` when it reads its running sums, before any checkpoint is written)."""
 
 
 def check_weights(cw, ctheta):
@@ -43,7 +46,46 @@ def check_weights(cw, ctheta):
         raise ValueError(f"C_W and C_Θ must be >= 0, got {cw} and {ctheta}")
 
 
-class Regularizer:
+def group_gradient_twin(x, grad, total, c, mix, group_axes, subgradient, grad_out=None):
+    """``regularizers.regularization``'s work on one regularized array (the kernel's twin):
+    what ``Penalty.add_gradient`` does per array on a GPU.
+
+    x: W or a Θ^l; grad: its data gradient; total: the regularizer's value so far (0-d, or
+    None for the first term); c: C_W or C_Θ^l; mix: α or β^l; group_axes: of Ω, Γ or Ψ;
+    subgradient: whether the group part joins the gradient (False: proximal mode).
+    Returns (grad + c·∂term, total + c·term), the first written to grad_out (None: new).
+    """
+    xp = get_array_module(x)
+    value, d = mixed_term(x, mix, group_axes, subgradient)
+    d *= c
+    term = c * value
+    return xp.add(grad, d, out=grad_out), (term if total is None else total + term)
+
+
+def group_shrink_twin(x, lr, one_minus_momentum, c, mix, group_axes, out=None):
+    """``regularizers.group_soft_threshold`` with τ = lr/(1−μ)·c·mix read on the device (the
+    kernel's twin): ``Penalty.after_step``'s proximal step of one array.
+
+    x: W or a Θ^l; lr: 0-d float64 array; one_minus_momentum: 1 − μ; c, mix, group_axes: as
+    ``group_gradient_twin``; out: where to write (x: in place; None: a new array).
+    The same expressions as ``group_soft_threshold`` (τ rounded to x's dtype as a Python float
+    is), plus a guard that leaves a zero group alone when τ is 0 (lr 0) instead of 0/0.
+    """
+    xp = get_array_module(x)
+    tau = (lr / one_minus_momentum * c * mix).astype(x.dtype)
+    denominator = xp.maximum(group_norms(x, group_axes), tau)
+    scale = 1.0 - tau / xp.where(denominator > 0, denominator, 1)
+    return xp.multiply(x, scale.astype(x.dtype, copy=False), out=out)
+
+
+# One warp per group on a GPU (cuda/sgd.py), each checked against its twin above.
+GROUP_GRADIENT = CudaKernel("group-gradient", sgd.SOURCE, ["group_gradient", "group_value"],
+                            sgd.launch_group_gradient, group_gradient_twin, sgd.sample_group_gradient)
+GROUP_SHRINK = CudaKernel("group-shrink", sgd.SOURCE, ["group_shrink"], sgd.launch_group_shrink,
+                          group_shrink_twin, sgd.sample_group_shrink)
+
+
+class Penalty:
     """The regularization part of eq. 1, C_W Ω(W) + C_Θ Σ_l Γ_l(Θ^l) (or Ψ_l), for one model.
 
     model: a ``CompactNet``; config: a ``regularizers.RegConfig`` (which variant, α, β_l);
@@ -53,10 +95,10 @@ class Regularizer:
     which produces exact zeros during training).
     momentum: the optimizer's momentum μ.  With momentum the smooth part moves by about
     lr/(1-μ)·∇ per step, so the proximal step thresholds with τ = lr·C·β/(1-μ): its fixed
-    points are then eq. 1's with this same C, as in subgradient mode (``strength.py``).
+    points are then eq. 1's with this same C, as in subgradient mode (``group_scale.py``).
     0 (the default) thresholds with lr·C·β.
     group_scale: (k_W, k_Θ), the factors on the group-lasso parts of Ω and of Γ_l/Ψ_l, the ℓ2
-    parts keeping C_W, C_Θ (``strength.scale_groups``; None or (1, 1): eq. 1 as written).
+    parts keeping C_W, C_Θ (``group_scale.scale_groups``; None or (1, 1): eq. 1 as written).
     """
 
     def __init__(self, model, config, cw=1e-4, ctheta=1e-4, update="subgradient", momentum=0.0,
@@ -81,7 +123,7 @@ class Regularizer:
         (0-d, on the model's device; also kept in ``last_value``).
 
         Called by ``objective`` right after the model's backward has set the data gradients.
-        On a GPU each regularized array takes one fused kernel (``cuda/sgd.py``) instead of
+        On a GPU each regularized array takes one fused kernel (``GROUP_GRADIENT``) instead of
         ``regularization``'s twenty-odd array expressions: the same terms, in the same order.
         """
         m = self.model
@@ -128,20 +170,20 @@ class Regularizer:
         proximal_step(self._config, W, m.thetas(), float(lr) / (1.0 - self.momentum), self._cw, self._ctheta)
 
 
-def _loss_function(loss):
+def loss_function(loss):
     """A loss name ("cross_entropy", "hinge") or a ``losses`` function → the function."""
     if callable(loss):
         return loss
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
-    return LOSSES[loss]
+    return getattr(losses, LOSSES[loss])
 
 
 def objective(model, x, labels, regularizer=None, loss="cross_entropy", reduce_gradients=None):
     """Value of eq. 1 on one batch; sets every parameter gradient of ``model`` to its gradient.
 
     x: (N, C, H, W) images; labels: (N,) integer classes (host labels are range-checked,
-    device labels are not: see ``losses.check_labels``); regularizer: a ``Regularizer`` (None:
+    device labels are not: see ``losses.check_labels``); regularizer: a ``Penalty`` (None:
     the data term alone); loss: "cross_entropy", "hinge" or a function of ``losses``.
     reduce_gradients: None (one process), or data-parallel training's all-reduce
     (``distributed.GradientAllReduce``), run between the backward and the regularizer so that
@@ -157,7 +199,7 @@ def objective(model, x, labels, regularizer=None, loss="cross_entropy", reduce_g
         scores, data_loss = None, reduce_gradients.without_data()
     else:
         scores = model.forward(x)
-        data_loss, dscores = _loss_function(loss)(scores, labels)
+        data_loss, dscores = loss_function(loss)(scores, labels)
         model.backward(dscores)  # sets (does not accumulate) every gradient
         if reduce_gradients is not None:
             data_loss = reduce_gradients(data_loss, labels.shape[0])
@@ -168,7 +210,7 @@ def objective(model, x, labels, regularizer=None, loss="cross_entropy", reduce_g
 
 def train_step(model, optimizer, x, labels, regularizer=None, loss="cross_entropy", lr=None,
                check_finite=True, reduce_gradients=None):
-    """One SGD step on eq. 1: ``objective``, the update, then ``Regularizer.after_step``.
+    """One SGD step on eq. 1: ``objective``, the update, then ``Penalty.after_step``.
 
     lr: the learning rate of this step (None keeps ``optimizer.lr``).
     check_finite: raise ``NonFiniteLoss`` before updating anything when the data loss is NaN

@@ -9,8 +9,33 @@ one place eq. 1 is put together), and its proximal step runs after the update
 import numpy as np
 
 from .backend import device_of, get_array_module, is_gpu_array, to_cpu, to_device
-from .cuda.sgd import SGD_MOMENTUM
-from .saved_arrays import check_array
+from .cuda import CudaKernel
+from .cuda import sgd
+from .system.npz import check_array
+
+
+def momentum_twin(p, g, v, lr, lr_scale, momentum, nesterov, p_out=None, v_out=None):
+    """``SGD.step``'s update of one parameter as array expressions (the kernel's twin).
+
+    p, g: the parameter and its gradient; v: its momentum buffer (None without momentum);
+    lr: 0-d float64 array on the device; lr_scale: the layer's lr_mult; p_out, v_out: where
+    to write (None: new arrays; p and v: in place).  Returns (p_out, v_out).
+    The very expressions of ``SGD.step`` on the CPU, with lr·lr_scale rounded to p's dtype
+    as a Python float is (tests/test_cuda_sgd_graph.py holds the two bit-identical).
+    """
+    xp = get_array_module(p)
+    step = (lr * lr_scale).astype(p.dtype)
+    if momentum == 0:
+        return xp.subtract(p, step * g, out=p_out), v_out
+    v_out = xp.multiply(v, momentum, out=v_out)       # v ← μ·v
+    v_out += g                                        #   + g
+    d = g + momentum * v_out if nesterov else v_out
+    return xp.subtract(p, step * d, out=p_out), v_out
+
+
+# One launch per parameter on a GPU (cuda/sgd.py), checked against momentum_twin.
+SGD_MOMENTUM = CudaKernel("sgd-momentum", sgd.SOURCE, ["sgd_momentum"], sgd.launch_momentum, momentum_twin,
+                          sgd.sample_momentum)
 
 
 class SGD:
@@ -29,10 +54,10 @@ class SGD:
     ``lr_mult[i] · lr`` in the formulas above, nothing else changes (fine-tuning trains a new
     classifier at a larger rate than the transferred layers, paper sec. 5.3.3).
 
-    On a GPU each parameter's update is one fused kernel (``cuda/sgd.py``: the same formulas,
+    On a GPU each parameter's update is one fused kernel (``SGD_MOMENTUM``: the same formulas,
     the same bits) that reads the rate from a 0-d device array (``lr_array``), written when
     ``lr`` is set: a step captured as a CUDA graph then uses each replay's rate, never the
-    number it was captured with (``harness/graph_step.py``).
+    number it was captured with (``training/graph_step.py``).
     """
 
     def __init__(self, layers, lr=0.1, momentum=0.9, nesterov=False, lr_mult=None):
@@ -72,7 +97,7 @@ class SGD:
         return self._lr_array
 
     def step_lr(self):
-        """The rate of the step just taken, for ``Regularizer.after_step``: the device array of
+        """The rate of the step just taken, for ``Penalty.after_step``: the device array of
         ``lr_array`` once a GPU step has made it, else the float."""
         return self._lr if self._lr_array is None else self._lr_array
 
@@ -117,7 +142,7 @@ class SGD:
     def buffers(self):
         """Every parameter's momentum buffer, in parameter order, made now (zeros) where a
         first step has not made it yet; [] without momentum.  What a step updates in place
-        besides the parameters (``harness/graph_step.py`` saves and restores them)."""
+        besides the parameters (``training/graph_step.py`` saves and restores them)."""
         if self.momentum == 0:
             return []
         return [self._buffer(key, p) for key, _, _, p, _ in self.parameters()]

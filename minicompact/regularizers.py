@@ -309,7 +309,7 @@ def regularization(config, W, thetas, cw=1e-4, ctheta=1e-4, group_subgradient=Tr
     regularized: batch-norm parameters and classifier biases are not, as in eq. (1).
     config: a RegConfig. W: (Y, K^{L-1}, R). thetas: L-1 arrays (K^l, K^{l-1}, kh, kw).
     cw, ctheta: C_W and C_Θ (ctheta may also be a sequence of L-1 constants, one per
-    layer: ``strength.scale_groups`` uses that). group_subgradient: False leaves the group parts out of the
+    layer: ``group_scale.scale_groups`` uses that). group_subgradient: False leaves the group parts out of the
     gradients (for ``proximal_step``); the value is always complete.
     Returns ``(value, dW, dthetas)``: a 0-d array (W's dtype and device), an array like W
     and a list like thetas, the gradients already multiplied by C_W and C_Θ.

@@ -25,7 +25,8 @@ Inexact only at the borders: within kh//2 pixels of an edge the dense conv sees 
 constant only through the in-image taps, the thin one assumes all taps.  The difference is
 zero where a dead channel's constant is 0 (ReLU cut it) or its consumers' weights are
 centre-only, and it is *measured* by ``compare_predictions`` (scores and predictions of the
-dense and thin model on the same images); ``thin_run`` writes it into the report.
+dense and thin model on the same images, and over a whole split by ``evaluate_pair``);
+``run.py --thin`` (``cli/thin_command.py``) writes it into its report.
 
 The first layer's input channels (the image's colours) are never removed: the data would
 have to change with them.
@@ -35,23 +36,13 @@ from dataclasses import replace
 import numpy as np
 
 from .backend import device_of, get_array_module, to_cpu
-from .data.folders import DatasetError, open_dataset
-from .data.loader import BatchLoader
-from .data.transforms import estimate_mean_std, normalize, scaled_sizes
-from .harness.atomic import atomic_write
-from .harness.checkpoint import save_checkpoint
-from .harness.checkpoint_check import read_checkpoint
-from .harness.report import to_python
-from .harness.rundir import (OutputError, check_writable, claim_new_folder, finished_or_removed, held_files,
-                             remove_files)
+from .data.transforms import normalize
 from .layers.compact_conv import CompactConv2D, dense_fraction
-from .losses import accuracy_topk, softmax
+from .losses import accuracy_topk
 from .metrics import alive_channels, threshold_
 from .model import CompactNet
-
-
-class NothingToRemove(ValueError):
-    """The network has no dead structure: thinning would return the same network."""
+from .training.checkpoint_check import read_checkpoint
+from .training.trainer import scores
 
 
 def _dead_error(l, k):
@@ -226,28 +217,13 @@ def compare_predictions(dense, thin, x):
             "dense": sd, "thin": st}
 
 
-# -- run.py --thin ------------------------------------------------------------------------
-THIN_FILES = ("thin.npz", "thin-report.json")
-
-
-def _both_scores(dense, thin, images, mean, std, xp):
-    """Scores of both models on one loader batch: (N, 3, h, w) → (N, Y) each; a ten-crop
-    batch (N, 10, 3, h, w) → the log of the crops' mean probabilities (sec. 5.1, as
-    ``Trainer.evaluate``)."""
-    if images.ndim == 5:
-        b, c = images.shape[:2]
-        x = normalize(images.reshape((b * c,) + images.shape[2:]), mean, std, xp)
-        return [xp.log(xp.maximum(softmax(m.forward(x)).reshape(b, c, -1).mean(axis=1), 1e-30))
-                for m in (dense, thin)]
-    x = normalize(images, mean, std, xp)
-    return [m.forward(x) for m in (dense, thin)]
-
-
+# -- measuring a dense and a thin network side by side ------------------------------------
 def evaluate_pair(dense, thin, loader, mean, std):
     """Top-1/top-5 errors (%) of both models over ``loader`` and how often they disagree.
 
     dense, thin: ``CompactNet``s in evaluation mode; loader: a ``BatchLoader`` ("center" or
-    "tencrop"); mean, std: the run's normalisation (3,).  Returns a dict: "dense" and "thin"
+    "tencrop"; each batch scored as ``Trainer.evaluate`` scores it, ``trainer.scores``);
+    mean, std: the run's normalisation (3,).  Returns a dict: "dense" and "thin"
     ({"top1_error", "top5_error"}), "images", "same_prediction" (fraction of images whose
     top-1 class is the same), "max_abs_score_diff" (over every score, or log-probability
     for ten crops).
@@ -257,7 +233,7 @@ def evaluate_pair(dense, thin, loader, mean, std):
     same, n, diff = 0, 0, 0.0
     try:
         for images, labels in loader.epoch(0):
-            sd, st = _both_scores(dense, thin, images, mean, std, xp)
+            sd, st = [scores(m, images, mean, std, xp) for m in (dense, thin)]
             y = xp.asarray(labels)
             for i, s in enumerate((sd, st)):
                 hits[i] += [int(c) for c in accuracy_topk(s, y, ks=(1, 5))]
@@ -294,33 +270,6 @@ def images_per_second(models, x, repeats=7):
     return {name: x.shape[0] / float(np.median(t)) for name, t in times.items()}
 
 
-def _output_folder(path, out, overwrite):
-    """(folder, created): RUN/thin (or -2, -3, ... when it exists: ``rundir.claim_new_folder``),
-    or ``out`` refused when it holds a thinning already (unless ``overwrite``); created: this
-    call made the folder (so an unfinished thinning removes all of it)."""
-    import os
-    created = out is None or not os.path.lexists(out)
-    if out is None:
-        out = claim_new_folder(os.path.join(os.path.dirname(os.path.abspath(path)), "thin"))
-    else:
-        held = held_files(out, THIN_FILES) if os.path.isdir(out) else []
-        if held and not overwrite:
-            raise ValueError(f"--out {out} already holds a thinning ({', '.join(held)}): choose another "
-                             "--out, or add --overwrite to replace it")
-        if held:
-            remove_files(out, THIN_FILES)
-    try:
-        check_writable(out)
-    except OutputError as exc:
-        if created and os.path.isdir(out):  # check_writable made it before failing
-            try:
-                os.rmdir(out)
-            except OSError:
-                pass
-        raise ValueError(str(exc)) from None
-    return out, created
-
-
 def load_dense(path):
     """(model, train_state, settings) from a run's checkpoint, checked whole before the model
     is built (``checkpoint_check.read_checkpoint``); ``ValueError`` (one line) otherwise."""
@@ -329,113 +278,38 @@ def load_dense(path):
     return model.eval(), state, dict(state.get("settings") or {})
 
 
-def thin_run(path, out=None, overwrite=False, data=None, workers=0, repeats=7, log=print):
-    """``run.py --thin CKPT``: thin a run's model, evaluate both, write ``thin.npz`` and
-    ``thin-report.json`` into CKPT's folder/thin (never over an earlier one).
+def measure_pair(dense, thin, center, ten_crop, mean, std, repeats=7):
+    """Accuracy and speed of a network and its thinning on the same images: what
+    ``run.py --thin`` reports.
 
-    path: a run's model.npz, best.npz or last.npz (or a thin.npz); out: another folder;
-    data: the dataset root when it moved (default: the run's own); workers: decoding
-    processes; repeats: timed calls per model.  The run's threshold (sec. 5.2.1) is applied
-    first, as its report does, so "dense" below is the thresholded network.
-    Returns (report dict, output folder).  Raises ``ValueError`` with a one-line message for
-    a file that is not a model, a model with nothing to remove (``NothingToRemove``; nothing
-    is written) and one whose every filter is dead — all before any file is written.
+    dense, thin: ``CompactNet``s in evaluation mode (thin from ``thin_model(dense)``);
+    center, ten_crop: ``BatchLoader``s of the val split ("center" and "tencrop" mode); mean,
+    std: the normalisation (3,); repeats: timed calls per model.  The first centre batch is
+    the one every model is timed on and on which ``choose_convs`` picks, layer by layer, the
+    convs of a copy of thin that run as ``CompactConv2D`` ("thin_compact").
+    Returns a dict: "accuracy" ({"single_crop", "ten_crop"}: ``evaluate_pair``'s dicts),
+    "compact_convs" (``choose_convs``'s records), "speed" (batch, image_size, repeats,
+    images_per_s of "dense", "thin" and "thin_compact", the speed-ups over dense and the
+    machine's load average while it ran: timings are only comparable on an idle machine).
     """
-    import json
     import os
-
-    dense, state, settings = load_dense(path)
-    threshold = settings.get("threshold")
-    zeroed = threshold_(dense.thetas() + [dense.classifier.params["W"]], threshold) if threshold else 0
-    thin, record = thin_model(dense)
-    if not record["changed"]:
-        raise NothingToRemove(f"{path}: nothing to remove: every channel of its {len(dense.convs)} "
-                              f"feature layers is alive (widths {record['widths_before']}); nothing written")
-    root = data or settings.get("data")
-    if not root:
-        raise ValueError(f"{path} names no dataset; give --data ROOT (its val/ split is evaluated)")
-    if not data and not os.path.isdir(root):  # as --evaluate says it of a moved data folder
-        raise ValueError(f"the checkpoint's data folder {root!r} is not a folder; point --data at "
-                         "where the data is now")
-    try:
-        train_set, val_set = open_dataset(root)
-    except DatasetError as exc:
-        raise ValueError(str(exc)) from None
-    if list(val_set.classes) != list(dense.config.classes):
-        raise ValueError(f"{root} has other classes than the model of {path}; give --data ROOT of its run")
-    resize, crop = scaled_sizes(settings.get("image_size", 224))
-    batch = int(settings.get("batch_size", 32))
-    if "mean" in state:
-        mean, std = state["mean"], state["std"]
-    else:
-        mean, std = estimate_mean_std(train_set, resize, seed=settings.get("seed", 0))
-    folder, created = _output_folder(path, out, overwrite)
-
-    # An error or Ctrl-C from here on leaves no empty or half-written thin/ behind.
-    with finished_or_removed(folder, created, THIN_FILES):
-        common = dict(resize=resize, crop=crop, workers=workers, seed=settings.get("seed", 0))
-        accuracy = {}
-        with BatchLoader(val_set, batch, mode="center", **common) as center:
-            batches = center.epoch(0)
-            first = next(batches)[0]                  # the batch both models are timed on
-            batches.close()
-            accuracy["single_crop"] = evaluate_pair(dense, thin, center, mean, std)
-        with BatchLoader(val_set, max(1, batch // 10), mode="tencrop", **common) as ten:
-            accuracy["ten_crop"] = evaluate_pair(dense, thin, ten, mean, std)
-        x = normalize(first, mean, std)
-        # Which convs run as CompactConv2D: measured once, on this batch, layer by layer.
-        fast = CompactNet(thin.config).load_state_arrays(thin.state_arrays()).eval()
-        convs = choose_convs(fast, x)
-        timed = {"dense": dense, "thin": thin}
-        if any(c["choice"] == "compact" for c in convs):
-            timed["thin_compact"] = fast                 # else it is the same network as thin
-        speed = images_per_second(timed, x, repeats)
-        speed.setdefault("thin_compact", speed["thin"])
-
-        thin_path = os.path.join(folder, "thin.npz")
-        widths = record["widths_after"]
-        thin_state = {k: v for k, v in state.items() if k != "final"}   # a fine-tune may resume it
-        thin_state.update(settings=dict(settings, layer_widths=widths, threshold=threshold),
-                          thinned_from=os.path.abspath(path),
-                          compact_convs=[c["layer"] for c in convs if c["choice"] == "compact"])
-        save_checkpoint(thin_path, thin, None, to_python(thin_state))
-        report = to_python({
-            "source": os.path.abspath(path), "threshold": threshold, "weights_zeroed_by_threshold": zeroed,
-            "widths_before": record["widths_before"], "widths_after": widths,
-            "params_before": record["params_before"], "params_after": record["params_after"],
-            "layers": record["layers"], "accuracy": accuracy, "compact_convs": convs,
+    batches = center.epoch(0)
+    first = next(batches)[0]
+    batches.close()
+    accuracy = {"single_crop": evaluate_pair(dense, thin, center, mean, std),
+                "ten_crop": evaluate_pair(dense, thin, ten_crop, mean, std)}
+    xp = get_array_module(dense.classifier.params["W"])
+    x = normalize(first, mean, std, xp)
+    fast = CompactNet(thin.config, dtype=thin.classifier.params["W"].dtype).load_state_arrays(thin.state_arrays())
+    fast.to(device_of(thin.classifier.params["W"])).eval()
+    convs = choose_convs(fast, x)
+    timed = {"dense": dense, "thin": thin}
+    if any(c["choice"] == "compact" for c in convs):
+        timed["thin_compact"] = fast                     # else it is the same network as thin
+    speed = images_per_second(timed, x, repeats)
+    speed.setdefault("thin_compact", speed["thin"])
+    return {"accuracy": accuracy, "compact_convs": convs,
             "speed": {"batch": int(x.shape[0]), "image_size": int(x.shape[-1]), "repeats": repeats,
                       "images_per_s": speed, "speedup": speed["thin"] / speed["dense"],
                       "speedup_with_compact_convs": speed["thin_compact"] / speed["dense"],
-                      "load_average": list(os.getloadavg())},
-            "file_bytes": {"dense": os.path.getsize(path), "thin": os.path.getsize(thin_path)},
-            "border_note": "dead filters' constants are folded exactly away from zero-padded borders; "
-                           "max_abs_score_diff and same_prediction measure what the borders change"})
-        with atomic_write(os.path.join(folder, "thin-report.json")) as f:
-            json.dump(report, f, indent=2)
-        log(format_thin_report(report, folder))
-    return report, folder
-
-
-def _compact_line(r):
-    chosen = [c["layer"] for c in r["compact_convs"] if c["choice"] == "compact"]
-    if not chosen:
-        return "; compact convs: no layer measured faster (not used)"
-    return (f", with compact convs on {', '.join(chosen)} {r['speed']['images_per_s']['thin_compact']:.0f} "
-            f"({r['speed']['speedup_with_compact_convs']:.2f}x)")
-
-
-def format_thin_report(r, folder):
-    """The few lines ``run.py --thin`` prints."""
-    s, t = r["accuracy"]["single_crop"], r["accuracy"]["ten_crop"]
-    sp = r["speed"]
-    lines = [f"thinned {r['source']}: widths {r['widths_before']} -> {r['widths_after']}; "
-             f"parameters {r['params_before']:,} -> {r['params_after']:,}",
-             f"  top-1 error dense / thin: {s['dense']['top1_error']:.2f} / {s['thin']['top1_error']:.2f} % "
-             f"(1 crop), {t['dense']['top1_error']:.2f} / {t['thin']['top1_error']:.2f} % (10 crops); "
-             f"same prediction on {100 * s['same_prediction']:.2f} % of {s['images']} images",
-             f"  images/s (batch {sp['batch']}): dense {sp['images_per_s']['dense']:.0f}, thin "
-             f"{sp['images_per_s']['thin']:.0f} ({sp['speedup']:.2f}x){_compact_line(r)}; file "
-             f"{r['file_bytes']['dense']:,} -> {r['file_bytes']['thin']:,} bytes",
-             f"  wrote thin.npz and thin-report.json in {folder}"]
-    return "\n".join(lines)
+                      "load_average": list(os.getloadavg())}}

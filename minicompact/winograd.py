@@ -34,6 +34,12 @@ The price is rounding: the transforms add and halve values before the products, 
 results carry a larger error than im2col's (characterised in tests/test_winograd.py and
 docs/winograd.md), and the kernel is for 3×3, stride 1 only.
 
+``winograd_simple_forward`` / ``winograd_simple_backward`` are the version to read: the
+formula above as four ``einsum``s over every tile at once, and their adjoints.  The fast
+``winograd_forward`` / ``winograd_backward`` below compute the same with the transforms
+written out as adds into reused buffers and the 16 GEMMs as one batched ``matmul``; the tests
+hold them against the simple pair and against ``conv2d_forward`` / ``conv2d_backward``.
+
 Layouts (channels first, like ``im2col``): V (4, 4, C, P), U (4, 4, K, C), M (4, 4, K, P), the
 tiles ordered (n, tile row, tile column).  Everything is slicing, adds and ``xp.matmul``, on
 NumPy or CuPy, in the input's dtype.  The backward (``winograd_backward``) gets dW from the
@@ -54,6 +60,54 @@ G = np.array([[1.0, 0.0, 0.0],
               [0.0, 0.0, 1.0]], dtype=np.float64)      # filter transform G (4×3)
 AT = np.array([[1, 1, 1, 0],
                [0, 1, -1, -1]], dtype=np.float64)      # output transform Aᵀ (2×4)
+
+
+def winograd_simple_forward(x, W, padding=1):
+    """y = Aᵀ [ (G g Gᵀ) ⊙ (Bᵀ d B) ] A for every 4×4 tile d and filter g, summed over the
+    input channels (Lavin & Gray 2016, sec. 4.1): a 3×3 stride-1 convolution.
+
+    x: (N, C, H, W); W: (K, C, 3, 3); padding: zeros on each side (>= 0).  Returns (out,
+    cache): out (N, K, Ho, Wo), Ho = H + 2·padding - 2, x's dtype; cache for the backward.
+    """
+    xp = get_array_module(x)
+    n, c, h, w = x.shape
+    ho, wo, th, tw = tiles(h, w, padding)
+    Bt, Gm, At = (xp.asarray(m, dtype=x.dtype) for m in (BT, G, AT))
+    xpad = xp.zeros((n, c, 2 * th + 2, 2 * tw + 2), dtype=x.dtype)
+    xpad[:, :, padding:padding + h, padding:padding + w] = x
+    # d[i, j, n, c, y, x]: pixel (i, j) of the tile at tile row y, column x (stride 2, size 4)
+    d = xp.stack([xp.stack([xpad[:, :, i:i + 2 * th:2, j:j + 2 * tw:2] for j in range(4)])
+                  for i in range(4)])
+    U = xp.einsum("ai,kcij,bj->abkc", Gm, W, Gm)             # G g Gᵀ
+    V = xp.einsum("ai,ijncyx,bj->abncyx", Bt, d, Bt)         # Bᵀ d B
+    M = xp.einsum("abkc,abncyx->abnkyx", U, V)               # ⊙, summed over c
+    Y = xp.einsum("ia,abnkyx,jb->nkyixj", At, M, At)         # Aᵀ M A: output (2y + i, 2x + j)
+    out = Y.reshape(n, W.shape[0], 2 * th, 2 * tw)[:, :, :ho, :wo]
+    return xp.ascontiguousarray(out), (x.shape, padding, U, V)
+
+
+def winograd_simple_backward(dout, cache):
+    """Gradients of ``winograd_simple_forward``: each einsum's adjoint, in reverse order.
+
+    dout: (N, K, Ho, Wo), not modified; cache from forward.
+    Returns (dx (N, C, H, W), dW (K, C, 3, 3)), dout's dtype.
+    """
+    xp = get_array_module(dout)
+    (n, c, h, w), padding, U, V = cache
+    k, ho, wo = dout.shape[1:]
+    th, tw = (ho + 1) // 2, (wo + 1) // 2
+    Bt, Gm, At = (xp.asarray(m, dtype=dout.dtype) for m in (BT, G, AT))
+    dY = xp.zeros((n, k, 2 * th, 2 * tw), dtype=dout.dtype)
+    dY[:, :, :ho, :wo] = dout                                 # cropped outputs: no gradient
+    dM = xp.einsum("ia,nkyixj,jb->abnkyx", At, dY.reshape(n, k, th, 2, tw, 2), At)
+    dU = xp.einsum("abnkyx,abncyx->abkc", dM, V)
+    dV = xp.einsum("abkc,abnkyx->abncyx", U, dM)
+    dW = xp.einsum("ai,abkc,bj->kcij", Gm, dU, Gm)            # Gᵀ dU G
+    dd = xp.einsum("ai,abncyx,bj->ijncyx", Bt, dV, Bt)        # B dV Bᵀ
+    dxpad = xp.zeros((n, c, 2 * th + 2, 2 * tw + 2), dtype=dout.dtype)
+    for i, j in np.ndindex(4, 4):   # tiles overlap: their gradients add up
+        dxpad[:, :, i:i + 2 * th:2, j:j + 2 * tw:2] += dd[i, j]
+    return xp.ascontiguousarray(dxpad[:, :, padding:padding + h, padding:padding + w]), dW
 
 
 def tiles(h, w, padding):

@@ -32,7 +32,7 @@ from minicompact.distributed import (GradientAllReduce, MPICommunicator, average
 from minicompact.gradcheck import GradientCheckError, assert_gradients_close, numerical_gradient
 from minicompact.distributed.sync_batchnorm import SyncBatchNorm2D, use_sync_batchnorm
 from minicompact.model import CompactNet, ModelConfig
-from minicompact.objective import Regularizer, objective, train_step
+from minicompact.objective import Penalty, objective, train_step
 from minicompact.optim import SGD
 from minicompact.regularizers import variant
 
@@ -91,12 +91,12 @@ def train_both_ways(comm, dtype, sync_bn, update="subgradient", batch_size=3):
     if sync_bn:
         use_sync_batchnorm(par, comm)
     par_opt = SGD(par.param_layers, lr=lr, momentum=0.9)
-    par_reg = Regularizer(par, config, cw=0.01, ctheta=0.01, update=update)
+    par_reg = Penalty(par, config, cw=0.01, ctheta=0.01, update=update)
     reducer = GradientAllReduce(comm, par)
 
     one = tiny(dtype)
     one_opt = SGD(one.param_layers, lr=lr, momentum=0.9)
-    one_reg = Regularizer(one, config, cw=0.01, ctheta=0.01, update=update)
+    one_reg = Penalty(one, config, cw=0.01, ctheta=0.01, update=update)
 
     for order, step in steps:
         mine = rank_batch(order, step, batch_size, comm.rank, comm.size)
@@ -297,7 +297,9 @@ def sharded_evaluation():
     from minicompact.data.loader import BatchLoader
     from minicompact.data.synthetic import make_synthetic_dataset
     from minicompact.losses import softmax_cross_entropy
-    from minicompact.harness.trainer import Trainer
+    from types import SimpleNamespace
+    from minicompact.training.recipe import Network
+    from minicompact.training.trainer import Trainer
 
     comm = init("cpu")
     root = None
@@ -312,9 +314,10 @@ def sharded_evaluation():
     for bn in model.bns:  # non-trivial running statistics
         bn.buffers["running_mean"][:] = rng.standard_normal(bn.channels)
         bn.buffers["running_var"][:] = rng.uniform(0.5, 2, bn.channels)
-    kw = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), epochs=1, progress=False)
-    alone = Trainer(model, None, None, None, softmax_cross_entropy, None, None, **kw)
-    together = Trainer(model, None, None, None, softmax_cross_entropy, None, None, comm=comm, **kw)
+    net = Network(model, None, None, None, softmax_cross_entropy)
+    images = SimpleNamespace(train=None, val=None, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    alone = Trainer(net, images, epochs=1, progress=False)
+    together = Trainer(net, images, epochs=1, progress=False, comm=comm)
     for mode in ("center", "tencrop"):
         whole = alone.evaluate(BatchLoader(val, 4, resize=16, crop=8, mode=mode))
         mine = BatchLoader(val, 4, resize=16, crop=8, mode=mode, rank=comm.rank, ranks=comm.size)

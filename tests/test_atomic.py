@@ -4,7 +4,7 @@ import stat
 
 import pytest
 
-from minicompact.harness.atomic import atomic_write
+from minicompact.system.atomic import atomic_write
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_nothing_behind(tmp_path):

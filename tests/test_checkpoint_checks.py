@@ -2,7 +2,7 @@
 reads one (--evaluate, --resume, --thin, --finetune, --features), before a model is built:
 its configuration (types, ranges, a size bound), every array (present, floating-point, of
 its shape, finite, running variances >= 0), the momentum buffers and the training state
-(``minicompact.harness.checkpoint_check``).
+(``minicompact.training.checkpoint_check``).
 
 One tiny trained run; each case rewrites a copy of its last.npz.  Every refusal is exit 2,
 one ``run.py: error:`` line naming what is wrong, no traceback and no new folder.
@@ -12,8 +12,8 @@ import json
 import numpy as np
 import pytest
 
-from minicompact.harness.checkpoint import CheckpointError, atomic_savez
-from minicompact.harness.checkpoint_check import read_checkpoint
+from minicompact.system.npz import CheckpointError, atomic_savez
+from minicompact.training.checkpoint_check import read_checkpoint
 from minicompact.model import CompactNet, ModelConfig
 from minicompact.optim import SGD
 from test_run import TINY, main, write_folder
@@ -155,7 +155,7 @@ def test_the_loaders_check_what_they_load(trained):
 def test_a_frozen_fine_tune_keeps_no_buffers_for_its_frozen_layers(trained):
     """A fine-tune with --freeze 1 trains bn1 onward: its buffer 0.W belongs to conv2, and a
     buffer of the shape conv1's would have is refused (``optimizer_shapes``)."""
-    from minicompact.harness.checkpoint_check import check_contents
+    from minicompact.training.checkpoint_check import check_contents
     config, arrays, opt, state = read_checkpoint(trained[1])
     tuned = dict(state, settings=dict(state["settings"], finetune="src.npz", freeze=1))
     frozen = {"0.W": np.zeros((8, 4, 3, 3), np.float32), "1.gamma": np.zeros(8, np.float32)}

@@ -5,7 +5,9 @@ from scipy import signal
 
 from minicompact.backend import to_cpu
 from minicompact.gradcheck import GradientCheckError, check_layer
-from minicompact.layers.conv import Conv2D
+from minicompact.layers import conv_choice
+from minicompact.layers.conv import Conv2D, conv2d_backward, conv2d_forward
+from minicompact.layers.workspace import ColumnWorkspace
 from minicompact.reference import conv2d_reference
 
 CONFIGS = [  # (N, C_in, C_out, H, W, kernel, stride, padding)
@@ -138,6 +140,38 @@ def test_first_layer_can_skip_the_input_gradient(device, xp):
     assert first.backward(dout) is None
     np.testing.assert_allclose(to_cpu(first.grads["W"]), to_cpu(layer.grads["W"]), rtol=1e-12)
     check_layer(first, x, h=H_STEP, check_input=False)
+
+
+@pytest.mark.parametrize("algo, shared", [("im2col", False), ("im2col", True), ("winograd", False),
+                                          ("winograd", True), ("auto", False)])
+@pytest.mark.parametrize("kernel, stride, padding", [(3, 1, 1), (3, 1, 0), (7, 2, 3), (3, 2, 1)])
+def test_every_path_of_the_layer_matches_the_short_pair(algo, shared, kernel, stride, padding,
+                                                        device, xp, monkeypatch):
+    """Conv2D's fast paths (its own reused buffer, shared columns, Winograd, auto's timing)
+    against ``conv2d_forward`` / ``conv2d_backward``, forward and backward, over three
+    forwards: the second reuses the first's buffer, the third has a new shape."""
+    monkeypatch.setattr(conv_choice, "_CHOICES", {})
+    rng = np.random.default_rng(10)
+    layer = Conv2D(3, 4, kernel, stride, padding, dtype=np.float64, rng=rng, algo=algo).to(device)
+    if shared:
+        layer.columns = ColumnWorkspace()
+    W = layer.params["W"]
+    for shape in [(2, 3, 9, 8), (2, 3, 9, 8), (1, 3, 7, 10)]:
+        x = xp.asarray(rng.standard_normal(shape))
+        want, cols = conv2d_forward(x, W, stride, padding)
+        dout = xp.asarray(rng.standard_normal(want.shape))
+        dx_want, dW_want = conv2d_backward(dout, cols, W, x.shape, stride, padding)
+        x_kept = x.copy()
+        np.testing.assert_allclose(to_cpu(layer.forward(x)), to_cpu(want), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(to_cpu(layer.backward(dout)), to_cpu(dx_want), rtol=1e-12,
+                                   atol=1e-12)
+        np.testing.assert_allclose(to_cpu(layer.grads["W"]), to_cpu(dW_want), rtol=1e-12, atol=1e-12)
+        assert bool((x == x_kept).all())   # no path writes into its input
+    ran, chosen = layer.cache.algorithm.name, layer.algorithm(x)
+    if algo == "winograd" and (kernel, stride) == (3, 1):
+        assert ran == chosen == "winograd"
+    else:
+        assert ran == ("im2col-shared" if shared and chosen == "im2col" else chosen)
 
 
 class _DoubledDx(Conv2D):

@@ -1,5 +1,5 @@
 """The optimizer's and the regularizer's kernels (minicompact/cuda/sgd.py) and the captured
-training step (minicompact/harness/graph_step.py).
+training step (minicompact/training/graph_step.py).
 
 On the CPU: the GPU code path on the fake GPU (tests/fake_gpu.py: each kernel runs as its twin,
 counted as one launch) gives the NumPy path's parameters bit for bit; the Trainer, given a fake
@@ -16,11 +16,11 @@ import pytest
 
 import fake_gpu
 from minicompact import backend
-from minicompact.cuda.sgd import GROUP_GRADIENT, GROUP_SHRINK, SGD_MOMENTUM, group_shape
-from minicompact.harness import graph_step
-from minicompact.harness.settings import MATH_KEYS, NOT_SAVED
-from minicompact.objective import Regularizer
-from minicompact.optim import SGD
+from minicompact.cuda.sgd import group_shape
+from minicompact.training import graph_step
+from minicompact.cli.settings import MATH_KEYS, NOT_SAVED
+from minicompact.objective import GROUP_GRADIENT, GROUP_SHRINK, Penalty
+from minicompact.optim import SGD, SGD_MOMENTUM
 from minicompact.regularizers import variant
 from test_syncs import make_trainer
 
@@ -92,7 +92,7 @@ def test_the_regularizer_on_the_fake_gpu_is_bit_identical_to_numpy(monkeypatch, 
     runs = {}
     for device in ("cpu", "gpu"):
         model = CompactNet(ModelConfig(depth=4, num_classes=5, width_mult=1 / 16, stem="small"), seed=0).to(device)
-        reg = Regularizer(model, variant(name, 4, 0.5), cw=1e-2, ctheta=3e-2, update=update,
+        reg = Penalty(model, variant(name, 4, 0.5), cw=1e-2, ctheta=3e-2, update=update,
                           momentum=0.9, group_scale=(2.0, 3.0))
         runs[device] = (model, SGD(model.param_layers, lr=0.1, momentum=0.9), reg)
     rng = np.random.default_rng(0)

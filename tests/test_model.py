@@ -4,7 +4,7 @@ import pytest
 
 from minicompact.gradcheck import assert_gradients_close, numerical_gradient
 from minicompact.model import CompactNet, ModelConfig, dictionary_sizes
-from minicompact.objective import Regularizer, objective
+from minicompact.objective import Penalty, objective
 from minicompact.regularizers import variant
 
 
@@ -119,7 +119,7 @@ def test_whole_objective_gradient_check(name):
     x = rng.standard_normal((3, 3, 8, 8))
     y = np.array([0, 2, 1])
     # Large C's so the regularizer's share of every gradient is well above rounding noise.
-    reg = Regularizer(model, variant(name, 3, 0.5), cw=0.05, ctheta=0.05)
+    reg = Penalty(model, variant(name, 3, 0.5), cw=0.05, ctheta=0.05)
 
     def f():
         model.zero_grad()

@@ -10,7 +10,7 @@ import pytest
 
 from minicompact.backend import to_cpu, to_device
 from minicompact.model import CompactNet, ModelConfig
-from minicompact.objective import NonFiniteLoss, Regularizer, objective, train_step
+from minicompact.objective import NonFiniteLoss, Penalty, objective, train_step
 from minicompact.optim import SGD
 from minicompact.regularizers import proximal_step, regularization, variant
 
@@ -48,7 +48,7 @@ def test_train_step_adds_the_regularizer_exactly_once(update):
         proximal_step(config, want[("classifier", "W")], [want[("conv1", "W")], want[("conv2", "W")]],
                       lr, cw, ctheta)
 
-    reg = Regularizer(model, config, cw=cw, ctheta=ctheta, update=update)
+    reg = Penalty(model, config, cw=cw, ctheta=ctheta, update=update)
     train_step(model, SGD(model.param_layers, lr=lr, momentum=0.0), x, y, reg)
     for n, layer in model.named_layers():
         for k, p in layer.params.items():
@@ -58,7 +58,7 @@ def test_train_step_adds_the_regularizer_exactly_once(update):
 def test_objective_value_is_data_loss_plus_the_regularizer():
     model, x, y = tiny()
     config = variant("compressed", 3, 0.5)
-    reg = Regularizer(model, config, cw=0.3, ctheta=0.2)
+    reg = Penalty(model, config, cw=0.3, ctheta=0.2)
     value, data_loss, scores = objective(model, x, y, reg)
     reg_value, _, _ = regularization(config, model.classifier.params["W"], model.thetas(), 0.3, 0.2)
     assert value == pytest.approx(data_loss + reg_value, rel=1e-12)
@@ -68,7 +68,7 @@ def test_objective_value_is_data_loss_plus_the_regularizer():
 def test_calling_objective_twice_gives_the_same_gradients():
     """Backward sets gradients and the regularizer adds to them once per call: no build-up."""
     model, x, y = tiny()
-    reg = Regularizer(model, variant("compact", 3, 0.5), cw=0.3, ctheta=0.2)
+    reg = Penalty(model, variant("compact", 3, 0.5), cw=0.3, ctheta=0.2)
     objective(model, x, y, reg)
     first = {(n, k): g.copy() for n, layer in model.named_layers() for k, g in layer.grads.items()}
     objective(model, x, y, reg)
@@ -83,7 +83,7 @@ def test_non_finite_loss_raises_before_any_update(device):
     before = to_cpu(model.classifier.params["W"]).copy()
     opt = SGD(model.param_layers, lr=0.1, momentum=0.9)
     with pytest.raises(NonFiniteLoss, match="nan"):
-        train_step(model, opt, to_device(x, device), y, Regularizer(model, variant("compact", 3, 0.5)))
+        train_step(model, opt, to_device(x, device), y, Penalty(model, variant("compact", 3, 0.5)))
     np.testing.assert_array_equal(to_cpu(model.classifier.params["W"]), before)
     assert opt.velocity == {}
 

@@ -4,7 +4,7 @@ import sys
 
 from matplotlib.figure import Figure
 
-from minicompact.harness.plots import draw_sparsity, plot_curves, plot_sparsity
+from minicompact.training.plots import draw_sparsity, plot_curves, plot_sparsity
 
 LAYERS = {
     "conv1": {"dictionary_sparsity": 0.0, "average_compactness": 0.0, "layer_sparsity": 0.05},
@@ -33,8 +33,8 @@ def test_plot_functions_write_pngs(tmp_path):
 
 
 def test_importing_plots_leaves_the_matplotlib_backend_alone():
-    """A notebook (inline backend) that imports minicompact.harness.plots must keep its inline figures."""
-    code = ("import matplotlib; matplotlib.use('svg'); import minicompact.harness.plots; "
+    """A notebook (inline backend) that imports minicompact.training.plots must keep its inline figures."""
+    code = ("import matplotlib; matplotlib.use('svg'); import minicompact.training.plots; "
             "print(matplotlib.get_backend())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "svg"

@@ -4,7 +4,9 @@ import pytest
 
 from minicompact.backend import to_cpu
 from minicompact.gradcheck import GradientCheckError, check_layer
-from minicompact.layers.pooling import MaxPool2D, SpatialPyramidPool, pyramid_bins
+from minicompact.layers.pooling import (MaxPool2D, SpatialPyramidPool, max_pool_backward,
+                                        max_pool_forward, pyramid_bins,
+                                        spatial_pyramid_pool_backward, spatial_pyramid_pool_forward)
 from minicompact.reference import (maxpool2d_backward_reference, maxpool2d_reference,
                                    pyramid_regions_reference, spatial_pyramid_pool_backward_reference,
                                    spatial_pyramid_pool_reference)
@@ -164,6 +166,25 @@ def test_maxpool_non_contiguous_arrays(xp, impl):
     np.testing.assert_allclose(to_cpu(dx), want_dx, atol=1e-14)
 
 
+@pytest.mark.parametrize("k, s, p, shape", POOL_CASES + [((2, 3), 2, 1, (2, 1, 6, 9)),
+                                                    ((4, 4), 2, 3, (1, 1, 2, 5))])
+@pytest.mark.parametrize("ties", [False, True])
+def test_default_maxpool_matches_the_short_pair(k, s, p, shape, ties, xp):
+    """What runs by default (separable on the CPU, the kernels on a GPU) against
+    ``max_pool_forward`` / ``max_pool_backward``, with distinct values and with many ties."""
+    x = (np.random.default_rng(6).integers(0, 3, shape).astype(float) if ties
+         else shuffled_linspace(shape))
+    kernel = (k, k) if isinstance(k, int) else k
+    layer = MaxPool2D(k, s, p)
+    assert layer.impl == "separable"
+    out = layer.forward(xp.asarray(x))
+    want, cache = max_pool_forward(xp.asarray(x), kernel, s, p)
+    np.testing.assert_array_equal(to_cpu(out), to_cpu(want))
+    dout = xp.asarray(np.random.default_rng(7).standard_normal(out.shape))
+    np.testing.assert_allclose(to_cpu(layer.backward(dout)),
+                               to_cpu(max_pool_backward(dout, cache, kernel, s, p)), rtol=0, atol=1e-14)
+
+
 class _DoubledMaxPool(MaxPool2D):
     def backward(self, dout):
         return 2 * super().backward(dout)
@@ -218,6 +239,22 @@ def test_spp_matches_reference(shape, levels, xp):
     dout = np.random.default_rng(1).standard_normal(out.shape)
     dx = to_cpu(layer.backward(xp.asarray(dout)))
     np.testing.assert_allclose(dx, spatial_pyramid_pool_backward_reference(x, dout, levels), atol=1e-14)
+
+
+@pytest.mark.parametrize("shape, levels", SPP_CASES)
+def test_spp_layer_matches_the_short_pair(shape, levels, xp):
+    """The layer (the pair itself on the CPU, one kernel a way on a GPU) against
+    ``spatial_pyramid_pool_forward`` / ``spatial_pyramid_pool_backward`` on its regions."""
+    x = xp.asarray(shuffled_linspace(shape))
+    layer = SpatialPyramidPool(levels)
+    regions = layer.regions(*shape[2:])
+    out = layer.forward(x)
+    want, arg = spatial_pyramid_pool_forward(x, regions)
+    np.testing.assert_array_equal(to_cpu(out), to_cpu(want))
+    dout = xp.asarray(np.random.default_rng(8).standard_normal(out.shape))
+    np.testing.assert_allclose(to_cpu(layer.backward(dout)),
+                               to_cpu(spatial_pyramid_pool_backward(dout, arg, shape, regions)),
+                               rtol=0, atol=1e-14)
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 8, 8), (2, 2, 7, 9)])   # divisible, non-divisible

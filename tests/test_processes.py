@@ -6,12 +6,12 @@ import time
 
 import pytest
 
-from minicompact.harness.processes import pid_alive
+from minicompact.system.processes import pid_alive
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ORPHAN = """
 import os, sys, time
-from minicompact.harness import processes
+from minicompact.system import processes
 if sys.argv[1] == "watchdog-only":
     processes._kill_on_parent_exit = lambda: False
 # "prctl": the watchdog's first look comes after the test gives up, so only the kernel can act.

@@ -2,7 +2,7 @@
 import numpy as np
 
 from minicompact.metrics import sparsity_report
-from minicompact.harness.report import dead_structure_line
+from minicompact.training.report import dead_structure_line
 
 
 def network():

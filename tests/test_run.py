@@ -70,7 +70,7 @@ def test_train_two_epochs_writes_everything(data, tmp_path):
 
 def test_resume_from_first_checkpoint_is_bit_identical(data, tmp_path, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
-    # The default group scale depends on the run's planned length (strength.py), and a resumed
+    # The default group scale depends on the run's planned length (group_scale.py), and a resumed
     # run keeps its own: pin it, so that "1 epoch, then extended to 2" is the same run as "2".
     pinned = ("--group-scale", 300)
     assert main("--data", data, "--epochs", 2, "--out", a, *pinned, *TINY) == 0
@@ -89,7 +89,7 @@ def test_resume_from_first_checkpoint_is_bit_identical(data, tmp_path, capsys):
 def test_checkpoint_from_before_the_strength_rule_resumes_as_it_was_trained(data, tmp_path, capsys):
     # A checkpoint whose settings have no group_scale and no reg_update (run.py before the
     # run-length rule) trained eq. 1 as written with subgradient steps: it resumes so, and a
-    # typed --group-scale is refused with a note (it used to reach Regularizer as a bare float).
+    # typed --group-scale is refused with a note (it used to reach Penalty as a bare float).
     out = tmp_path / "a"
     assert main("--data", data, "--epochs", 1, "--out", out, *TINY) == 0
     z = dict(np.load(out / "last.npz"))

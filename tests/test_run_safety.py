@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -184,12 +185,14 @@ def test_case5_evaluation_of_zero_images_is_an_error_not_100_percent(data):
     from minicompact.data.folders import ImageFolder
     from minicompact.data.loader import BatchLoader
     from minicompact.model import CompactNet, ModelConfig
-    from minicompact.harness.trainer import NoImages, Trainer
+    from minicompact.training.recipe import Network
+    from minicompact.training.trainer import NoImages, Trainer
     for p in (data / "val").rglob("*.jpg"):
         p.write_bytes(b"")
     loader = BatchLoader(ImageFolder(data / "val"), 4, 18, 16, "center")
     model = CompactNet(ModelConfig(depth=3, num_classes=3, width_mult=0.03, stem="small"))
-    trainer = Trainer(model, None, None, None, None, None, loader, [0.5] * 3, [0.25] * 3, epochs=1)
+    images = SimpleNamespace(train=None, val=loader, mean=[0.5] * 3, std=[0.25] * 3)
+    trainer = Trainer(Network(model, None, None), images, epochs=1)
     with pytest.warns(UserWarning), pytest.raises(NoImages, match=r"no image .* \(12 skipped"):
         trainer.evaluate()
 
@@ -292,7 +295,7 @@ def test_case9_unusable_out_fails_in_one_line_before_any_training(data, tmp_path
 def test_case9_read_only_mount_is_found_before_training(data, tmp_path, monkeypatch, capsys):
     """What a read-only mount does to the probe file (simulated: the tests may run as root)."""
     import errno
-    from minicompact.harness import rundir
+    from minicompact.cli import rundir
 
     def read_only(path, *args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system", path)
@@ -303,7 +306,7 @@ def test_case9_read_only_mount_is_found_before_training(data, tmp_path, monkeypa
 
 
 def test_case9_disk_failure_during_training_is_one_line(data, tmp_path, monkeypatch, capsys):
-    from minicompact.harness import checkpoint
+    from minicompact.training import checkpoint
 
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device", str(tmp_path / "x" / "best.npz"))
@@ -314,7 +317,7 @@ def test_case9_disk_failure_during_training_is_one_line(data, tmp_path, monkeypa
 
 # -- 11. Small things ---------------------------------------------------------------------------------
 def test_case11_small_things(data, tmp_path, monkeypatch, capsys):
-    from minicompact.harness import plots
+    from minicompact.training import plots
     figures = []
     real_save = plots.save_png
     monkeypatch.setattr(plots, "save_png", lambda fig, path: figures.append(fig) or real_save(fig, path))
@@ -438,7 +441,7 @@ def test_case7_kill_9_of_the_main_process_takes_the_workers_with_it(data, tmp_pa
 def test_a_checkpoint_of_a_model_run_py_would_not_build_is_one_line(data, tmp_path, capsys):
     """A checkpoint whose model configuration differs from what its settings build (saved by
     another program, say) is refused before any array is loaded, not with a traceback."""
-    from minicompact.harness.checkpoint import atomic_savez
+    from minicompact.system.npz import atomic_savez
     assert main("--data", data, "--epochs", 1, "--out", tmp_path / "a", *TINY) == 0
     with np.load(tmp_path / "a" / "last.npz") as z:
         arrays = {k: z[k] for k in z.files}

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from minicompact import sweep
-from minicompact.harness import sweep_plots, sweep_points as SP
+from minicompact.sweep import command as sweep
+from minicompact.sweep import plots as sweep_plots, points as SP
 from test_run import write_folder
 
 RUN = ["--width-mult", "0.03", "--image-size", "16", "--batch-size", "8", "--workers", "0",

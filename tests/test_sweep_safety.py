@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from minicompact import sweep
-from minicompact.harness import sweep_points as SP
-from minicompact.harness.processes import pid_alive
+from minicompact.sweep import command as sweep
+from minicompact.sweep import points as SP
+from minicompact.system.processes import pid_alive
 from test_run import write_folder
 
 RUN = ["--width-mult", "0.03", "--image-size", "16", "--batch-size", "8", "--workers", "0",

@@ -6,6 +6,7 @@ layer or per step; a ``float()`` of a loss or an ``int()`` of a label check cree
 a loss, a regularizer, a layer or the loop fails these tests, on the CPU, in CI.
 """
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,11 +15,12 @@ import fake_gpu
 from minicompact.distributed import Communicator
 from minicompact.losses import multiclass_hinge_loss, softmax_cross_entropy
 from minicompact.model import CompactNet, ModelConfig
-from minicompact.objective import NonFiniteLoss, Regularizer, train_step
+from minicompact.objective import NonFiniteLoss, Penalty, train_step
 from minicompact.optim import SGD, StepLR
 from minicompact.regularizers import variant
-from minicompact.harness.stopping import Interrupted
-from minicompact.harness.trainer import Trainer
+from minicompact.training.stopping import Interrupted
+from minicompact.training.recipe import Network
+from minicompact.training.trainer import Trainer
 
 CLASSES, SIZE, BATCH = 5, 8, 4
 
@@ -50,9 +52,10 @@ def make_trainer(device, name="compact", update="subgradient", loss_fn=softmax_c
     for pool_layer in model.pools:
         pool_layer.impl = pool
     opt = SGD(model.param_layers, lr=0.01, momentum=0.9)
-    reg = Regularizer(model, variant(name, 3, 0.5), update=update)
-    return Trainer(model, opt, StepLR(0.01), reg, loss_fn, MemoryLoader(steps), MemoryLoader(2, seed=1),
-                   mean=[0.5] * 3, std=[0.25] * 3, epochs=1, out_dir=out_dir, progress=False)
+    reg = Penalty(model, variant(name, 3, 0.5), update=update)
+    images = SimpleNamespace(train=MemoryLoader(steps), val=MemoryLoader(2, seed=1), mean=[0.5] * 3, std=[0.25] * 3)
+    return Trainer(Network(model, opt, StepLR(0.01), reg, loss_fn), images, epochs=1, out_dir=out_dir,
+                   progress=False)
 
 
 @pytest.mark.parametrize("name, update, loss_fn, pool", [
@@ -149,9 +152,9 @@ class MirrorCommunicator(Communicator):
 def test_a_data_parallel_epoch_reads_the_device_once(monkeypatch, sync_bn):
     syncs = fake_gpu.install(monkeypatch)
     one = make_trainer("gpu")
-    trainer = Trainer(one.model, one.optimizer, one.schedule, one.regularizer, one.loss_fn,
-                      one.train_loader, one.val_loader, mean=one.mean, std=one.std, epochs=1,
-                      progress=False, comm=MirrorCommunicator(), sync_bn=sync_bn)
+    images = SimpleNamespace(train=one.train_loader, val=one.val_loader, mean=one.mean, std=one.std)
+    trainer = Trainer(Network(one.model, one.optimizer, one.schedule, one.regularizer, one.loss_fn), images,
+                      epochs=1, progress=False, comm=MirrorCommunicator(), sync_bn=sync_bn)
     assert trainer.reducer is not None
     trainer.log_interval = math.inf
     syncs.clear()

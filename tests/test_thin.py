@@ -5,7 +5,7 @@ import pytest
 
 from minicompact.metrics import alive_channels, effective_parameters
 from minicompact.model import CompactNet, ModelConfig
-from minicompact.objective import Regularizer, train_step
+from minicompact.objective import Penalty, train_step
 from minicompact.optim import SGD
 from minicompact.regularizers import variant
 from minicompact.thin import compare_predictions, thin_model
@@ -200,7 +200,7 @@ def test_a_thin_network_trains():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((8, 3, 16, 16)).astype(np.float32)
     y = rng.integers(0, CLASSES, 8)
-    reg = Regularizer(thin, variant("compact", 4, rho=0.5), cw=1e-3, ctheta=1e-3, update="proximal")
+    reg = Penalty(thin, variant("compact", 4, rho=0.5), cw=1e-3, ctheta=1e-3, update="proximal")
     opt = SGD(thin.param_layers, lr=0.01, momentum=0.9)
     losses = [float(train_step(thin, opt, x, y, reg)[1]) for _ in range(10)]
     assert losses[-1] < losses[0]

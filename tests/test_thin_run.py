@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from minicompact.harness.checkpoint import atomic_savez
+from minicompact.system.npz import atomic_savez
 from minicompact.model import CompactNet
 from test_run import TINY, main, write_folder
 
@@ -149,11 +149,11 @@ def test_thin_under_a_real_mpiexec_writes_nothing(trained, tmp_path):
 def test_thin_stopped_midway_leaves_no_folder(trained, tmp_path, monkeypatch, out):
     """Issue 26: Ctrl-C after thin.npz is written (before its report) removes the thin/ folder
     the command made, or only thin.npz from a folder the user already had."""
-    import minicompact.thin as thin
+    import minicompact.cli.thin_command as thin_command
 
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(thin, "atomic_write", ctrl_c)
+    monkeypatch.setattr(thin_command, "atomic_write", ctrl_c)
     data, run_dir = trained
     model = tmp_path / "model.npz"
     model.write_bytes((run_dir / "model.npz").read_bytes())

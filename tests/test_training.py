@@ -9,7 +9,7 @@ import pytest
 from minicompact.data.synthetic import draw_image
 from minicompact.metrics import sparsity_report, threshold_
 from minicompact.model import CompactNet, ModelConfig
-from minicompact.objective import Regularizer, train_step
+from minicompact.objective import Penalty, train_step
 from minicompact.optim import SGD, StepLR
 from minicompact.regularizers import group_norms, variant
 
@@ -30,7 +30,7 @@ def train(problem, name, rho, update, steps=60, cw=1e-4, ctheta=1e-4, lr=0.02):
     x, y = problem
     model = CompactNet(ModelConfig(depth=4, num_classes=len(CLASSES), width_mult=1 / 16, stem="small"), seed=0)
     opt = SGD(model.param_layers, lr=lr, momentum=0.9)
-    reg = Regularizer(model, variant(name, 4, rho), cw=cw, ctheta=ctheta, update=update)
+    reg = Penalty(model, variant(name, 4, rho), cw=cw, ctheta=ctheta, update=update)
     schedule = StepLR(lr, step_size=1000, warmup_epochs=1)
     rng = np.random.default_rng(1)
     batch, losses, per_epoch = 16, [], len(y) // 16

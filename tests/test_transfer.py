@@ -8,10 +8,10 @@ import pytest
 
 import run
 from minicompact.data.loader import BatchLoader
-from minicompact.harness.settings import Settings
+from minicompact.cli.settings import Settings
 from minicompact.objective import train_step
-from minicompact.transfer import (FrozenBatchNorm2D, TransferError, extract_features, finetune_parts,
-                                  read_source)
+from minicompact.cli.transfer_commands import finetune_parts
+from minicompact.transfer import FrozenBatchNorm2D, TransferError, extract_features, read_source
 from test_run import TINY, write_folder
 from test_run_safety import assert_one_line, capped_run
 
@@ -132,7 +132,7 @@ def test_features_run_end_to_end(source, tmp_path, capsys):
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
         run.main([str(a) for a in args])
-    assert exc.value.code == 2 and "already holds features.json" in capsys.readouterr().err
+    assert exc.value.code == 2 and "already holds a features run (features.json)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("case", ["not-a-model", "one-class", "freeze", "features-not-a-model",

@@ -9,11 +9,12 @@ import pytest
 from minicompact.backend import to_cpu
 from minicompact.gradcheck import GradientCheckError, check_layer
 from minicompact.im2col import im2col
-from minicompact.layers import conv_algo
+from minicompact.layers import conv_choice, workspace
 from minicompact.layers.conv import Conv2D, conv2d_backward, conv2d_forward
 from minicompact.model import CompactNet
 from minicompact.reference import conv2d_reference
-from minicompact.winograd import AT, BT, G, filter_transform, winograd_backward, winograd_forward
+from minicompact.winograd import (AT, BT, G, filter_transform, winograd_backward, winograd_forward,
+                                  winograd_simple_backward, winograd_simple_forward)
 
 CONFIGS = [  # (N, C_in, C_out, H, W, padding): even and odd outputs, batch 1, C != K
     (2, 2, 3, 6, 6, 1),
@@ -56,6 +57,70 @@ def test_f23_transforms_compute_the_1d_correlation():
     d, g = rng.standard_normal((4, 4)), rng.standard_normal((3, 3))
     want = np.array([[(d[i:i + 3, j:j + 3] * g).sum() for j in range(2)] for i in range(2)])
     np.testing.assert_allclose(AT @ ((G @ g @ G.T) * (BT @ d @ BT.T)) @ AT.T, want, rtol=1e-13)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_fast_pair_matches_the_simple_pair_and_im2col(config, device, xp):
+    """winograd_forward / winograd_backward against the einsum version, and that against
+    conv2d_forward / conv2d_backward, in float64."""
+    n, c, k, h, w, p = config
+    rng = np.random.default_rng(12)
+    x, W = xp.asarray(rng.standard_normal((n, c, h, w))), xp.asarray(rng.standard_normal((k, c, 3, 3)))
+    out, V = winograd_forward(x, W, p)
+    simple, cache = winograd_simple_forward(x, W, p)
+    want, cols = conv2d_forward(x, W, 1, p)
+    assert simple.shape == want.shape and simple.dtype == x.dtype
+    np.testing.assert_allclose(to_cpu(out), to_cpu(simple), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(to_cpu(simple), to_cpu(want), rtol=1e-12, atol=1e-12)
+    dout = xp.asarray(rng.standard_normal(out.shape))
+    keep = dout.copy()
+    for a, b, r in zip(winograd_backward(dout, V, W, x.shape, p), winograd_simple_backward(dout, cache),
+                       conv2d_backward(dout, cols, W, x.shape, 1, p)):
+        assert a.shape == b.shape == r.shape
+        np.testing.assert_allclose(to_cpu(a), to_cpu(b), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(to_cpu(b), to_cpu(r), rtol=1e-12, atol=1e-12)
+    assert bool((dout == keep).all())
+
+
+class _SimplePair:
+    """``winograd_simple_forward`` / ``winograd_simple_backward`` as a layer for ``check_layer``."""
+
+    def __init__(self, W, padding, backward=winograd_simple_backward):
+        self.params, self.grads, self.padding, self._backward = {"W": W}, {}, padding, backward
+
+    def forward(self, x):
+        out, self.cache = winograd_simple_forward(x, self.params["W"], self.padding)
+        return out
+
+    def backward(self, dout):
+        dx, self.grads["W"] = self._backward(dout, self.cache)
+        return dx
+
+
+def _transposed_dW(dout, cache):
+    dx, dW = winograd_simple_backward(dout, cache)
+    return dx, dW.transpose(0, 1, 3, 2).copy()   # a transposed index
+
+
+@pytest.mark.parametrize("config", CONFIGS[:4])
+def test_simple_pair_gradients(config):
+    n, c, k, h, w, p = config
+    rng = np.random.default_rng(13)
+    pair = _SimplePair(rng.standard_normal((k, c, 3, 3)), p)
+    assert set(check_layer(pair, rng.standard_normal((n, c, h, w)), h=H_STEP, seed=1)) == {"x", "W"}
+    with pytest.raises(GradientCheckError, match=r"_SimplePair\.W"):
+        check_layer(_SimplePair(pair.params["W"], p, backward=_transposed_dW),
+                    rng.standard_normal((n, c, h, w)), h=H_STEP, seed=1)
+
+
+def test_simple_pair_keeps_float32(device, xp):
+    rng = np.random.default_rng(14)
+    x = xp.asarray(rng.standard_normal((2, 3, 6, 5)), dtype=xp.float32)
+    W = xp.asarray(rng.standard_normal((2, 3, 3, 3)), dtype=xp.float32)
+    out, cache = winograd_simple_forward(x, W, 1)
+    dx, dW = winograd_simple_backward(out, cache)
+    assert out.dtype == dx.dtype == dW.dtype == xp.float32
+    assert rel(out, winograd_forward(x, W, 1)[0]) < WINOGRAD_F32_BOUND
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -122,7 +187,8 @@ def test_float32_layer_matches_im2col_layer(config, device, xp):
     twin.params["W"] = layer.params["W"].copy()
     x = xp.asarray(x)
     out, want = layer.forward(x), twin.forward(x)
-    assert out.dtype == xp.float32 and layer.cache[3] == "winograd" and twin.cache[3] == "im2col"
+    assert out.dtype == xp.float32
+    assert layer.cache.algorithm.name == "winograd" and twin.cache.algorithm.name == "im2col"
     assert rel(out, want) < WINOGRAD_F32_BOUND
     dout = xp.asarray(np.random.default_rng(3).standard_normal(out.shape).astype(np.float32))
     dx, dx_ref = layer.backward(dout), twin.backward(dout)
@@ -150,10 +216,10 @@ def test_buffer_is_reused_and_outputs_do_not_alias_it(device, xp):
     outs = [layer.forward(xp.asarray(x)) for x in xs]
     for x, out in zip(xs, outs):
         np.testing.assert_allclose(to_cpu(out), conv2d_reference(x, W, 1, 1), atol=1e-12)
-    buf = layer.cache[1]
+    buf = layer.cache.saved
     layer.backward(xp.asarray(rng.standard_normal(outs[-1].shape)))
     layer.forward(xp.asarray(xs[0]))
-    assert layer.cache[1] is buf    # same shape: V written into the last forward's buffer
+    assert layer.cache.saved is buf    # same shape: V written into the last forward's buffer
     with pytest.raises(ValueError, match="contiguous"):
         winograd_forward(xp.asarray(xs[0]), layer.params["W"], 1, workspace=buf[:, :, :1])
 
@@ -172,7 +238,7 @@ def test_only_3x3_stride_1_layers_use_winograd():
     for kwargs in (dict(kernel_size=7, padding=3), dict(kernel_size=3, stride=2, padding=1)):
         layer = Conv2D(2, 2, dtype=np.float64, algo="winograd", rng=rng, **kwargs)
         out = layer.forward(x)
-        assert layer.cache[3] == "im2col"
+        assert layer.cache.algorithm.name == "im2col"
         np.testing.assert_allclose(out, conv2d_reference(x, layer.params["W"], layer.stride,
                                                          layer.padding), atol=1e-12)
     with pytest.raises(ValueError, match="auto, im2col, winograd.*'fast'"):
@@ -184,59 +250,75 @@ def test_only_3x3_stride_1_layers_use_winograd():
 
 
 def test_auto_measures_once_per_shape_and_picks_a_valid_algorithm(monkeypatch):
-    monkeypatch.setattr(conv_algo, "_CHOICES", {})
+    monkeypatch.setattr(conv_choice, "_CHOICES", {})
     layer, x = make(CONFIGS[0], dtype=np.float32)
     layer.algo = "auto"
     out = layer.forward(x)
-    assert layer.cache[3] in ("im2col", "winograd") and len(conv_algo._CHOICES) == 1
+    assert layer.cache.algorithm.name in ("im2col", "winograd") and len(conv_choice._CHOICES) == 1
     np.testing.assert_allclose(out, conv2d_reference(x, layer.params["W"], 1, 1), atol=1e-5)
     # a forced choice is honoured: the cache is keyed on shape, dtype and device
-    key = next(iter(conv_algo._CHOICES))
+    key = next(iter(conv_choice._CHOICES))
     for forced in ("im2col", "winograd"):
-        conv_algo._CHOICES[key] = forced
+        conv_choice._CHOICES[key] = forced
         layer.forward(x)
-        assert layer.cache[3] == forced
+        assert layer.cache.algorithm.name == forced
     layer.forward(x[:1])             # a new shape: measured again
-    assert len(conv_algo._CHOICES) == 2
+    assert len(conv_choice._CHOICES) == 2
 
 
 def test_set_conv_algo_sets_every_layer_and_keeps_the_maths():
     model = CompactNet(depth=4, width_mult=1 / 32, num_classes=3, stem="small", dtype=np.float64)
     x = np.random.default_rng(0).standard_normal((2, 3, 16, 16))
     want = model.forward(x)
-    conv_algo.set_conv_algo(model, "winograd")
+    conv_choice.set_conv_algo(model, "winograd")
     assert all(conv.algo == "winograd" for conv in model.convs)
     got = model.forward(x)
-    assert [conv.cache[3] for conv in model.convs] == ["im2col", "winograd", "winograd"]
+    assert [conv.cache.algorithm.name for conv in model.convs] == ["im2col", "winograd", "winograd"]
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="conv algorithm"):
-        conv_algo.set_conv_algo(model, "direct")
+        conv_choice.set_conv_algo(model, "direct")
 
 
 def test_shared_column_workspace_gives_the_same_gradients(device, xp):
     """share_columns: one buffer for all layers, columns rebuilt in backward; same maths."""
     layer = Conv2D(2, 3, 3, padding=1, dtype=np.float64, rng=np.random.default_rng(8)).to(device)
-    layer.columns = conv_algo.ColumnWorkspace()
+    layer.columns = workspace.ColumnWorkspace()
     x = xp.asarray(np.random.default_rng(9).standard_normal((2, 2, 5, 6)))
     check_layer(layer, x, h=H_STEP, seed=3)
-    assert layer.cache[3] == "im2col-shared"
+    assert layer.cache.algorithm.name == "im2col-shared"
     model = CompactNet(depth=4, width_mult=1 / 32, num_classes=3, stem="small", dtype=np.float64).to(device)
     x = xp.asarray(np.random.default_rng(0).standard_normal((2, 3, 16, 16)))
     dscores = xp.asarray(np.random.default_rng(1).standard_normal((2, 3)))
     model.forward(x)
     model.backward(dscores)
     want = [to_cpu(conv.grads["W"]).copy() for conv in model.convs]
-    conv_algo.share_columns(model)
+    workspace.share_columns(model)
     assert len({id(conv.columns) for conv in model.convs}) == 1
     model.forward(x)
     model.backward(dscores)
     for conv, w in zip(model.convs, want):
         np.testing.assert_allclose(to_cpu(conv.grads["W"]), w, rtol=1e-10, atol=1e-14)
     model.forward(x)                     # forward keeps only each layer's input
-    kept = sum(conv.cache[1].size for conv in model.convs)
-    assert conv_algo.share_columns(model, on=False).convs[0].columns is None
+    kept = sum(conv.cache.saved.size for conv in model.convs)
+    assert workspace.share_columns(model, on=False).convs[0].columns is None
     model.forward(x)
-    assert sum(conv.cache[1].size for conv in model.convs) > 4 * kept   # own columns: 9x / 49x
+    assert sum(conv.cache.saved.size for conv in model.convs) > 4 * kept   # own columns: 9x / 49x
+
+
+def test_a_buffer_of_another_algorithm_is_never_written():
+    """Shared columns keep x itself; after a switch to Winograd, whose V here has x's shape,
+    forward must allocate V instead of writing it into the caller's x."""
+    rng = np.random.default_rng(15)
+    layer = Conv2D(4, 2, 3, padding=0, dtype=np.float64, rng=rng)
+    layer.columns = workspace.ColumnWorkspace()
+    x = rng.standard_normal((4, 4, 4, 4))     # V: (4, 4, C, N·th·tw) = (4, 4, 4, 4)
+    keep = x.copy()
+    layer.forward(x)
+    layer.algo = "winograd"
+    out = layer.forward(x)
+    assert layer.cache.saved.shape == x.shape and layer.cache.saved is not x
+    np.testing.assert_array_equal(x, keep)
+    np.testing.assert_allclose(out, conv2d_reference(keep, layer.params["W"], 1, 0), atol=1e-12)
 
 
 class _DoubledDx(Conv2D):
@@ -271,4 +353,4 @@ def test_im2col_columns_unused_by_winograd():
     """Winograd keeps about 4× the input where im2col keeps 9×: the cached buffer is smaller."""
     layer, x = make((2, 4, 4, 8, 8, 1))
     layer.forward(x)
-    assert layer.cache[1].size * 2 < im2col(x, 3, 3, 1, 1).size
+    assert layer.cache.saved.size * 2 < im2col(x, 3, 3, 1, 1).size

@@ -23,14 +23,16 @@ twin then runs inside it, so the stand-in can count the whole twin as the one la
 would be.  Real CuPy has no such attribute.
 
 Writing a kernel: a module of this package holds the CUDA C source and the function that
-launches it (``pooling.py``, ``batchnorm.py``, ``im2col.py``); the module of the readable
-version (``layers/pooling.py``, ...) makes ``CudaKernel(name, source, functions, launch, twin,
-sample)`` right beside that version, its twin, so imports point down (``sgd.py`` holds its
-twins itself: ``optim.py`` and ``objective.py`` import them).  ``source`` is CUDA C with ``T`` for the element type, compiled once per dtype (float, double)
-with ``#define T ...`` in front, so every ``extern "C" __global__`` function is plain C and
-also compiles with ``nvcc`` (``tests/test_cuda_kernels.py`` does that on a machine without a
-GPU); ``launch(functions, *args)`` allocates the outputs and launches the compiled
-functions (a dict name -> ``cupy.RawKernel``); ``twin(*args)`` returns the same outputs;
+launches it (``pooling.py``, ``batchnorm.py``, ``im2col.py``, ``sgd.py``); the module of the
+readable version (``layers/pooling.py``, ..., ``optim.py`` and ``objective.py`` for ``sgd.py``)
+makes ``CudaKernel(name, source, functions, launch, twin, sample)`` right beside that version,
+its twin, so imports point down.  ``source`` is CUDA C with ``T`` for the element type,
+compiled once per dtype (float, double) with ``#define T ...`` in front, so every
+``extern "C" __global__`` function is plain C and also compiles with ``nvcc``
+(``tests/test_cuda_kernels.py`` does that on a machine without a GPU); ``launch(functions,
+*args)`` allocates the outputs and launches the compiled functions (a dict name ->
+``cupy.RawKernel``), or returns None for a call it cannot launch (an output that is not
+contiguous, say), which the twin then computes; ``twin(*args)`` returns the same outputs;
 ``sample(xp, dtype)`` returns small arguments for the self-check.
 """
 import os
@@ -93,8 +95,9 @@ class CudaKernel:
 
     name: unique, used in warnings and counts; source: CUDA C using ``T``; launch(functions,
     *args) -> outputs, where functions maps each ``extern "C"`` name in ``source`` to its
-    compiled ``RawKernel``; twin(*args) -> the same outputs from array expressions;
-    sample(xp, dtype) -> args for the self-check.
+    compiled ``RawKernel``, or None: "this call cannot be launched, use the twin";
+    twin(*args) -> the same outputs from array expressions; sample(xp, dtype) -> args for the
+    self-check (which the launch must accept).
     """
 
     def __init__(self, name, source, functions, launch, twin, sample):
@@ -108,7 +111,8 @@ class CudaKernel:
 
     def __call__(self, *args):
         """The outputs for ``args``: the kernel on a GPU once it has checked itself, the twin
-        otherwise (NumPy, a stand-in for CuPy, ``MINICOMPACT_KERNELS=off``, a failed check)."""
+        otherwise (NumPy, a stand-in for CuPy, ``MINICOMPACT_KERNELS=off``, a failed check, a
+        launch that returns None)."""
         xp = get_array_module(args[0])
         if xp is np or not kernels_enabled():
             return self.twin(*args)
@@ -119,7 +123,8 @@ class CudaKernel:
         dtype = np.dtype(args[0].dtype)
         if dtype not in DTYPES or not self._check(xp, dtype):
             return self.twin(*args)
-        return self.launch(self._compiled[dtype], *args)
+        out = self.launch(self._compiled[dtype], *args)
+        return self.twin(*args) if out is None else out
 
     def compile(self, xp, dtype):
         """{function name: RawKernel} for ``dtype``, compiled once (NVRTC through CuPy)."""
@@ -135,7 +140,11 @@ class CudaKernel:
             try:
                 functions = self.compile(xp, dtype)
                 args = self.sample(xp, dtype)
-                ok, why = _same(self.launch(functions, *args), self.twin(*args), dtype)
+                got = self.launch(functions, *args)
+                if got is None:
+                    ok, why = False, "its launch refused the sample"
+                else:
+                    ok, why = _same(got, self.twin(*args), dtype)
             except Exception as exc:  # noqa: BLE001 - a compile or launch error of any kind
                 ok, why = False, f"{type(exc).__name__}: {exc}".splitlines()[0]
             if not ok:

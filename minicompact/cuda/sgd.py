@@ -1,4 +1,10 @@
-"""The optimizer's update and the regularizer's group terms as CUDA kernels, one launch per parameter.
+"""The optimizer's update and the regularizer's group terms as CUDA kernels, one launch per
+parameter: their source and launches.
+
+``minicompact.optim`` makes ``SGD_MOMENTUM`` beside ``SGD.step`` and its twin
+(``momentum_twin``); ``minicompact.objective`` makes ``GROUP_GRADIENT`` and ``GROUP_SHRINK``
+beside ``Penalty``, with theirs (``group_gradient_twin``, ``group_shrink_twin``).  Imports point
+down: those modules use this one, never the reverse.
 
 Written as array expressions (``optim.SGD.step``, ``regularizers.mixed_term`` and
 ``group_soft_threshold``), one step costs about four launches per parameter for momentum SGD
@@ -6,12 +12,13 @@ and about twenty per regularized parameter for the group-lasso term: each ``a * 
 0-d value.  The kernels here do each parameter's work in one launch (two for the
 regularizer's gradient, whose value is a second, one-block reduction):
 
-* ``SGD_MOMENTUM``   v ← μ·v + g;  p ← p − lr·v  (Nesterov: p ← p − lr·(g + μ·v));
+* ``sgd_momentum``   v ← μ·v + g;  p ← p − lr·v  (Nesterov: p ← p − lr·(g + μ·v));
   without momentum p ← p − lr·g.  One thread per element.
-* ``GROUP_GRADIENT`` grad ← grad + C·∂[(1−m)·½‖x‖² + m·Σ_g ‖x_g‖]  (the ℓ2 part always, the
-  group part g/‖g‖ in subgradient mode) and total ← total + C·value.  One warp per group.
-* ``GROUP_SHRINK``   x_g ← x_g · max(0, 1 − τ/‖x_g‖) with τ = lr/(1−μ)·C·m: the proximal step of
-  ``Regularizer.after_step``.  One warp per group.
+* ``group_gradient`` grad ← grad + C·∂[(1−m)·½‖x‖² + m·Σ_g ‖x_g‖]  (the ℓ2 part always, the
+  group part g/‖g‖ in subgradient mode), then ``group_value``: total ← total + C·value.
+  One warp per group.
+* ``group_shrink``   x_g ← x_g · max(0, 1 − τ/‖x_g‖) with τ = lr/(1−μ)·C·m: the proximal step of
+  ``Penalty.after_step``.  One warp per group.
 
 Every group of Ω, Γ and Ψ is a run of trailing axes (``regularizers.OMEGA_AXES`` ...), so group
 ``k`` of an array is its elements ``[k·size, (k+1)·size)``: a warp sums their squares, shares
@@ -19,12 +26,14 @@ the norm by shuffles (a fixed order: no atomics, the same bits every run), then 
 
 **The learning rate is read on the device** (``lr``: a 0-d float64 array, ``SGD.lr_array``):
 a kernel given a Python float would carry that number inside a captured CUDA graph
-(``harness/graph_step.py``) for ever.  It is rounded to the parameter's dtype after the
+(``training/graph_step.py``) for ever.  It is rounded to the parameter's dtype after the
 double-precision products, as the array expressions round a Python float.
 
-**Outputs, as NumPy's ``out=``.**  Each function takes its outputs last: None allocates new
+**Outputs, as NumPy's ``out=``.**  Each launch takes its outputs last: None allocates new
 arrays (the self-check's sample, which must leave its inputs as they were for the twin), and
-the optimizer passes the parameter itself to update in place.
+the optimizer passes the parameter itself to update in place.  Given an output that is not
+C-contiguous (the layers never make one) a launch returns None, and ``CudaKernel`` runs the
+twin instead.
 
 Products are written ``mul_rn`` (``__fmul_rn``): rounded on their own, never fused with the
 following add into an FMA, so each kernel performs the twin's operations in the twin's order;
@@ -35,8 +44,7 @@ import math
 import numpy as np
 
 from ..backend import get_array_module
-from ..regularizers import mixed_term, group_norms
-from . import THREADS, CudaKernel, blocks
+from . import THREADS, blocks
 
 WARP = 32
 REDUCE_THREADS = 256  # the one block of group_value; its shared arrays have this size
@@ -158,29 +166,12 @@ def group_shape(x, group_axes):
 
 
 # --------------------------------------------------------------------------- SGD with momentum
-def momentum_twin(p, g, v, lr, lr_scale, momentum, nesterov, p_out=None, v_out=None):
-    """``SGD.step``'s update of one parameter as array expressions (the kernel's twin).
-
-    p, g: the parameter and its gradient; v: its momentum buffer (None without momentum);
-    lr: 0-d float64 array on the device; lr_scale: the layer's lr_mult; p_out, v_out: where
-    to write (None: new arrays; p and v: in place).  Returns (p_out, v_out).
-    The very expressions of ``SGD.step`` on the CPU, with lr·lr_scale rounded to p's dtype
-    as a Python float is (tests/test_cuda_sgd_graph.py holds the two bit-identical).
-    """
-    xp = get_array_module(p)
-    step = (lr * lr_scale).astype(p.dtype)
-    if momentum == 0:
-        return xp.subtract(p, step * g, out=p_out), v_out
-    v_out = xp.multiply(v, momentum, out=v_out)       # v ← μ·v
-    v_out += g                                        #   + g
-    d = g + momentum * v_out if nesterov else v_out
-    return xp.subtract(p, step * d, out=p_out), v_out
-
-
-def _launch_momentum(functions, p, g, v, lr, lr_scale, momentum, nesterov, p_out=None, v_out=None):
+def launch_momentum(functions, p, g, v, lr, lr_scale, momentum, nesterov, p_out=None, v_out=None):
+    """``optim.momentum_twin``'s (p_out, v_out) from ``sgd_momentum``; None (use the twin) for
+    an output that is not C-contiguous."""
     xp = get_array_module(p)
     if not _contiguous(p_out, v_out):  # only ever given arrays the layers created: contiguous
-        return momentum_twin(p, g, v, lr, lr_scale, momentum, nesterov, p_out, v_out)
+        return None
     p, g = xp.ascontiguousarray(p), xp.ascontiguousarray(g)
     p_out = xp.empty_like(p) if p_out is None else p_out
     if momentum == 0:
@@ -194,36 +185,19 @@ def _launch_momentum(functions, p, g, v, lr, lr_scale, momentum, nesterov, p_out
     return p_out, v_out
 
 
-def _sample_momentum(xp, dtype):
+def sample_momentum(xp, dtype):
     rng = np.random.default_rng(0)
     p, g, v = (xp.asarray(rng.standard_normal((7, 45)).astype(dtype)) for _ in range(3))
     return p, g, v, xp.asarray(np.float64(0.05)), 10.0, 0.9, True
 
 
-SGD_MOMENTUM = CudaKernel("sgd-momentum", SOURCE, ["sgd_momentum"], _launch_momentum, momentum_twin,
-                          _sample_momentum)
-
-
 # --------------------------------------------------------------------------- the regularizer's gradient
-def group_gradient_twin(x, grad, total, c, mix, group_axes, subgradient, grad_out=None):
-    """``regularizers.regularization``'s work on one regularized array (the kernel's twin).
-
-    x: W or a Θ^l; grad: its data gradient; total: the regularizer's value so far (0-d, or
-    None for the first term); c: C_W or C_Θ^l; mix: α or β^l; group_axes: of Ω, Γ or Ψ;
-    subgradient: whether the group part joins the gradient (False: proximal mode).
-    Returns (grad + c·∂term, total + c·term), the first written to grad_out (None: new).
-    """
-    xp = get_array_module(x)
-    value, d = mixed_term(x, mix, group_axes, subgradient)
-    d *= c
-    term = c * value
-    return xp.add(grad, d, out=grad_out), (term if total is None else total + term)
-
-
-def _launch_group_gradient(functions, x, grad, total, c, mix, group_axes, subgradient, grad_out=None):
+def launch_group_gradient(functions, x, grad, total, c, mix, group_axes, subgradient, grad_out=None):
+    """``objective.group_gradient_twin``'s (grad_out, total) from ``group_gradient`` and
+    ``group_value``; None (use the twin) for a grad_out that is not C-contiguous."""
     xp = get_array_module(x)
     if not _contiguous(grad_out):
-        return group_gradient_twin(x, grad, total, c, mix, group_axes, subgradient, grad_out)
+        return None
     groups, size = group_shape(x, group_axes)
     x, grad = xp.ascontiguousarray(x), xp.ascontiguousarray(grad)
     grad_out = xp.empty_like(grad) if grad_out is None else grad_out
@@ -238,7 +212,7 @@ def _launch_group_gradient(functions, x, grad, total, c, mix, group_axes, subgra
     return grad_out, out
 
 
-def _sample_group(xp, dtype):
+def sample_group_gradient(xp, dtype):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((5, 4, 21)).astype(dtype)
     x[1, 2] = 0  # a zero group: its subgradient is 0
@@ -246,31 +220,13 @@ def _sample_group(xp, dtype):
     return xp.asarray(x), xp.asarray(grad), xp.asarray(np.asarray(0.25, dtype=dtype)), 0.5, 0.3, (2,), True
 
 
-GROUP_GRADIENT = CudaKernel("group-gradient", SOURCE, ["group_gradient", "group_value"], _launch_group_gradient,
-                            group_gradient_twin, _sample_group)
-
-
 # --------------------------------------------------------------------------- the proximal step
-def group_shrink_twin(x, lr, one_minus_momentum, c, mix, group_axes, out=None):
-    """``regularizers.group_soft_threshold`` with τ = lr/(1−μ)·c·mix read on the device (the
-    kernel's twin): ``Regularizer.after_step``'s proximal step of one array.
-
-    x: W or a Θ^l; lr: 0-d float64 array; one_minus_momentum: 1 − μ; c, mix, group_axes: as
-    ``group_gradient_twin``; out: where to write (x: in place; None: a new array).
-    The same expressions as ``group_soft_threshold`` (τ rounded to x's dtype as a Python float
-    is), plus a guard that leaves a zero group alone when τ is 0 (lr 0) instead of 0/0.
-    """
-    xp = get_array_module(x)
-    tau = (lr / one_minus_momentum * c * mix).astype(x.dtype)
-    denominator = xp.maximum(group_norms(x, group_axes), tau)
-    scale = 1.0 - tau / xp.where(denominator > 0, denominator, 1)
-    return xp.multiply(x, scale.astype(x.dtype, copy=False), out=out)
-
-
-def _launch_group_shrink(functions, x, lr, one_minus_momentum, c, mix, group_axes, out=None):
+def launch_group_shrink(functions, x, lr, one_minus_momentum, c, mix, group_axes, out=None):
+    """``objective.group_shrink_twin``'s result from ``group_shrink``; None (use the twin) for
+    an out that is not C-contiguous."""
     xp = get_array_module(x)
     if not _contiguous(out):
-        return group_shrink_twin(x, lr, one_minus_momentum, c, mix, group_axes, out)
+        return None
     groups, size = group_shape(x, group_axes)
     x = xp.ascontiguousarray(x)
     out = xp.empty_like(x) if out is None else out
@@ -280,13 +236,9 @@ def _launch_group_shrink(functions, x, lr, one_minus_momentum, c, mix, group_axe
     return out
 
 
-def _sample_shrink(xp, dtype):
+def sample_group_shrink(xp, dtype):
     rng = np.random.default_rng(2)
     x = rng.standard_normal((6, 5, 3, 3)).astype(dtype)
     x[0, 1] *= 1e-3  # a group under the threshold: exactly 0
     x[2, 3] = 0
     return xp.asarray(x), xp.asarray(np.float64(0.1)), 0.1, 1.0, 0.5, (2, 3)
-
-
-GROUP_SHRINK = CudaKernel("group-shrink", SOURCE, ["group_shrink"], _launch_group_shrink, group_shrink_twin,
-                          _sample_shrink)

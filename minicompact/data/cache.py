@@ -40,8 +40,8 @@ import shutil
 
 import numpy as np
 
-from ..harness.atomic import atomic_write
-from ..harness.processes import pid_alive
+from ..system.atomic import atomic_write
+from ..system.processes import pid_alive
 from .images import BadImageError, load_rgb
 
 CACHE_VERSION = 2
@@ -292,14 +292,12 @@ def refresh_cache(cache, dataset, executor=None, progress=False):
 def open_cache(dataset, resize, path, executor=None, rebuild=False, progress=False):
     """The cache of ``dataset`` at ``resize`` under ``path``: reused, refreshed or built.
 
-    Args:
-        dataset: an ImageFolder (``.samples``, ``.root``).
-        resize: side of the cached images.
-        path: a ``.npy`` file path, or a folder (the file is named after the split).
-        executor: worker pool used to build it (None: decode in this process).
-        rebuild: ignore an existing cache.
-    Returns:
-        ImageCache, up to date with the files' sizes and modification times.
+    dataset: an ImageFolder (``.samples``, ``.root``).
+    resize: side of the cached images.
+    path: a ``.npy`` file path, or a folder (the file is named after the split).
+    executor: worker pool used to build it (None: decode in this process).
+    rebuild: ignore an existing cache.
+    Returns imageCache, up to date with the files' sizes and modification times.
     """
     resize = int(resize)
     npy_path, json_path = cache_paths(path, dataset, resize)

@@ -143,21 +143,13 @@ def _unique(found_by_label, notes):
     return [sorted(paths) for paths in out]
 
 
-def find_images(folder):
-    """Sorted paths of every image under ``folder`` (recursive, hidden folders skipped, each
-    file once, regular files only; see the module docstring)."""
-    notes = _Notes()
-    return _unique([_scan(os.fspath(folder), notes)], notes)[0]
-
-
 class ImageFolder:
     """One split folder (``train/`` or ``val/``): its classes and its (path, label) samples.
 
-    Attributes:
-        root: the split folder.
-        classes: class folder names, sorted; ``classes[label]`` names a label.
-        class_to_idx: ``{class name: label}``.
-        samples: list of ``(path, label)``, sorted by class then path.
+    root: the split folder.
+    classes: class folder names, sorted; ``classes[label]`` names a label.
+    class_to_idx: ``{class name: label}``.
+    samples: list of ``(path, label)``, sorted by class then path.
 
     Raises ``DatasetError`` for a missing folder, no class folders (with the ImageNet
     ``valprep`` hint when images lie directly in the split), or class folders without images.

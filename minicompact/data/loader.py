@@ -44,7 +44,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
-from ..harness.processes import die_with_parent
+from ..system.processes import die_with_parent
 from .cache import ImageCache, open_cache, read_rows
 from .images import BadImageError, load_rgb
 from .sharding import eval_shard, rank_batch, steps_per_epoch
@@ -87,13 +87,11 @@ def first_readable(paths, resize):
 def make_batch(job):
     """Decode (or read from the cache) and crop one batch.  Runs in a worker or inline.
 
-    Args:
-        job: dict with mode, crop, resize, seed, epoch, indices ((N,) int64 dataset
-            indices), paths (N file paths, used without a cache) and cache (the cache's .npy
-            path or None).
-    Returns:
-        (images, ok, reasons): images uint8 NCHW of the readable ones (None if none is);
-        ok (N,) bool; reasons {position in batch: why it failed}.
+    job: dict with mode, crop, resize, seed, epoch, indices ((N,) int64 dataset
+        indices), paths (N file paths, used without a cache) and cache (the cache's .npy
+        path or None).
+    Returns (images, ok, reasons): images uint8 NCHW of the readable ones (None if none is);
+    ok (N,) bool; reasons {position in batch: why it failed}.
     """
     indices, resize, crop = job["indices"], job["resize"], job["crop"]
     n = len(indices)
@@ -127,20 +125,19 @@ def make_batch(job):
 class BatchLoader:
     """Epochs of (uint8 NCHW images, int64 labels) batches from an ImageFolder.
 
-    Args:
-        dataset: ImageFolder (anything with ``.samples``: list of (path, label)).
-        batch_size: images per batch.
-        resize, crop: images are downsized to resize x resize, then cropped to crop x crop
-            (paper: 256 and 224; see ``scaled_sizes``).
-        mode: "train" (shuffled, random crop + flip), "center" or "tencrop" (dataset order).
-        workers: decoding processes; 0 decodes inline.
-        seed: seeds the shuffle and the crops.
-        prefetch: batches decoded ahead (at least one per worker).
-        cache: None, an ``ImageCache`` of this dataset at ``resize``, or a path (``.npy``
-            file or folder) where one is reused or built with this loader's workers.
-        drop_last: drop a final (global) batch shorter than ``batch_size`` (× ``ranks``).
-        rank, ranks: this process's part of a data-parallel run of ``ranks`` processes (see
-            the module docstring); 0 and 1 for one process.
+    dataset: ImageFolder (anything with ``.samples``: list of (path, label)).
+    batch_size: images per batch.
+    resize, crop: images are downsized to resize x resize, then cropped to crop x crop
+        (paper: 256 and 224; see ``scaled_sizes``).
+    mode: "train" (shuffled, random crop + flip), "center" or "tencrop" (dataset order).
+    workers: decoding processes; 0 decodes inline.
+    seed: seeds the shuffle and the crops.
+    prefetch: batches decoded ahead (at least one per worker).
+    cache: None, an ``ImageCache`` of this dataset at ``resize``, or a path (``.npy``
+        file or folder) where one is reused or built with this loader's workers.
+    drop_last: drop a final (global) batch shorter than ``batch_size`` (× ``ranks``).
+    rank, ranks: this process's part of a data-parallel run of ``ranks`` processes (see
+        the module docstring); 0 and 1 for one process.
     """
 
     def __init__(self, dataset, batch_size, resize, crop, mode, workers=0, seed=0,
@@ -282,9 +279,8 @@ class BatchLoader:
     def epoch(self, epoch, start_batch=0):
         """Iterate over the batches of ``epoch`` from batch ``start_batch`` on.
 
-        Yields:
-            (images, labels): uint8 (N, 3, crop, crop) — (N, 10, 3, crop, crop) for
-            tencrop — and int64 (N,), N <= batch_size (N = 0: a data-parallel placeholder).
+        Yields (images, labels): uint8 (N, 3, crop, crop) — (N, 10, 3, crop, crop) for
+        tencrop — and int64 (N,), N <= batch_size (N = 0: a data-parallel placeholder).
         """
         if not 0 <= start_batch <= len(self):
             raise ValueError(f"start_batch must be in [0, {len(self)}], got {start_batch}")

@@ -16,7 +16,7 @@ process's step on the whole global batch.  Unreadable images shorten a part the 
 a rank whose part is empty still takes part in the step's collectives with weight 0.
 
 Evaluation needs no batches in step: ``eval_shard`` gives rank r one contiguous block of the
-dataset order, and the ranks' counts are summed (``harness.trainer.Trainer.evaluate``).
+dataset order, and the ranks' counts are summed (``training.trainer.Trainer.evaluate``).
 
 ``BatchLoader(..., rank=r, ranks=R)`` reads rank r's batches by these rules.
 """

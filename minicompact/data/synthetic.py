@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..harness.processes import pid_alive
+from ..system.processes import pid_alive
 
 VERSION = "synthetic-v1"
 MARKER = "synthetic.json"
@@ -152,12 +152,10 @@ def _colour_pair(rng):
 def draw_image(name, rng, size=32):
     """Draw one image of class ``name`` with all nuisance factors.
 
-    Args:
-        name: a class name from ``CLASSES``.
-        rng: a ``numpy.random.Generator``; the image is a function of its state alone.
-        size: side in pixels.
-    Returns:
-        uint8 array, shape (size, size, 3).
+    name: a class name from ``CLASSES``.
+    rng: a ``numpy.random.Generator``; the image is a function of its state alone.
+    size: side in pixels.
+    Returns uint8 array, shape (size, size, 3).
     """
     bg, fg = _colour_pair(rng)
     alpha = _shape_alpha(name, rng, size)[..., None]                      # (S, S, 1)
@@ -287,11 +285,9 @@ def _remove_stale_temps(root):
 def ensure_synthetic_dataset(root=None, **params):
     """Return the root of a complete synthetic dataset, making it only if needed.
 
-    Args:
-        root: where it lives; ``None`` for ``default_dataset_root(**params)``.
-        **params: any of ``DEFAULTS`` (see ``make_synthetic_dataset``).
-    Returns:
-        ``Path`` of the root, holding ``train/``, ``val/`` and the marker.
+    root: where it lives; ``None`` for ``default_dataset_root(**params)``.
+    **params: any of ``DEFAULTS`` (see ``make_synthetic_dataset``).
+    Returns ``Path`` of the root, holding ``train/``, ``val/`` and the marker.
 
     The dataset is generated into a temp folder beside ``root`` and renamed into place in
     one step, so an interrupted run never leaves a half dataset at ``root``; leftovers from

@@ -78,12 +78,10 @@ def hashed_crop_params(seed, epoch, indices, size, crop):
     The same sample gets the same crop in the same epoch whatever the batch it lands in,
     the number of workers or where a resumed epoch starts; a new epoch draws a new crop.
 
-    Args:
-        indices: (N,) int dataset indices of the images.
-        size: (H, W) of the images.
-    Returns:
-        (oy, ox, flip): (N,) int64 top and left offsets in [0, H-crop] and [0, W-crop],
-        (N,) bool horizontal flips.
+    indices: (N,) int dataset indices of the images.
+    size: (H, W) of the images.
+    Returns (oy, ox, flip): (N,) int64 top and left offsets in [0, H-crop] and [0, W-crop],
+    (N,) bool horizontal flips.
     """
     idx = np.asarray(indices, dtype=np.uint64).reshape(-1)
     with np.errstate(over="ignore"):
@@ -106,11 +104,9 @@ def crop_flip(images, crop, oy, ox, flip):
     pixel by pixel with broadcast row and column indices would build and read an index per
     pixel instead of copying contiguous rows.)
 
-    Args:
-        images: (N, H, W, 3) uint8 (NHWC).
-        oy, ox: (N,) int top/left offsets; flip: (N,) bool.
-    Returns:
-        (N, 3, crop, crop) uint8, C-contiguous (NCHW).
+    images: (N, H, W, 3) uint8 (NHWC).
+    oy, ox: (N,) int top/left offsets; flip: (N,) bool.
+    Returns (N, 3, crop, crop) uint8, C-contiguous (NCHW).
     """
     batch, _ = _as_batch(images, crop)
     xp = get_array_module(batch)
@@ -133,11 +129,9 @@ def crop_flip(images, crop, oy, ox, flip):
 def random_crop_flip(images, crop, rng):
     """A random ``crop x crop`` window and a random horizontal flip per image (sec. 5.1).
 
-    Args:
-        images: (N, H, W, 3) uint8 NHWC batch, or one (H, W, 3) image.
-        rng: numpy Generator the offsets and flips are drawn from.
-    Returns:
-        (N, 3, crop, crop) uint8 NCHW, or (3, crop, crop) for one image.
+    images: (N, H, W, 3) uint8 NHWC batch, or one (H, W, 3) image.
+    rng: numpy Generator the offsets and flips are drawn from.
+    Returns (N, 3, crop, crop) uint8 NCHW, or (3, crop, crop) for one image.
     """
     batch, single = _as_batch(images, crop)
     n, h, w, _ = batch.shape
@@ -151,10 +145,8 @@ def random_crop_flip(images, crop, rng):
 def center_crop(images, crop):
     """The central ``crop x crop`` window (offset floor((H - crop) / 2)).
 
-    Args:
-        images: (N, H, W, 3) uint8 NHWC, or one (H, W, 3) image.
-    Returns:
-        (N, 3, crop, crop) uint8 NCHW, or (3, crop, crop) for one image.
+    images: (N, H, W, 3) uint8 NHWC, or one (H, W, 3) image.
+    Returns (N, 3, crop, crop) uint8 NCHW, or (3, crop, crop) for one image.
     """
     batch, single = _as_batch(images, crop)
     xp = get_array_module(batch)
@@ -171,10 +163,8 @@ def ten_crop(images, crop):
     crop k+5 is crop k mirrored.  (torchvision's crop 6 is the top-left crop of the mirrored
     image, i.e. our crop 7; the set is the same, and predictions are averaged anyway.)
 
-    Args:
-        images: (N, H, W, 3) uint8 NHWC, or one (H, W, 3) image.
-    Returns:
-        (N, 10, 3, crop, crop) uint8, or (10, 3, crop, crop) for one image.
+    images: (N, H, W, 3) uint8 NHWC, or one (H, W, 3) image.
+    Returns (N, 10, 3, crop, crop) uint8, or (10, 3, crop, crop) for one image.
     """
     batch, single = _as_batch(images, crop)
     xp = get_array_module(batch)
@@ -195,12 +185,10 @@ def normalize(images, mean, std, xp=np):
     Call it in the main process: uint8 travels to the GPU (4x fewer bytes than float32) and
     the conversion runs there.  Computed as ``x * (1 / (255 std)) - mean / std``, in float32.
 
-    Args:
-        images: (..., 3, H, W) uint8 NCHW, e.g. (N, 3, H, W) or (N, 10, 3, H, W).
-        mean, std: (3,) per-channel statistics of x / 255 (see ``estimate_mean_std``).
-        xp: numpy or cupy, the device of the result.
-    Returns:
-        float32 array of the same shape on ``xp``'s device.
+    images: (..., 3, H, W) uint8 NCHW, e.g. (N, 3, H, W) or (N, 10, 3, H, W).
+    mean, std: (3,) per-channel statistics of x / 255 (see ``estimate_mean_std``).
+    xp: numpy or cupy, the device of the result.
+    Returns float32 array of the same shape on ``xp``'s device.
     """
     if images.ndim < 3 or images.shape[-3] != 3:
         raise ValueError(f"expected uint8 images of shape (..., 3, H, W), got {images.shape}")
@@ -222,12 +210,10 @@ def estimate_mean_std(dataset, resize, max_images=2000, seed=0, cache=None):
     The statistics are over every pixel of the resized images (exact integer sums), from
     ``max_images`` images drawn without replacement; unreadable files are left out.
 
-    Args:
-        dataset: an ImageFolder (anything with ``.samples``, a list of (path, label)).
-        resize: the side the images are downsized to (as in training).
-        cache: an ``ImageCache`` of the same dataset and size, read instead of decoding.
-    Returns:
-        (mean, std): (3,) float32 arrays, in units of x / 255.
+    dataset: an ImageFolder (anything with ``.samples``, a list of (path, label)).
+    resize: the side the images are downsized to (as in training).
+    cache: an ``ImageCache`` of the same dataset and size, read instead of decoding.
+    Returns (mean, std): (3,) float32 arrays, in units of x / 255.
     """
     n = len(dataset.samples)
     rng = np.random.default_rng(seed)

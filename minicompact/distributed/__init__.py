@@ -13,7 +13,7 @@ regularizer of eq. 1 is applied after that reduce, identically on every rank.
                         averaging batch-norm buffers
 
 ``sync_batchnorm.py`` holds ``SyncBatchNorm2D`` (statistics over the global batch);
-``harness.trainer.Trainer`` runs the loop below when given a communicator with several ranks, and
+``training.trainer.Trainer`` runs the loop below when given a communicator with several ranks, and
 ``BatchLoader(rank=, ranks=)`` reads each rank's part of the data.  The loop::
 
     comm = distributed.init(device)                     # before any CuPy array exists

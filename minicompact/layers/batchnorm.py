@@ -16,6 +16,10 @@ i.e. the running variance tracks the *unbiased* batch variance, exactly as
 ``torch.nn.BatchNorm2d`` does.  Evaluation mode uses ``running_mean`` / ``running_var``
 in place of the batch statistics, so the layer is a fixed per-channel affine map.
 
+``batchnorm_forward`` / ``batchnorm_backward`` are the training-mode pair to read, one screen
+each (CS231n's layers); the tests hold ``BatchNorm2D`` against them.  The layer computes the
+same in the steps below, with fewer input-sized arrays and room for sync batch-norm.
+
 Training mode runs in four steps, each a function below with a CUDA kernel as its GPU twin
 (``cuda/batchnorm.py``; the functions are what the CPU runs and what the kernels are tested
 against), with the layer's hooks in between, where sync batch-norm all-reduces::
@@ -43,6 +47,42 @@ _AXES = (0, 2, 3)  # the statistics of channel c run over batch, height and widt
 def _per_channel(v):
     """View a (C,) vector as (1, C, 1, 1) so it broadcasts against NCHW (no copy)."""
     return v.reshape(1, -1, 1, 1)
+
+
+def batchnorm_forward(x, gamma, beta, eps=1e-5):
+    """Training-mode batch normalization with the batch's own statistics (Ioffe & Szegedy 2015,
+    Algorithm 1), per channel over the M = N·H·W values of that channel.
+
+    x: (N, C, H, W); gamma, beta: (C,).  Returns (out, cache): out = gamma·xhat + beta,
+    (N, C, H, W), x's dtype, with xhat = (x - mean) / sqrt(var + eps) and var the biased
+    batch variance; cache = (xhat, gamma, inv_std) for ``batchnorm_backward``.
+    """
+    xp = get_array_module(x)
+    mean = x.mean(axis=_AXES, keepdims=True)                 # (1, C, 1, 1)
+    var = x.var(axis=_AXES, keepdims=True)
+    inv_std = 1.0 / xp.sqrt(var + eps)
+    xhat = (x - mean) * inv_std
+    out = _per_channel(gamma) * xhat + _per_channel(beta)
+    return out, (xhat, gamma, inv_std)
+
+
+def batchnorm_backward(dout, cache):
+    """Gradients of ``batchnorm_forward`` through the batch mean and variance (CS231n's
+    ``batchnorm_backward_alt``), sums per channel over the M = N·H·W values::
+
+        dbeta = Σ dout,   dgamma = Σ dout·xhat,
+        dx = gamma·inv_std / M · (M·dout - Σ dout - xhat · Σ dout·xhat)
+
+    dout: (N, C, H, W), not modified; cache from forward.
+    Returns (dx (N, C, H, W), dgamma (C,), dbeta (C,)), dout's dtype.
+    """
+    xhat, gamma, inv_std = cache
+    m = dout.size // dout.shape[1]
+    dbeta = dout.sum(axis=_AXES)
+    dgamma = (dout * xhat).sum(axis=_AXES)
+    dx = (_per_channel(gamma) * inv_std / m
+          * (m * dout - _per_channel(dbeta) - xhat * _per_channel(dgamma)))
+    return dx, dgamma, dbeta
 
 
 def batch_statistics(x):
@@ -135,6 +175,12 @@ BN_GRAD_INPUT_RELU = CudaKernel("bn_grad_input_relu", cuda_bn.SOURCE, ["bn_grad_
 
 class BatchNorm2D(Layer):
     """Per-channel batch normalization of an (N, C, H, W) input, with a hand-written backward.
+
+    Training mode computes ``batchnorm_forward`` / ``batchnorm_backward`` (the short pair at
+    the top of this module, tested against this class) in the steps ``batch_statistics``,
+    ``normalise``, ``gradient_sums``, ``input_gradient``: on a GPU their CUDA kernels, with
+    the ReLU after it fused by ``forward_relu``; the hooks between the steps let
+    ``SyncBatchNorm2D`` take every rank's batch.  Evaluation mode is a fixed affine map.
 
     channels: C; eps: added to the variance; momentum: weight of the new batch in the
     running statistics; dtype: of ``gamma``/``beta`` and the running buffers.

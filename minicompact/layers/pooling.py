@@ -205,11 +205,13 @@ class MaxPool2D(Layer):
 
     kernel_size: int or (kh, kw); stride: int; padding: int < kernel size.  Padding is -inf,
     so it never wins.  Ties go to the first maximum in row-major window order.
-    impl, on the CPU: "separable" (default: the same results in fewer passes,
-    ``minicompact.separable_maxpool``) or "simple" (``max_pool_forward`` / ``max_pool_backward``,
-    the version to read).  On a GPU either runs ``max_pool_forward_cuda``: one kernel launch
-    each way, whose twin (after a failed self-check, or with ``MINICOMPACT_KERNELS=off``) is
-    the simple version.
+
+    What runs.  The short version to read is ``max_pool_forward`` / ``max_pool_backward`` at
+    the top of this module.  impl, on the CPU: "separable" (default: the same results in fewer
+    passes, ``minicompact.separable_maxpool``) or "simple" (that short pair).  On a GPU either
+    runs ``max_pool_forward_cuda``: one kernel launch each way, whose twin (after a failed
+    self-check, or with ``MINICOMPACT_KERNELS=off``) is the short pair.  The tests hold the
+    separable path and the kernels against the short pair.
     """
 
     def __init__(self, kernel_size=3, stride=1, padding=1, impl="separable"):
@@ -269,9 +271,12 @@ class SpatialPyramidPool(Layer):
 
     levels: grid sizes n, level n cutting the map into n×n regions (see ``pyramid_bins``);
     (1, 2, 4) gives R = 1 + 4 + 16 = 21.  Region order: level by level as given, each level's
-    regions row-major (top-left first).  The max is ``spatial_pyramid_pool_forward``, a loop
-    over the R regions, on the CPU, and one kernel launch for all regions on a GPU.  Memory
-    kept for backward: one int32 argmax index per (n, c, region).
+    regions row-major (top-left first).
+
+    What runs: on the CPU the short pair ``spatial_pyramid_pool_forward`` /
+    ``spatial_pyramid_pool_backward`` above (a loop over the R regions); on a GPU one kernel
+    launch each way for all regions (``spatial_pyramid_pool_forward_cuda``), checked against
+    that pair.  Memory kept for backward: one int32 argmax index per (n, c, region).
     """
 
     def __init__(self, levels=(1, 2, 4)):

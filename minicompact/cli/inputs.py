@@ -14,8 +14,8 @@ from ..data import transforms
 from ..data.cache import cache_key, folder_lock, shared_cache_folder
 from ..data.folders import DatasetError, open_dataset
 from ..data.images import BadImageError, load_rgb
-from ..data.loader import BatchLoader
 from ..data.synthetic import ensure_synthetic_dataset
+from ..training import recipe
 from .console import RunError, fail, say
 
 
@@ -61,8 +61,8 @@ def same_files_on_every_rank(seen, root):
 
 
 def open_loaders(stack, s, train_set, val_set, resize, crop, rank=0, ranks=1):
-    """(train, val, ten-crop val) ``BatchLoader``s of this rank, their worker pools entered
-    into the ``contextlib.ExitStack`` ``stack`` (so they stop on the way out).
+    """(train, val, ten-crop val) ``BatchLoader``s of this rank (``recipe.open_loaders``), their
+    worker pools entered into the ``contextlib.ExitStack`` ``stack``.
 
     With ``s.cache`` one uint8 cache per split in OUT/cache; with ``s.cache_dir`` (which
     implies it) in DIR/<data key>/, shared by every run on this data (a sweep's points) and
@@ -72,23 +72,29 @@ def open_loaders(stack, s, train_set, val_set, resize, crop, rank=0, ranks=1):
     lock = contextlib.nullcontext()
     if s.cache_dir:  # implies --cache
         cache_dir = shared_cache_folder(s.cache_dir, s.data, s.train_key)
-        if rank == 0:  # the other ranks read what rank 0 built (comm.agree(root_first=True))
+        if rank == 0:  # the other ranks read what rank 0 built (root_first)
             lock = folder_lock(cache_dir)
-    common = dict(resize=resize, crop=crop, workers=s.workers, seed=s.seed, rank=rank, ranks=ranks)
     try:
         with lock:
-            return _loaders(stack, s, train_set, val_set, cache_dir, common)
+            return recipe.open_loaders(stack, train_set, val_set, resize, crop, s.batch_size, s.workers, s.seed,
+                                       cache_dir, train_cache=not s.evaluate, rank=rank, ranks=ranks)
     except OSError as exc:
         raise RunError(f"cannot build the image cache in {cache_dir}: {exc.strerror or exc}", 1) from None
 
 
-def _loaders(stack, s, train_set, val_set, cache_dir, common):
-    train = stack.enter_context(BatchLoader(train_set, s.batch_size, mode="train", drop_last=False,
-                                            cache=None if s.evaluate else cache_dir, **common))
-    val = stack.enter_context(BatchLoader(val_set, s.batch_size, mode="center", cache=cache_dir, **common))
-    ten = stack.enter_context(BatchLoader(val_set, max(1, s.batch_size // 10), mode="tencrop",
-                                          cache=val.cache, **common))
-    return train, val, ten
+def images_for(stack, s, train_set, val_set, known_stats, ranks):
+    """The run's ``recipe.Images`` on this rank, every step taken by all ranks (``ranks``: an
+    ``outcome.Ranks``): the loaders (rank 0 first: it builds any cache the others read), a
+    check that every class has a readable image, the normalisation (``known_stats``: a
+    checkpoint's or a fine-tune source's (mean, std); None: estimated on rank 0)."""
+    comm = ranks.comm
+    resize, crop = transforms.scaled_sizes(s.image_size)
+    train, val, ten = ranks.root_first(open_loaders, stack, s, train_set, val_set, resize, crop, comm.rank,
+                                       comm.size)
+    checked = [val] + ([] if s.evaluate else [train])
+    ranks.root(lambda: [require_readable_classes(loader) for loader in checked])
+    mean, std = known_stats or ranks.root(normalisation, train, s.seed)
+    return recipe.Images(train_set, val_set, train, val, ten, tuple(mean), tuple(std), resize, crop)
 
 
 def require_readable_classes(loader):
@@ -114,10 +120,9 @@ def require_readable_classes(loader):
 
 
 def normalisation(train_loader, seed):
-    """Per-channel (mean, std) of the training images (``transforms.estimate_mean_std``)."""
+    """Per-channel (mean, std) of the training images (``recipe.normalisation``)."""
     try:
-        return transforms.estimate_mean_std(train_loader.dataset, train_loader.resize, seed=seed,
-                                            cache=train_loader.cache)
+        return recipe.normalisation(train_loader.dataset, train_loader.resize, seed, train_loader.cache)
     except ValueError as exc:  # every sampled image failed to decode
         raise RunError(str(exc)) from None
 

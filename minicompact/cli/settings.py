@@ -8,7 +8,7 @@ each before any data is read: each range is checked by the code that uses the va
 (``ModelConfig``, ``regularizers.variant``, ``objective.check_weights``, ``StepLR``); only
 limits of the command line itself (finite numbers, caps, relations between flags) live here.
 ``check_checkpoint`` says whether a checkpoint fits the data and the kind of run.
-``resolve_strength`` applies the run-length rule of ``strength.py`` to the settings and
+``resolve_strength`` applies the run-length rule of ``group_scale.py`` to the settings and
 builds the line run.py prints about it.
 """
 import math
@@ -23,9 +23,9 @@ from ..model import ModelConfig, dictionary_sizes
 from ..objective import check_weights
 from ..optim import StepLR
 from ..regularizers import variant
-from ..strength import SAME_SCHEDULE, group_scale, lr_sum, paper_lr_sum
-from .checkpoint import CheckpointError
-from .checkpoint_check import read_checkpoint
+from ..group_scale import for_run, paper_lr_sum
+from ..system.npz import CheckpointError
+from ..training.checkpoint_check import read_checkpoint
 from .console import fail, note
 
 # Settings of the paper (sec. 5.1, 5.2, 5.3.1), used with --data.
@@ -43,7 +43,7 @@ MATH_KEYS = ("depth", "rho", "model", "batch_size", "lr", "momentum", "lr_step",
              "compressed_beta", "sync_bn", "layer_widths", "finetune", "head_lr_mult", "keep_reg", "freeze",
              "group_scale")
 # What a checkpoint saved before a MATH_KEY existed was trained with (the run-length rule of
-# strength.py came later): such a run resumes with these, whatever the flag says now.
+# group_scale.py came later): such a run resumes with these, whatever the flag says now.
 BEFORE_THE_KEY = {"group_scale": None, "reg_update": "subgradient"}
 # Settings a resumed run keeps unless they are given again (they change no number).
 KEPT_KEYS = ("cache", "cache_dir")
@@ -179,6 +179,15 @@ def model_config(s, classes):
                        layer_widths=None if widths is None else tuple(widths))
 
 
+def network_arguments(s):
+    """``recipe.build_network``'s arguments (all but the images and the device) from the
+    resolved settings ``s`` (after ``resolve_strength``, or a checkpoint's)."""
+    return dict(model=s.model, depth=s.depth, rho=s.rho, width_mult=s.width_mult, stem=s.stem, epochs=s.epochs,
+                lr=s.lr, momentum=s.momentum, lr_step=s.lr_step, warmup=s.warmup, cw=s.cw, ctheta=s.ctheta,
+                update=s.reg_update, group_scale=s.group_scale, compressed_beta=s.compressed_beta, loss=s.loss,
+                seed=s.seed, layer_widths=getattr(s, "layer_widths", None))
+
+
 def validate(s, how):
     """Reject bad values with one line each, before any data is touched."""
     for k in FLOAT_FLAGS:
@@ -238,10 +247,19 @@ def validate(s, how):
         config.check_image_size(s.image_size)
     except ValueError as exc:
         fail(f"--image-size: {exc}; use a larger --image-size or --stem small")
-    if s.data and not os.path.isdir(s.data):
-        where = "the checkpoint's data folder" if how.data_from_checkpoint else "--data"
-        hint = "; point --data at where the data is now" if how.data_from_checkpoint else ""
-        fail(f"{where} {s.data!r} is not a folder{hint}")
+    problem = missing_data_folder(s.data, how.data_from_checkpoint)
+    if problem:
+        fail(problem)
+
+
+def missing_data_folder(data, from_checkpoint):
+    """The one line for a data folder that is not there (None if it is, or if none is named):
+    a checkpoint's data folder may have moved since its run (--evaluate, --resume, --thin)."""
+    if not data or os.path.isdir(data):
+        return None
+    if from_checkpoint:
+        return f"the checkpoint's data folder {data!r} is not a folder; point --data at where the data is now"
+    return f"--data {data!r} is not a folder"
 
 
 def check_checkpoint(s, how, checkpoint, train_set):
@@ -294,17 +312,15 @@ def resolve_strength(s, given):
     was typed (--cw, --ctheta) keeps eq. 1 as written (k = 1), and a typed --group-scale is
     used for both terms.  Returns the line run.py prints: the constants and why.
     """
-    run_s = lr_sum(s.train_images, s.global_batch, s.lr, s.lr_step, s.epochs, s.warmup)
-    paper, ratio = paper_lr_sum(), group_scale(run_s)
-    paper_like = 1 / SAME_SCHEDULE <= ratio <= SAME_SCHEDULE
+    k, update, run_s = for_run(s.train_images, s.global_batch, s.lr, s.lr_step, s.epochs, s.warmup)
+    paper = paper_lr_sum()
     if "reg_update" not in given or s.reg_update == "auto":
-        s.reg_update = "subgradient" if paper_like else "proximal"
+        s.reg_update = update
     if "group_scale" in given:
         k, why = float(s.group_scale), "as given"
-    elif paper_like:
-        k, why = 1.0, f"this run's Σ lr = {run_s:,.0f} is the paper's ({paper:,.0f})"
+    elif k == 1:
+        why = f"this run's Σ lr = {run_s:,.0f} is the paper's ({paper:,.0f})"
     else:
-        k = ratio
         why = (f"this run's Σ lr = {run_s:.4g} is {'1/' if k > 1 else ''}"
                f"{_times(max(k, 1 / k))} of the paper's {paper:,.0f}")
     typed = "group_scale" not in given

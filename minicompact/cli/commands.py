@@ -1,19 +1,21 @@
 """The runs of run.py that are not a training run: ``--thin`` and ``--features``, which run
 alone in one process, and the source of a ``--finetune`` run, read while the settings resolve.
 
-Each turns the library's errors (``thin``, ``transfer``) into run.py's one-line message.
+Each turns the errors of the command's module (``thin_command``, ``transfer_commands``) into
+run.py's one-line message.
 """
 import os
 
 from .. import backend
 from ..distributed.launcher import launched_by_mpi
-from ..thin import NothingToRemove, thin_run
-from ..transfer import TransferError, finetune_settings, read_source, run_features
+from ..transfer import TransferError, read_source
 from .console import fail, say
+from .thin_command import NothingToRemove, thin_run
+from .transfer_commands import finetune_settings, run_features
 
 
 def thin_command(args):
-    """--thin CKPT: all the work is ``minicompact.thin.thin_run``; its ValueErrors are one line."""
+    """--thin CKPT: all the work is ``thin_command.thin_run``; its ValueErrors are one line."""
     if args.resume or args.evaluate:
         fail("--thin runs alone: not with --resume or --evaluate")
     if launched_by_mpi()[0]:  # every rank would thin and write its own thin/, thin-2/, ...
@@ -29,7 +31,7 @@ def thin_command(args):
 
 
 def features_command(args):
-    """--features CKPT --data ROOT: all the work is ``minicompact.transfer.run_features``."""
+    """--features CKPT --data ROOT: all the work is ``transfer_commands.run_features``."""
     if args.resume or args.evaluate or args.finetune:
         fail("--features runs alone: not with --resume, --evaluate or --finetune")
     if not args.data:
@@ -48,7 +50,7 @@ def features_command(args):
 
 
 def from_source(s, how):
-    """A new --finetune run: depth, widths and stem are its source's (``transfer.finetune_settings``)."""
+    """A new --finetune run: depth, widths and stem are its source's (``transfer_commands.finetune_settings``)."""
     if s.finetune and not s.resume and not s.evaluate:
         try:
             how.source = read_source(s.finetune)

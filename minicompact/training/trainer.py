@@ -1,8 +1,8 @@
 """The training loop: epochs of SGD on eq. 1, evaluation, checkpoints, logs and the final report.
 
-``Trainer`` ties together the pieces that live in their own modules — a ``CompactNet``, an
-``SGD`` optimizer with its ``StepLR`` schedule, a ``Regularizer`` (eq. 1), and
-``BatchLoader``s for the train and val splits — and adds what a long run needs:
+``Trainer`` takes the pieces ``recipe.py`` builds — a ``Network`` (a ``CompactNet``, an ``SGD``
+optimizer with its ``StepLR`` schedule, a ``Penalty`` of eq. 1, the loss) and ``Images`` (the
+train and val loaders, the normalisation) — and adds what a long run needs:
 
 * a JSON-lines log (one object per epoch) and a progress bar per epoch;
 * ``last.npz`` written atomically after every epoch, ``best.npz`` for the best val top-1;
@@ -43,9 +43,8 @@ from ..distributed.data_parallel import GradientAllReduce, broadcast_model, chec
 from ..distributed.sync_batchnorm import use_sync_batchnorm
 from ..losses import accuracy_topk, check_labels, softmax
 from ..objective import NonFiniteLoss, train_step
-from .atomic import atomic_write
+from ..system.atomic import atomic_write
 from .checkpoint import check_train_state, save_checkpoint
-from .checkpoint_check import read_checkpoint
 from .device_sums import DeviceSums, EpochSums
 from .graph_step import CapturedStep, check_mode
 from .progress import ProgressBar
@@ -61,12 +60,25 @@ class ReplicasDiffer(RuntimeError):
     rank whose hardware computes differently); raised on every rank at a checkpoint."""
 
 
-class Trainer:
-    """Train ``model`` with ``optimizer``/``schedule`` on ``train_loader``; evaluate on ``val_loader``.
+def scores(model, images, mean, std, xp):
+    """Class scores of one loader batch, normalised on the device: (N, 3, h, w) uint8 → (N, Y);
+    a ten-crop batch (N, 10, 3, h, w) → the log of the ten crops' mean soft-max probabilities
+    (sec. 5.1), so that ranking and the loss read them like scores."""
+    if images.ndim == 5:
+        b, c = images.shape[:2]
+        x = normalize(images.reshape((b * c,) + images.shape[2:]), mean, std, xp)
+        probs = softmax(model.forward(x)).reshape(b, c, -1).mean(axis=1)
+        return xp.log(xp.maximum(probs, 1e-30))
+    return model.forward(normalize(images, mean, std, xp))
 
-    mean, std: per-channel normalisation (3,) floats; out_dir: where logs, checkpoints and
-    the report go (None: nowhere); regularizer: an ``objective.Regularizer`` (or None);
-    loss_fn: e.g. ``losses.softmax_cross_entropy``.  Each step is ``objective.train_step``.
+
+class Trainer:
+    """Train a ``Network`` on ``Images`` for ``epochs``; evaluate; checkpoint; resume.
+
+    net: a ``recipe.Network`` (model, optimizer, schedule, penalty, loss); images: a
+    ``recipe.Images`` (or anything with ``train`` and ``val`` loaders and the normalisation
+    ``mean``, ``std``); out_dir: where logs and checkpoints go (None: nowhere); settings: a
+    dict saved in every checkpoint.  Each step is ``objective.train_step``.
     comm: a ``distributed`` communicator (None: one process); with several ranks the loaders
     must be this rank's (``BatchLoader(rank=, ranks=)``), and only rank 0 should be given an
     ``out_dir``, ``progress`` and a ``log``.  sync_bn: normalise with the global batch's
@@ -79,16 +91,16 @@ class Trainer:
 
     log_interval = 1.0  # seconds between reads of the running sums (progress bar, NaN check)
 
-    def __init__(self, model, optimizer, schedule, regularizer, loss_fn, train_loader, val_loader,
-                 mean, std, epochs, out_dir=None, settings=None, progress=True, log=print,
+    def __init__(self, net, images, epochs, out_dir=None, settings=None, progress=True, log=print,
                  comm=None, sync_bn=False, cuda_graph="auto"):
-        self.model, self.optimizer, self.schedule = model, optimizer, schedule
-        self.regularizer, self.loss_fn = regularizer, loss_fn
-        self.train_loader, self.val_loader = train_loader, val_loader
-        self.mean, self.std = [float(v) for v in mean], [float(v) for v in std]
+        self.model, self.optimizer, self.schedule = net.model, net.optimizer, net.schedule
+        self.regularizer, self.loss_fn = net.penalty, net.loss
+        self.train_loader, self.val_loader = images.train, images.val
+        self.mean, self.std = [float(v) for v in images.mean], [float(v) for v in images.std]
         self.epochs, self.out_dir = epochs, out_dir
         self.settings = dict(settings or {})
         self.progress, self.log = progress, log
+        model = self.model
         self.xp = get_array_module(model.classifier.params["W"])
         self.state = {"epoch": 0, "step": 0, "best_top1": -1.0, "history": [], "partial": None}
         self.comm, self.reducer = comm or Communicator(), None
@@ -215,15 +227,9 @@ class Trainer:
             for images, labels in loader.epoch(0):
                 check_labels(labels, num_classes, "evaluation batch")
                 y = xp.asarray(labels)
-                if images.ndim == 5:  # (N, 10, 3, h, w): average the crops' probabilities
-                    b, c = images.shape[:2]
-                    x = normalize(images.reshape((b * c,) + images.shape[2:]), self.mean, self.std, xp)
-                    probs = softmax(model.forward(x)).reshape(b, c, -1).mean(axis=1)
-                    scores = xp.log(xp.maximum(probs, 1e-30))
-                else:
-                    scores = model.forward(normalize(images, self.mean, self.std, xp))
-                loss, _ = self.loss_fn(scores, y)
-                c1, c5 = accuracy_topk(scores, y, ks=(1, 5))
+                batch_scores = scores(model, images, self.mean, self.std, xp)
+                loss, _ = self.loss_fn(batch_scores, y)
+                c1, c5 = accuracy_topk(batch_scores, y, ks=(1, 5))
                 k = int(labels.shape[0])
                 totals.add(loss=loss * k, top1=c1, top5=c5)
                 n += k
@@ -275,13 +281,9 @@ class Trainer:
         save_checkpoint(path, self.model, self.optimizer, self._train_state())
         return path
 
-    def resume(self, path):
-        """Load weights, momentum and position from a checkpoint written by ``save``
-        (checked whole first: ``checkpoint_check.read_checkpoint``)."""
-        return self.load_state(*read_checkpoint(path)[1:])
-
     def load_state(self, arrays, opt_state, state):
-        """``resume`` from a checkpoint already read (``checkpoint_check.read_checkpoint``).
+        """Continue from a checkpoint read by ``checkpoint_check.read_checkpoint`` (its
+        arrays, optimizer state and training state): weights, momentum and position.
         Each part is checked again as it loads (a ``CheckpointError`` naming it), so a state
         built by other code is never loaded unchecked."""
         check_train_state(state)

@@ -10,7 +10,7 @@ grid over depth L, ρ and model (the paper's sensitivity analysis, sec. 5.3.2, F
     SWEEP/points/<point>.lock        held while a process trains the point (pid, host)
     SWEEP/logs/<point>.log           the point's run.py output
     SWEEP/cache/<data key>/          the decoded images every point reads (run.py --cache-dir)
-    SWEEP/results.csv ... summary.md what --collect writes (sweep_plots.py)
+    SWEEP/results.csv ... summary.md what --collect writes (plots.py)
 
 Points: CompactNet at every (depth, ρ); CompressedNet has no ρ of its own (α = 0, Ψ with
 β = --compressed-beta), so the swept ρ is its β (sec. 5.3.2 tunes each model's strength); SimpleNet
@@ -24,9 +24,9 @@ import math
 import os
 import socket
 
-from .atomic import atomic_write
-from .flags import parse
-from .processes import pid_alive
+from ..system.atomic import atomic_write
+from ..cli.flags import parse
+from ..system.processes import pid_alive
 
 MODELS = ("compact", "compressed", "simple")
 

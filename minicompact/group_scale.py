@@ -17,7 +17,7 @@ The paper's schedule has S_paper ≈ 16,670 (5,005 steps per epoch × 30 × (0.1
 8, 10 epochs) has S ≈ 5.4, some 3,100 times less: its groups move 3,100 times less far, and
 none reaches zero.  A run reaches the paper's shrinkage when its group part is multiplied by
 
-    k = S_paper / S_run       (``group_scale``; run.py's ``harness.settings.resolve_strength``)
+    k = S_paper / S_run       (``group_scale``; run.py's ``cli.settings.resolve_strength``)
 
 and the paper's own schedule gets k = 1.  Only the group part is scaled: the ℓ2 part is a
 weight decay, and scaling it 3,000 times as well (C = 0.3) left the demo network at chance
@@ -31,7 +31,7 @@ What C means in each mode.  C is eq. 1's constant in both.  The proximal path
 (``--reg-update proximal``) sends only the smooth ℓ2 part through momentum and applies the
 group part after the step as group soft-thresholding.  A threshold of lr·C·β would make the
 prox 1/(1-μ) = 10 times weaker than the subgradient's push at the same C: its fixed points
-solve ∇L + (1-μ)·C·∂Ω = 0, not eq. 1.  ``objective.Regularizer`` therefore thresholds with
+solve ∇L + (1-μ)·C·∂Ω = 0, not eq. 1.  ``objective.Penalty`` therefore thresholds with
 τ = lr·C·β/(1-μ); then both modes have eq. 1's stationary points and the same Δ‖g‖ above,
 and this one rule serves both.
 
@@ -93,6 +93,20 @@ def group_scale(run_lr_sum):
         raise ValueError(f"the run's learning-rate sum must be > 0, got {run_lr_sum}")
     return paper_lr_sum() / run_lr_sum
 
+
+
+def for_run(train_images, batch_size, lr, lr_step, epochs, warmup=0.0):
+    """(k, update, S_run): the group scale and the update rule a run of this length gets.
+
+    The paper's own schedule (S within ``SAME_SCHEDULE`` of S_paper) keeps k = 1 and
+    subgradient steps; any other gets k = S_paper / S_run and proximal steps (module
+    docstring).  Arguments as ``lr_sum`` (batch_size: the global batch).
+    """
+    run_sum = lr_sum(train_images, batch_size, lr, lr_step, epochs, warmup)
+    k = group_scale(run_sum)
+    if 1 / SAME_SCHEDULE <= k <= SAME_SCHEDULE:
+        return 1.0, "subgradient", run_sum
+    return k, "proximal", run_sum
 
 def _mix(c, mix, k):
     """C·[(1-mix)·½‖·‖² + k·mix·Σ‖g‖] written as C'·[(1-mix')·½‖·‖² + mix'·Σ‖g‖]: (C', mix')."""

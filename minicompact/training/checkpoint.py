@@ -10,63 +10,15 @@ Layout of a training checkpoint (all NumPy arrays, no pickles):
 * ``"opt.<key>"`` — the optimizer's momentum buffers
 * ``"__train__"`` — JSON: epoch, step within the epoch, best accuracy, history, run settings.
 
-What a saved array must be is ``saved_arrays.check_array``; what a training state must be,
+The ``.npz`` reader and writer and what a saved array must be are ``system/npz.py``; what a training state must be,
 ``check_train_state``, is written here once; ``checkpoint_check.check_contents`` applies both.
 """
 import json
 import math
-import os
-import zipfile
 
 import numpy as np
 
-from ..saved_arrays import CheckpointError, short_repr
-from .atomic import atomic_write
-
-
-def atomic_savez(path, arrays):
-    """Write ``arrays`` (dict name -> array) to ``path`` as an uncompressed ``.npz``, atomically."""
-    with atomic_write(path, "wb") as f:
-        np.savez(f, **arrays)
-
-
-def _check_file(path):
-    """``CheckpointError`` unless ``path`` is an existing ``.npz`` (zip) archive."""
-    if os.path.isdir(path):
-        hint = (f"; did you mean {os.path.join(path, 'last.npz')}?"
-                if os.path.isfile(os.path.join(path, "last.npz")) else "")
-        raise CheckpointError(f"checkpoint {path!r} is a folder, not a checkpoint file{hint}")
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint {path!r} does not exist")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path!r} is not a regular file")
-    try:
-        is_zip = zipfile.is_zipfile(path)
-    except OSError as exc:
-        raise CheckpointError(f"cannot read checkpoint {path!r}: {exc.strerror or exc}") from None
-    if not is_zip:
-        raise CheckpointError(f"{path!r} is not a minicompact checkpoint (not an .npz archive)")
-
-
-def read_npz(path, keys=None):
-    """Load the arrays of an ``.npz`` (all, or only ``keys`` present) into a dict.
-
-    Raises ``CheckpointError`` (one line) for a folder, a missing file, a file that is not an
-    ``.npz`` archive, one that holds pickled objects (never loaded) or a damaged one.
-    """
-    path = os.fspath(path)
-    _check_file(path)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            names = z.files if keys is None else [k for k in keys if k in z.files]
-            return {k: z[k] for k in names}
-    except ValueError as exc:
-        if "pickle" in str(exc):
-            raise CheckpointError(f"{path!r} holds pickled Python objects, which minicompact never "
-                                  "writes; not loaded (it is not one of our checkpoints)") from None
-        raise CheckpointError(f"cannot read checkpoint {path!r}: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - a damaged zip raises many kinds of errors
-        raise CheckpointError(f"cannot read checkpoint {path!r}: {type(exc).__name__}: {exc}") from None
+from ..system.npz import CheckpointError, atomic_savez, read_npz, short_repr
 
 
 def save_checkpoint(path, model, optimizer=None, train_state=None):

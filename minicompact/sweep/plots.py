@@ -14,9 +14,9 @@ import os
 
 from matplotlib.figure import Figure
 
-from .atomic import atomic_write
-from .plots import save_png
-from .sweep_points import operation_modes, point_dir, point_state, read_point, write_results
+from ..system.atomic import atomic_write
+from ..training.plots import save_png
+from .points import operation_modes, point_dir, point_state, read_point, write_results
 
 COLOURS = {"compact": "tab:red", "compressed": "tab:blue", "simple": "tab:green"}
 NAMES = {"compact": "CompactNet", "compressed": "CompressedNet", "simple": "SimpleNet"}
@@ -115,7 +115,7 @@ def pareto(rows, modes, path):
 
 
 def summary(rows, modes, total_points, path):
-    from .sweep_points import FIELDS
+    from .points import FIELDS
     lines = ["# Sweep summary\n", f"{len(rows)} of {total_points} points finished.\n",
              "## Operation modes (sec. 5.3.2)\n",
              "| model | mode | point | top-1 error 1 / 10 crops | structural params (of total) |",

@@ -17,7 +17,8 @@ import contextlib
 import os
 import shutil
 
-from .checkpoint import CheckpointError, read_train_state
+from ..system.npz import CheckpointError
+from ..training.checkpoint import read_train_state
 from .console import fail, note
 
 # What a training run writes, and what an evaluation writes.
@@ -101,6 +102,35 @@ def check_writable(folder):
         os.remove(probe)
     except OSError as exc:
         raise OutputError(f"the output folder {folder} is not writable ({exc.strerror or exc})") from None
+
+
+def command_folder(out, default_base, names, overwrite, what):
+    """(folder, created) for a command that writes the files ``names`` (--thin, --features).
+
+    out: the folder the user gave (refused if it holds any of ``names``, unless
+    ``overwrite``, which removes them first), or None for a new folder claimed from
+    ``default_base`` (``claim_new_folder``); what: how the message names such files ("a
+    thinning").  created: this call made the folder, so an unfinished command removes all of
+    it (``finished_or_removed``).  ``OutputError`` (one line) otherwise; a folder this call
+    made is not left behind.
+    """
+    created = out is None or not os.path.lexists(out)
+    if out is None:
+        out = claim_new_folder(default_base)
+    else:
+        held = held_files(out, names) if os.path.isdir(out) else []
+        if held and not overwrite:
+            raise OutputError(f"--out {out} already holds {what} ({', '.join(held)}): choose another --out, "
+                              "or add --overwrite to replace it")
+        remove_files(out, held)
+    try:
+        check_writable(out)
+    except OutputError:
+        if created and os.path.isdir(out):  # check_writable made it before failing
+            with contextlib.suppress(OSError):
+                os.rmdir(out)
+        raise
+    return out, created
 
 
 def choose_output(s, how, checkpoint):

@@ -1,12 +1,12 @@
-"""The regularization-strength rule (minicompact/strength.py; run.py's use of it,
-harness/settings.resolve_strength) on numbers worked out by hand."""
+"""The regularization-strength rule (minicompact/group_scale.py; run.py's use of it,
+cli/settings.resolve_strength) on numbers worked out by hand."""
 import math
 
 import numpy as np
 import pytest
 
-from minicompact import strength
-from minicompact.harness.settings import Settings, resolve_strength
+from minicompact import group_scale
+from minicompact.cli.settings import Settings, resolve_strength
 from minicompact.optim import StepLR
 
 
@@ -18,8 +18,8 @@ def brute_lr_sum(images, batch, lr, lr_step, epochs, warmup):
 
 def test_paper_lr_sum_is_the_hand_count():
     # 5,005 steps per epoch, 30 epochs at each of 0.1, 0.01, 0.001, no warmup.
-    assert strength.paper_lr_sum() == pytest.approx(5005 * 30 * 0.111)
-    assert strength.group_scale(strength.paper_lr_sum()) == pytest.approx(1.0)
+    assert group_scale.paper_lr_sum() == pytest.approx(5005 * 30 * 0.111)
+    assert group_scale.group_scale(group_scale.paper_lr_sum()) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("args", [(2400, 32, 0.01, 8, 10, 2.0),   # the demo preset
@@ -29,17 +29,17 @@ def test_paper_lr_sum_is_the_hand_count():
                                   (2400, 32, 0.01, 8, 1, 2.0),     # run shorter than its warmup
                                   (100, 7, 0.05, 1, 2, 3.5)])      # ... with a decay inside it
 def test_lr_sum_matches_the_schedule_step_by_step(args):
-    assert strength.lr_sum(*args) == pytest.approx(brute_lr_sum(*args), rel=1e-12)
+    assert group_scale.lr_sum(*args) == pytest.approx(brute_lr_sum(*args), rel=1e-12)
 
 
 def test_demo_preset_scales_the_groups_by_about_3000():
-    s_run = strength.lr_sum(2400, 32, 0.01, 8, 10, 2.0)
+    s_run = group_scale.lr_sum(2400, 32, 0.01, 8, 10, 2.0)
     # warmup: 150 steps averaging 0.01·151/300; 450 at 0.01; 150 at 0.001.
     assert s_run == pytest.approx(0.01 * 151 / 2 + 450 * 0.01 + 150 * 0.001)
-    assert strength.group_scale(s_run) == pytest.approx(16666.65 / s_run)
-    assert 3000 < strength.group_scale(s_run) < 3200
+    assert group_scale.group_scale(s_run) == pytest.approx(16666.65 / s_run)
+    assert 3000 < group_scale.group_scale(s_run) < 3200
     with pytest.raises(ValueError):
-        strength.group_scale(0.0)
+        group_scale.group_scale(0.0)
 
 
 def settings(**kw):
@@ -87,7 +87,7 @@ def test_scale_groups_rewrites_eq1_exactly():
     thetas = [rng.standard_normal((4, 3, 3, 3)), rng.standard_normal((4, 4, 3, 3)),
               rng.standard_normal((4, 4, 3, 3))]
     cw, ct, kw, kt = 0.2, 0.1, 3.0, 50.0
-    config2, cw2, ct2 = strength.scale_groups(config, cw, ct, kw, kt)
+    config2, cw2, ct2 = group_scale.scale_groups(config, cw, ct, kw, kt)
     value, dW, dthetas = regularization(config2, W, thetas, cw2, ct2)
     want = cw * ((1 - 0.3) * 0.5 * (W ** 2).sum() + kw * 0.3 * float(group_lasso(W, (2,))[0]))
     want_dW = cw * ((1 - 0.3) * W + kw * 0.3 * group_lasso(W, (2,))[1])
@@ -98,14 +98,14 @@ def test_scale_groups_rewrites_eq1_exactly():
     assert float(value) == pytest.approx(want, rel=1e-12)
     np.testing.assert_allclose(dW, want_dW, rtol=1e-12)
     assert ct2[0] == ct and config2.betas[0] == 0.0           # β^1 = 0: nothing to scale
-    same = strength.scale_groups(config, cw, ct)              # k = 1 is eq. 1 exactly
+    same = group_scale.scale_groups(config, cw, ct)              # k = 1 is eq. 1 exactly
     assert same == (config, cw, [ct] * 3)
 
 
 def test_proximal_threshold_includes_the_momentum_factor():
-    """Regularizer(momentum=μ) thresholds a group by lr·C·β/(1-μ), 10x lr·C·β at μ = 0.9."""
+    """Penalty(momentum=μ) thresholds a group by lr·C·β/(1-μ), 10x lr·C·β at μ = 0.9."""
     from minicompact.model import CompactNet, ModelConfig
-    from minicompact.objective import Regularizer
+    from minicompact.objective import Penalty
     from minicompact.regularizers import variant
     model = CompactNet(ModelConfig(depth=3, num_classes=2, width_mult=1 / 32, stem="small"), seed=0)
     W = model.classifier.params["W"]
@@ -115,12 +115,12 @@ def test_proximal_threshold_includes_the_momentum_factor():
     config = variant("compact", 3, 0.5)   # α = 0.5
     for mu, expect in ((0.0, norm - 0.1 * 0.2 * 0.5), (0.9, norm - 0.1 * 0.2 * 0.5 / 0.1)):
         W[0, 0, :] = 1.0
-        Regularizer(model, config, cw=0.2, ctheta=0.0, update="proximal", momentum=mu).after_step(0.1)
+        Penalty(model, config, cw=0.2, ctheta=0.0, update="proximal", momentum=mu).after_step(0.1)
         assert float(np.linalg.norm(W[0, 0])) == pytest.approx(expect, rel=1e-5)
     with pytest.raises(ValueError):
-        Regularizer(model, config, momentum=1.0)
+        Penalty(model, config, momentum=1.0)
     with pytest.raises(ValueError, match="a pair"):
-        Regularizer(model, config, group_scale=5.0)          # a bare k: say so, not a TypeError
+        Penalty(model, config, group_scale=5.0)          # a bare k: say so, not a TypeError
 
 
 def test_a_short_compact_run_ends_with_zero_groups(tmp_path, capsys):
@@ -152,5 +152,5 @@ def test_a_run_shorter_than_the_preset_warmup_resolves():
     line = resolve_strength(s, set())
     s_run = brute_lr_sum(2400, 32, 0.01, 8, 1, 2.0)
     assert s_run == pytest.approx(0.01 * 76 / 4)            # 75 steps at 0.01·(s+1)/150
-    assert s.group_scale == [pytest.approx(strength.paper_lr_sum() / s_run)] * 2
+    assert s.group_scale == [pytest.approx(group_scale.paper_lr_sum() / s_run)] * 2
     assert "proximal updates" in line

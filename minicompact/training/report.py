@@ -12,7 +12,7 @@ import numpy as np
 
 from ..backend import to_cpu
 from ..metrics import sparsity_report, threshold_
-from .atomic import atomic_write
+from ..system.atomic import atomic_write
 from .checkpoint import save_checkpoint
 from .plots import plot_curves, plot_sparsity
 
@@ -62,12 +62,13 @@ def to_python(obj):
     return obj
 
 
-def write_report(trainer, tencrop_loader, out_dir, threshold, header):
+def write_report(trainer, tencrop_loader, out_dir, threshold=1e-5, header=None):
     """Evaluate, threshold the model in place, evaluate again; write the files; return the dict.
 
-    trainer: a ``harness.trainer.Trainer`` (its model, val loader and history are used);
-    tencrop_loader: a ten-crop ``BatchLoader`` of the val split; header: dict of fields put at
-    the top of the report (model, depth, rho); out_dir None: write nothing, only return the
+    trainer: a ``training.trainer.Trainer`` (its model, val loader and history are used);
+    tencrop_loader: a ten-crop ``BatchLoader`` of the val split (None: centre crops only);
+    threshold: sec. 5.2.1's (the paper's 1e-5); header: dict of fields put at the top of the
+    report (run.py: model, depth, rho); out_dir None: write nothing, only return the
     report (the other ranks of a data-parallel run, which evaluate their shards with rank 0).
     """
     model = trainer.model
@@ -77,7 +78,7 @@ def write_report(trainer, tencrop_loader, out_dir, threshold, header):
     after = {"sparsity": model_sparsity(model),
              "accuracy": crop_errors(trainer, trainer.val_loader, tencrop_loader),
              "weights_zeroed_by_threshold": zeroed}
-    report = to_python({**header, "threshold": threshold, "epochs": len(trainer.state["history"]),
+    report = to_python({**(header or {}), "threshold": threshold, "epochs": len(trainer.state["history"]),
                         "total_parameters": model.parameter_count(),
                         "before_threshold": before, "after_threshold": after,
                         "settings": trainer.settings})

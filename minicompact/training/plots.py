@@ -8,7 +8,7 @@ figures.  ``draw_sparsity`` draws into any Axes (a notebook's, say); ``plot_*`` 
 
 from matplotlib.figure import Figure
 
-from .atomic import atomic_write
+from ..system.atomic import atomic_write
 
 
 def plot_curves(history, path, loss_name="cross-entropy"):

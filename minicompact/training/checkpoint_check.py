@@ -17,7 +17,7 @@ The loaders below it check again what they load (``CompactNet.load_state_arrays`
 ``SGD.load_state_dict``), so a state passed in by other code is never loaded unchecked.
 """
 from ..model import ModelConfig, check_state_arrays
-from ..saved_arrays import CheckpointError, check_array
+from ..system.npz import CheckpointError, check_array
 from .checkpoint import load_checkpoint
 
 

@@ -3,7 +3,7 @@
     python -m minicompact.sweep --out SWEEP --depths 4,8,12 --rhos 0.01,0.03,0.1 \\
         --models compact,compressed,simple --jobs 2 -- --data ROOT --epochs 15
 
-Every point is an ordinary ``run.py`` run in SWEEP/points/<point> (layout: ``sweep_points``),
+Every point is an ordinary ``run.py`` run in SWEEP/points/<point> (layout: ``points.py``),
 with the flags after ``--`` passed through; they are checked once (``run.py --check``) before
 any point starts.  ``--jobs N`` trains N points at once and gives each an equal share of the
 cores (BLAS threads, decoding workers); a finished point is never trained again, an
@@ -13,7 +13,7 @@ Every point reads one decoded-image cache (``run.py --cache-dir``).
 Beyond one machine, ``--shard i/n`` trains every n-th point (one scheduler array task per
 shard), ``--collect`` writes the table and figures from whatever has finished, and
 ``--launcher "mpiexec -n 4"`` starts each point data-parallel.
-Outputs (``sweep_plots``): results.csv, heatmap.png (Fig. 6), best_per_depth.png (Fig. 7),
+Outputs (``plots.py``): results.csv, heatmap.png (Fig. 6), best_per_depth.png (Fig. 7),
 gap.png (Fig. 8), pareto.png (Fig. 9, with the B/C/M operation modes), summary.md.
 """
 import argparse
@@ -24,13 +24,13 @@ import subprocess
 import sys
 import time
 
-from .harness.sweep_points import (Locked, SweepError, check_folder, check_near, check_sweep_file, grid,
-                                   parse_list, parse_run_args, point_dir, point_flags, point_lock, point_state,
-                                   read_point, shard)
+from .points import (Locked, SweepError, check_folder, check_near, check_sweep_file, grid,
+                     parse_list, parse_run_args, point_dir, point_flags, point_lock, point_state,
+                     read_point, shard)
 
 OWNED = ("--out", "--resume", "--evaluate", "--overwrite", "--depth", "--rho", "--model", "--check",
          "--cache-dir")
-RUN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "run.py")
+RUN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "run.py")
 
 
 class Parser(argparse.ArgumentParser):
@@ -279,12 +279,9 @@ def sweep(argv):
             return 128 + signum
     if args.shard and not args.collect:
         return 1 if failed else 0  # the shards' results are collected once, by --collect
-    from .harness.sweep_plots import collect
+    from .plots import collect
     written = collect(args.out, points, near=args.near)
     say(f"sweep: {written['finished']} of {len(points)} points finished; wrote "
         f"{', '.join(written['files'])} in {args.out}")
     return 1 if failed else 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
