@@ -1,6 +1,6 @@
 """The output folder of a run: which folder, and never over an earlier run's files.
 
-The rule (README, "What a run writes"):
+The rule (docs/running.md, "What a run writes"):
 
 * a *default* folder is always a new one: when ``runs/<name>`` exists, the run goes to
   ``runs/<name>-2``, ``runs/<name>-3``, ... (the first name that does not exist, created at
