@@ -5,6 +5,7 @@
     python lessons/execute.py 03 08            # only the lessons whose file name starts so
     python lessons/execute.py --device gpu     # run them on CuPy (outputs are not saved)
     python lessons/execute.py --check          # run them, save nothing (what the tests do)
+    python lessons/execute.py --check --seed 3 # the same under another seed (never saved)
     python lessons/execute.py --blank OUTDIR   # write student copies: exercise bodies removed
 
 Each notebook sets ``DEVICE = "cpu"`` in its first code cell; ``--device gpu`` rewrites that
@@ -18,11 +19,18 @@ anything is written.  ``tests/test_lessons.py`` calls
 The kernel runs in ``lessons/`` with this checkout's root first on ``PYTHONPATH``, so a
 lesson imports the ``minicompact`` beside it, whatever is pip-installed.
 
+Every random draw of a lesson starts from ``exercises.lesson_seed()`` (0 unless the
+environment's ``MINICOMPACT_LESSON_SEED`` says otherwise; ``--seed N`` sets it for the
+kernel), so a claim can be checked under other seeds: ``--seed`` runs are never saved, and
+``MINICOMPACT_LESSON_SEED=N python -m pytest tests/test_lessons.py`` runs the suite's checks so.
+
 "Implement it" cells hold a function ``my_...`` whose body the reader writes, between two
 marker lines (``# --- your code here ---`` and ``# --- end of your code ---``).  The stored
 notebooks carry a working answer; ``--blank`` writes copies in which each marked body is
 replaced by ``raise NotImplementedError`` (and all outputs are cleared), so that the check
-cell after it fails with "not implemented yet" until the reader has written it.
+cell after it fails with "not implemented yet" until the reader has written it.  A cell whose
+metadata tags hold ``answer`` (the library's own solution, shown after the check; a "usual
+mistake" that is nearly the answer) is left out of the blank copies altogether.
 
 """
 import argparse
@@ -41,6 +49,8 @@ ROOT = os.path.dirname(LESSONS)
 DEVICE_LINE = re.compile(r'^DEVICE = "cpu"', re.MULTILINE)
 BEGIN_ANSWER = re.compile(r"^(\s*)# -+ your code here")
 END_ANSWER = re.compile(r"^\s*# -+ end of your code")
+ANSWER_TAG = "answer"                       # a cell with this tag is left out of blank copies
+SEED_VARIABLE = "MINICOMPACT_LESSON_SEED"   # read by minicompact.exercises.lesson_seed
 
 
 def lesson_paths(prefixes=()):
@@ -81,11 +91,14 @@ def coalesce_streams(nb):
 
 def blank(nb):
     """Turn a lesson into a student copy, in place: every marked answer becomes
-    ``raise NotImplementedError(...)`` and every output is cleared.  Returns (nb, count).
+    ``raise NotImplementedError(...)``, every cell tagged ``answer`` (the library's solution
+    shown after a check, a "usual mistake" that is nearly the answer) is left out, and every
+    output is cleared.  Returns (nb, count).
 
     Raises ValueError for a begin marker without its end marker (or the reverse).
     """
     count = 0
+    nb.cells = [cell for cell in nb.cells if ANSWER_TAG not in cell.get("metadata", {}).get("tags", [])]
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
@@ -237,6 +250,8 @@ def main(argv=None):
     ap.add_argument("--blank", metavar="OUTDIR",
                     help="write student copies (exercise bodies removed, no outputs) into OUTDIR; "
                          "executes nothing, and writes nothing if OUTDIR already holds one of them")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="the lessons' seed (MINICOMPACT_LESSON_SEED; default 0); outputs are then not saved")
     args = ap.parse_args(argv)
     try:
         unmatched = [p for p in args.prefixes if not lesson_paths([p])]
@@ -257,12 +272,13 @@ def main(argv=None):
     except UserError as exc:
         print(f"execute.py: error: {exc}", file=sys.stderr)
         return 2
-    save = not args.check and args.device == "cpu"
+    save = not args.check and args.device == "cpu" and args.seed is None
+    env = None if args.seed is None else {SEED_VARIABLE: str(args.seed)}
     total = 0.0
     for path in paths:
         name = os.path.basename(path)
         try:
-            nb, seconds = execute(path, args.device)
+            nb, seconds = execute(path, args.device, env=env)
         except CellExecutionError as exc:
             print(f"{name}: FAILED\n{exc}", file=sys.stderr)
             return 1

@@ -19,10 +19,18 @@ gets a one-line "not implemented yet".  Works on NumPy and CuPy arrays.
 """
 import copy
 import itertools
+import os
 
 import numpy as np
 
 from .backend import to_cpu
+
+
+def lesson_seed(offset=0):
+    """The seed a lesson's random draws start from, plus ``offset`` (one per generator):
+    0 unless ``MINICOMPACT_LESSON_SEED`` is set (``lessons/execute.py --seed N``), so every
+    claim a lesson makes about random data can be checked under other seeds."""
+    return int(os.environ.get("MINICOMPACT_LESSON_SEED", "0")) + offset
 
 
 class ExerciseError(AssertionError):

@@ -20,16 +20,15 @@ the demo's settings, one-line errors, run folders, resume, several ranks).
 import contextlib
 from dataclasses import dataclass, field
 
+from .. import losses
+from ..data import transforms
 from ..data.folders import open_dataset
 from ..data.loader import BatchLoader
-from ..data import transforms
 from ..group_scale import for_run
-from .. import losses
 from ..model import CompactNet, ModelConfig
 from ..objective import Penalty, loss_function
 from ..optim import SGD, StepLR
 from ..regularizers import variant
-
 
 
 @dataclass
