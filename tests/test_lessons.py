@@ -12,6 +12,7 @@ those cells, with ExerciseError's "not implemented yet", and no other.
 import ast
 import glob
 import os
+import re
 
 import nbformat
 import pytest
@@ -86,9 +87,21 @@ def test_there_is_a_path_of_at_least_ten_lessons():
     assert len(NOTEBOOKS) >= 10, [os.path.basename(p) for p in NOTEBOOKS]
 
 
+def printed_sources(nb):
+    """{cell index: printed text} of the code cells that print library source (``getsource``)."""
+    return {i: "".join(o.get("text", "") for o in c.outputs if o.get("output_type") == "stream")
+            for i, c in enumerate(nb.cells) if c.cell_type == "code" and "getsource(" in c.source}
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
 def test_lesson_runs_top_to_bottom(path, device):
-    execute(path, device)
+    """It runs; and the library source it prints is today's (its saved outputs are not stale)."""
+    stored = printed_sources(nbformat.read(path, as_version=4))
+    ran, _ = execute(path, device)
+    fresh = printed_sources(ran)
+    stale = [i for i in fresh if fresh[i] != stored.get(i)]
+    assert not stale, (f"cells {stale} print library source that changed since the lesson was saved: "
+                       f"run python lessons/execute.py {os.path.basename(path)[:2]}")
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
@@ -164,6 +177,22 @@ def test_blank_copies_fail_the_checks_and_only_them(path):
     assert [i for i, _ in failed] == checks, [(i, o.ename, o.evalue[:200]) for i, o in failed]
     for _, out in failed:
         assert out.ename == "ExerciseError" and "not implemented yet" in out.evalue, out.evalue
+
+
+CHECKED = re.compile(r"check_exercise\(\s*my_\w+\s*,\s*([\w.]+)")
+
+
+@pytest.mark.parametrize("path", WITH_EXERCISES, ids=[os.path.basename(p)[:-6] for p in WITH_EXERCISES])
+def test_blank_copies_show_no_answer(path):
+    """A blank copy never prints the library function an exercise re-implements (the stored
+    lesson shows it after the check, in a cell tagged "answer", which blank copies leave out)."""
+    nb = nbformat.read(path, as_version=4)
+    solutions = {m.split(".")[-1] for c in nb.cells if c.cell_type == "code" for m in CHECKED.findall(c.source)}
+    assert solutions, "every exercise is checked against a library function"
+    blanked, _ = blank(nb)
+    shown = [(i, name) for i, c in enumerate(blanked.cells) for name in solutions
+             if re.search(rf"getsource\([\w.]*\b{name}\b", c.source)]
+    assert not shown, f"blank copy cells print the solution: {shown}"
 
 
 def test_blank_refuses_unbalanced_markers():

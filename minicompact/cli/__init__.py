@@ -5,6 +5,7 @@ through ``minicompact.training`` instead.  Read in this order (each imports only
 it and the floors below the package):
 
 * ``console.py``   what run.py prints: one line per message, ``RunError``, argparse's shape
+* ``outcome.py``   exit statuses and signals, and every rank taking each step together (``Ranks``)
 * ``rundir.py``    the output-folder rule: claim a fresh folder, never overwrite a run
 * ``settings.py``  the paper's and the demo's settings, how a run's resolve, their checks
 * ``flags.py``     every flag, its default, which ones were typed
