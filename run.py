@@ -7,6 +7,7 @@
     python run.py --evaluate runs/x/best.npz                 # evaluate a checkpoint into runs/x/eval-best
     python run.py --finetune runs/x/model.npz --data ROOT    # transfer: fine-tune on other classes
     python run.py --features runs/x/model.npz --data ROOT    # transfer: features + linear classifiers
+    python run.py --export runs/x/model.npz                  # an ONNX model, checked with ONNX Runtime
     mpiexec -n 4 python run.py --data ~/imagenet ...          # 4 data-parallel ranks (docs/data-parallel.md)
 
 Without ``--data`` a small generated image-folder dataset and a small preset are used; with
@@ -53,6 +54,8 @@ def start(args, given):
         fail("use either --resume or --evaluate, not both")
     if args.thin:
         return commands.thin_command(args)
+    if args.export:
+        return commands.export_command(args)
     if args.features:
         return commands.features_command(args)
     if args.finetune and (args.resume or args.evaluate):

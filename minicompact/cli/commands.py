@@ -1,8 +1,9 @@
-"""The runs of run.py that are not a training run: ``--thin`` and ``--features``, which run
-alone in one process, and the source of a ``--finetune`` run, read while the settings resolve.
+"""The runs of run.py that are not a training run: ``--thin``, ``--export`` and ``--features``,
+which run alone in one process, and the source of a ``--finetune`` run, read while the
+settings resolve.
 
-Each turns the errors of the command's module (``thin_command``, ``transfer_commands``) into
-run.py's one-line message.
+Each turns the errors of the command's module (``thin_command``, ``export_command``,
+``transfer_commands``) into run.py's one-line message.
 """
 import os
 
@@ -10,6 +11,7 @@ from .. import backend
 from ..distributed.launcher import launched_by_mpi
 from ..transfer import TransferError, read_source
 from .console import fail, say
+from .export_command import export_run
 from .thin_command import NothingToRemove, thin_run
 from .transfer_commands import finetune_settings, run_features
 
@@ -26,6 +28,20 @@ def thin_command(args):
     except NothingToRemove as exc:  # thinning a thin model again: nothing to do, not an error
         say(f"run.py: {exc}")
     except ValueError as exc:
+        fail(str(exc))
+    return 0
+
+
+def export_command(args):
+    """--export CKPT: all the work is ``export_command.export_run``; its errors are one line."""
+    if args.resume or args.evaluate or args.thin or args.finetune or args.features:
+        fail("--export runs alone: not with --resume, --evaluate, --thin, --finetune or --features")
+    if launched_by_mpi()[0]:
+        fail("--export runs in one process (no mpiexec)")
+    try:
+        export_run(args.export, out=args.out, overwrite=args.overwrite, data=args.data,
+                   workers=args.workers or 0, log=say)
+    except (ValueError, ImportError) as exc:
         fail(str(exc))
     return 0
 

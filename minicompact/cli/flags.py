@@ -86,6 +86,9 @@ def build_parser(given_only=False):
       "writes to CKPT's folder/eval-<name> unless --out is given")
     a("--thin", metavar="CKPT", help="remove the dead structure of a run's model.npz, best.npz or last.npz "
       "(minicompact/thin.py): writes thin.npz and thin-report.json into CKPT's folder/thin")
+    a("--export", metavar="CKPT", help="write the network of CKPT (a run's model.npz, or a thin.npz) as an ONNX "
+      "model, checked with ONNX Runtime on the val images: <name>.onnx and <name>-onnx.json in CKPT's folder "
+      "(or --out DIR); needs pip install \"minicompact[onnx]\" (docs/export.md)")
     a("--finetune", metavar="CKPT", help="fine-tune the feature layers of CKPT (a run's model/best/last.npz) "
       "with a new classifier for --data's classes (docs/transfer.md)")
     a("--head-lr-mult", type=float, default=10.0, help="with --finetune: the new classifier's rate is this times --lr")

@@ -17,6 +17,7 @@ from ..data.images import BadImageError, load_rgb
 from ..data.synthetic import ensure_synthetic_dataset
 from ..training import recipe
 from .console import RunError, fail, say
+from .settings import missing_data_folder
 
 
 def open_data(s, comm):
@@ -126,4 +127,32 @@ def normalisation(train_loader, seed):
     except ValueError as exc:  # every sampled image failed to decode
         raise RunError(str(exc)) from None
 
+
+def checkpoint_data(path, data, settings, state, classes):
+    """The val images a saved model is measured on (--thin, --export): its run's dataset, or
+    ``data`` when given (the folder moved).  Returns (train_set, val_set, resize, crop, mean,
+    std), the sizes and the normalisation the run trained with.
+
+    path: the checkpoint (for messages); settings, state: its run settings and training
+    state; classes: its model's class names.  ``ValueError`` (one line) for no dataset, a
+    missing folder, a folder that is not a dataset or one with other classes.
+    """
+    root = data or settings.get("data")
+    if not root:
+        raise ValueError(f"{path} names no dataset; give --data ROOT (its val/ split is evaluated)")
+    problem = missing_data_folder(root, from_checkpoint=not data)
+    if problem:
+        raise ValueError(problem)
+    try:
+        train_set, val_set = open_dataset(root)
+    except DatasetError as exc:
+        raise ValueError(str(exc)) from None
+    if list(val_set.classes) != list(classes):
+        raise ValueError(f"{root} has other classes than the model of {path}; give --data ROOT of its run")
+    resize, crop = transforms.scaled_sizes(settings.get("image_size", 224))
+    if "mean" in state:
+        mean, std = state["mean"], state["std"]
+    else:
+        mean, std = recipe.normalisation(train_set, resize, settings.get("seed", 0))
+    return train_set, val_set, resize, crop, mean, std
 

@@ -9,16 +9,14 @@ import contextlib
 import json
 import os
 
-from ..data.folders import DatasetError, open_dataset
-from ..data.transforms import scaled_sizes
 from ..metrics import threshold_
 from ..system.atomic import atomic_write
 from ..thin import load_dense, measure_pair, thin_model
 from ..training.checkpoint import save_checkpoint
-from ..training.recipe import normalisation, open_loaders
+from ..training.recipe import open_loaders
 from ..training.report import to_python
 from .rundir import OutputError, command_folder, finished_or_removed
-from .settings import missing_data_folder
+from .inputs import checkpoint_data
 
 THIN_FILES = ("thin.npz", "thin-report.json")
 
@@ -55,24 +53,8 @@ def thin_run(path, out=None, overwrite=False, data=None, workers=0, repeats=7, l
     if not record["changed"]:
         raise NothingToRemove(f"{path}: nothing to remove: every channel of its {len(dense.convs)} "
                               f"feature layers is alive (widths {record['widths_before']}); nothing written")
-    root = data or settings.get("data")
-    if not root:
-        raise ValueError(f"{path} names no dataset; give --data ROOT (its val/ split is evaluated)")
-    problem = missing_data_folder(root, from_checkpoint=not data)
-    if problem:
-        raise ValueError(problem)
-    try:
-        train_set, val_set = open_dataset(root)
-    except DatasetError as exc:
-        raise ValueError(str(exc)) from None
-    if list(val_set.classes) != list(dense.config.classes):
-        raise ValueError(f"{root} has other classes than the model of {path}; give --data ROOT of its run")
-    resize, crop = scaled_sizes(settings.get("image_size", 224))
+    train_set, val_set, resize, crop, mean, std = checkpoint_data(path, data, settings, state, dense.config.classes)
     seed = settings.get("seed", 0)
-    if "mean" in state:
-        mean, std = state["mean"], state["std"]
-    else:
-        mean, std = normalisation(train_set, resize, seed)
     folder, created = _output_folder(path, out, overwrite)
 
     # An error or Ctrl-C from here on leaves no empty or half-written thin/ behind.

@@ -297,7 +297,7 @@ def open_cache(dataset, resize, path, executor=None, rebuild=False, progress=Fal
     path: a ``.npy`` file path, or a folder (the file is named after the split).
     executor: worker pool used to build it (None: decode in this process).
     rebuild: ignore an existing cache.
-    Returns imageCache, up to date with the files' sizes and modification times.
+    Returns an ``ImageCache``, up to date with the files' sizes and modification times.
     """
     resize = int(resize)
     npy_path, json_path = cache_paths(path, dataset, resize)

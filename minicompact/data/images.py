@@ -100,8 +100,8 @@ def load_rgb(path, resize, exif_transpose=False):
     resize: side of the output in pixels (paper: 256), or None to keep the original size.
     exif_transpose: apply the EXIF orientation tag first.
     Returns uint8 array of shape (resize, resize, 3) (or (H, W, 3) when ``resize`` is None).
-    Raises badImageError: the file is missing, empty, truncated, not an image, a folder or not
-        a regular file.
+    Raises ``BadImageError`` when the file is missing, empty, truncated, not an image, a
+    folder or not a regular file.
     """
     f = None
     try:
