@@ -11,6 +11,7 @@ it and the floors below the package):
 * ``flags.py``     every flag, its default, which ones were typed
 * ``inputs.py``    the run's images on every rank: folders, loaders, their one-line errors
 * ``thin_command.py``       --thin: ``thin.thin_model`` with the run's data, folder and report
+* ``export_command.py``     --export: ``export.to_onnx``, checked with ONNX Runtime on the val images
 * ``transfer_commands.py``  --features, and a --finetune's model and settings (``transfer``)
 * ``commands.py``  the runs that do not train: --thin, --features; a --finetune's source
 
