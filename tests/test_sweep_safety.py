@@ -253,6 +253,30 @@ def test_a_damaged_last_npz_names_the_file_and_the_way_out(data, tmp_path, capsy
     assert not (out / "points" / "compact-d3-rho0.1.lock").exists()
 
 
+def test_a_damaged_report_is_one_warning_and_the_others_are_collected(tmp_path, capsys, fake_run):
+    """A finished point whose report.json was cut short is named with the way out and left
+    out of the table; --collect still writes the others' results, and exits 1."""
+    out = tmp_path / "sw"
+    SP.check_sweep_file(str(out), ["--epochs", "3"])
+    points = {p["name"]: p for p in SP.grid([3], [0.1, 0.3], ["compact"])}
+    for name in points:
+        (out / "points" / name).mkdir(parents=True)
+    good, bad = sorted(points)
+    crops = {c: {"top1_error": 12.5, "top5_error": 1.0} for c in ("single_crop", "ten_crop")}
+    report = {"epochs": 3, "total_parameters": 100, "after_threshold": {"accuracy": crops, "sparsity": {
+        "effective_parameters": {"nonzero": 90, "structural": 80}, "layers": {"conv1": {"layer_sparsity": 0.1}}}}}
+    (out / "points" / good / "report.json").write_text(json.dumps(report))
+    (out / "points" / bad / "report.json").write_text(json.dumps(report)[:40])    # cut short
+    with pytest.raises(SP.SweepError, match=f"{bad}: cannot read its report.json .* delete that folder"):
+        SP.read_point(str(out / "points" / bad), points[bad])
+    code = go("--out", out, "--depths", "3", "--rhos", "0.1,0.3", "--run-py", fake_run, "--collect", "--",
+              "--epochs", "3")
+    said = capsys.readouterr().out
+    assert code == 1 and f"sweep: warning: {bad}: cannot read its report.json" in said, said
+    assert "1 of 2 points finished" in said and "Traceback" not in said
+    assert (out / "results.csv").read_text().count("\n") == 2               # header + the good point
+
+
 # --------------------------------------------------------------------------- 11: signals
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_signal_to_the_sweep_alone_stops_its_points(tmp_path, fake_run, signum):

@@ -182,8 +182,13 @@ class Scheduler:
                      f"{': ' + why if why else ''}); see {log.name}{hint}")
             return
         self.durations.append(seconds)
+        try:
+            row = read_point(folder, point)
+        except SweepError as exc:  # the run said it finished, but its files cannot be read
+            self.failed.append(point["name"])
+            self.say(f"sweep: {exc}")
+            return
         self.finished += 1
-        row = read_point(folder, point)
         left = len(self.todo) + len(self.running)
         eta = sum(self.durations) / len(self.durations) * left / max(1, self.args.jobs)
         self.say(f"sweep: [{self.finished}/{self.total}] {point['name']}: top-1 error {row['val_top1_error']:.1f}% "
@@ -281,7 +286,9 @@ def sweep(argv):
         return 1 if failed else 0  # the shards' results are collected once, by --collect
     from .plots import collect
     written = collect(args.out, points, near=args.near)
+    for line in written["unreadable"]:
+        say(f"sweep: warning: {line}; left out of the results")
     say(f"sweep: {written['finished']} of {len(points)} points finished; wrote "
         f"{', '.join(written['files'])} in {args.out}")
-    return 1 if failed else 0
+    return 1 if failed or written["unreadable"] else 0
 

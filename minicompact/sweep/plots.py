@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 
 from ..system.atomic import atomic_write
 from ..training.plots import save_png
-from .points import operation_modes, point_dir, point_state, read_point, write_results
+from .points import SweepError, operation_modes, point_dir, point_state, read_point, write_results
 
 COLOURS = {"compact": "tab:red", "compressed": "tab:blue", "simple": "tab:green"}
 NAMES = {"compact": "CompactNet", "compressed": "CompressedNet", "simple": "SimpleNet"}
@@ -137,10 +137,16 @@ def summary(rows, modes, total_points, path):
 def collect(sweep, points, near=2.0):
     """Read every finished point of ``points`` and write the table and figures into ``sweep``.
 
-    Returns {"finished": count, "files": names written}.
+    Returns {"finished": count, "files": names written, "unreadable": one line per finished
+    point whose files could not be read (left out of the table)}.
     """
-    rows = [read_point(point_dir(sweep, p["name"]), p) for p in points
-            if point_state(point_dir(sweep, p["name"])) == "done"]
+    rows, unreadable = [], []
+    for p in points:
+        if point_state(point_dir(sweep, p["name"])) == "done":
+            try:
+                rows.append(read_point(point_dir(sweep, p["name"]), p))
+            except SweepError as exc:
+                unreadable.append(str(exc))
     files = []
     write_results(os.path.join(sweep, "results.csv"), rows)
     files.append("results.csv")
@@ -158,4 +164,4 @@ def collect(sweep, points, near=2.0):
                      summary(rows, modes, len(points), os.path.join(sweep, "summary.md"))):
             if name:
                 files.append(name)
-    return {"finished": len(rows), "files": files}
+    return {"finished": len(rows), "files": files, "unreadable": unreadable}

@@ -253,11 +253,23 @@ def point_lock(path):
 
 # --------------------------------------------------------------------------- results
 def read_point(folder, point):
-    """One results row (a dict) from a finished point's report.json and log.jsonl."""
+    """One results row (a dict) from a finished point's report.json and log.jsonl.
+
+    ``SweepError`` (one line naming the file and the way out) for a file that is not what a
+    run writes: edited by hand, cut short by a full disk, copied half-way."""
+    try:
+        return _row(folder, point)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        what = f"{type(exc).__name__}: {exc}" if not isinstance(exc, OSError) else (exc.strerror or str(exc))
+        raise SweepError(f"{point['name']}: cannot read its report.json or log.jsonl in {folder} ({what}); delete "
+                         "that folder to train the point again") from None
+
+
+def _row(folder, point):
     with open(os.path.join(folder, "report.json")) as f:
         report = json.load(f)
     history = []
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(FileNotFoundError):
         with open(os.path.join(folder, "log.jsonl")) as f:
             history = [json.loads(line) for line in f if line.strip()]
     after = report["after_threshold"]
