@@ -56,9 +56,8 @@ def conv2d_backward(dout, cols, W, x_shape, stride=1, padding=0, overwrite_cols=
     k, _, kh, kw = W.shape
     # (K, N·Ho·Wo): the one transpose of backward, on an array C·kh·kw/K times smaller than cols
     dout2 = xp.ascontiguousarray(dout.transpose(1, 0, 2, 3)).reshape(k, -1)
-    # dWᵀ = cols · dout2ᵀ (dout2ᵀ a view BLAS reads transposed).  The same product as
-    # dout2 · colsᵀ, but written this way OpenBLAS splits its long inner dimension across
-    # threads; for the other order it splits the short dimension and leaves threads idle.
+    # dW = dout2 · colsᵀ, computed as (cols · dout2ᵀ)ᵀ: the order in which BLAS shares its work
+    # between threads (docs/decisions.md)
     dW = (cols @ dout2.T).T.reshape(W.shape)
     if not input_grad:
         return None, dW
