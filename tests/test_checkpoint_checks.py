@@ -1,5 +1,5 @@
 """Issue 26: a damaged or hand-edited checkpoint is refused in one line by every command that
-reads one (--evaluate, --resume, --thin, --finetune, --features), before a model is built:
+reads one (--evaluate, --resume, --thin, --export, --finetune, --features), before a model is built:
 its configuration (types, ranges, a size bound), every array (present, floating-point, of
 its shape, finite, running variances >= 0), the momentum buffers and the training state
 (``minicompact.training.checkpoint_check``).
@@ -76,6 +76,7 @@ COMMANDS = {  # how each command is given the checkpoint; "{data}" is the run's 
     "--evaluate": ["--evaluate", "{ckpt}", "--workers", 0, "--no-progress"],
     "--resume": ["--resume", "{ckpt}", "--epochs", 2, "--workers", 0, "--no-progress"],
     "--thin": ["--thin", "{ckpt}", "--workers", 0],
+    "--export": ["--export", "{ckpt}", "--workers", 0],      # refused before onnx is imported
     "--finetune": ["--finetune", "{ckpt}", "--data", "{data}", "--epochs", 1, "--workers", 0, "--no-progress"],
     "--features": ["--features", "{ckpt}", "--data", "{data}", "--workers", 0],
 }
