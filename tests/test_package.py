@@ -51,8 +51,10 @@ FLOORS = {
     "minicompact.cuda": 1, "minicompact.im2col": 1, "minicompact.winograd": 1, "minicompact.separable_maxpool": 1,
     # layers, each a forward and a backward, and the gradient checker that proves them
     "minicompact.layers": 2, "minicompact.gradcheck": 2,
+    "minicompact.layers.residual": 2, "minicompact.layers.global_pool": 2,
     # the model and the maths of eq. 1: regularizers, losses, metrics, the optimizer, probes
     "minicompact.model": 3, "minicompact.regularizers": 3, "minicompact.losses": 3, "minicompact.metrics": 3,
+    "minicompact.architectures": 3,
     "minicompact.group_scale": 3, "minicompact.objective": 3, "minicompact.optim": 3,
     "minicompact.linear_probe": 3, "minicompact.reference": 3, "minicompact.exercises": 3,
     # images and processes
