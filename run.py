@@ -2,6 +2,7 @@
 """Train and evaluate a CompactNet, CompressedNet or SimpleNet on ImageNet-style folders.
 
     python run.py --depth 12 --rho 0.03                      # the embedded default (no data needed)
+    python run.py --arch resnet18 --rho 0.03                 # ResNet18_CC (docs/architectures.md)
     python run.py --data ~/imagenet --depth 12 --rho 0.03    # ROOT/train/<class>/*, ROOT/val/<class>/*
     python run.py --resume runs/x/last.npz                   # continue a run in its folder
     python run.py --evaluate runs/x/best.npz                 # evaluate a checkpoint into runs/x/eval-best
@@ -107,7 +108,8 @@ def run(s, ranks, train_set, val_set, checkpoint, source=None):
             if not s.finetune:
                 net = build_network(images, device=device, **network_arguments(s))
             set_conv_algo(net.model, s.conv_algo)  # how 3x3 convs compute; the same maths either way
-            say(f"run.py: {s.model}net depth {s.depth} rho {s.rho:g} on {device}{ranks.summary(s)}; "
+            net_name = f"{s.model}net" if s.arch == "compactnet" else f"{s.arch} with {s.model}net's regularizers,"
+            say(f"run.py: {net_name} depth {s.depth} rho {s.rho:g} on {device}{ranks.summary(s)}; "
                 f"{len(train_set)} train / {len(val_set)} val images, {len(train_set.classes)} classes; "
                 f"{images.resize}px resized, {images.crop}px crops; {net.model.parameter_count():,} "
                 f"parameters; out: {s.out}")
@@ -120,7 +122,7 @@ def run(s, ranks, train_set, val_set, checkpoint, source=None):
             if not s.evaluate:
                 fit(trainer, s.epochs)
             return write_report(trainer, images.ten_crop, out, s.threshold,
-                                {"model": s.model, "depth": s.depth, "rho": s.rho})
+                                {"arch": s.arch, "model": s.model, "depth": s.depth, "rho": s.rho})
 
         report = training_status(comm, s.out, build_fit_report)
     if not isinstance(report, dict):

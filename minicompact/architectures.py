@@ -36,12 +36,18 @@ apply unchanged (one β for every conv).
 What the training code uses of a ``CompactNet`` (objective.Penalty, optim.SGD, metrics,
 training.Trainer, checkpoints) both networks offer under the same names: ``forward``,
 ``backward``, ``layers`` (every layer, flat), ``param_layers``, ``named_layers()``, ``convs``,
-``bns``, ``classifier``, ``thetas()``, modes, devices, ``state_arrays()``, ``save``/``load``;
-the bookkeeping among them is CompactNet's own methods, borrowed (they read only ``layers``,
-``named_layers()``, ``convs`` and ``config``).  Not yet for ResNet18: ``metrics``'
-effective-parameter count and so ``training.write_report`` (they follow dead channels along
-one chain of convs, which projections and additions break), layer swaps (sync batch-norm,
-``thin``), and the GPU's fused batch-norm + ReLU (each layer runs on its own).
+``bns``, ``classifier``, ``thetas()``, modes, devices, ``state_arrays()``, ``save``/``load``,
+``replace_layer`` (sync batch-norm, a fine-tune's new classifier); the bookkeeping among them
+is CompactNet's own methods, borrowed (they read only ``layers``, ``named_layers()``,
+``convs`` and ``config``).  ``ArchConfig.channel_spaces`` says which feature maps each conv
+reads and writes, so that ``graph_metrics`` counts the dead structure of a ResNet's residual
+streams (``training.write_report``).  Not yet for either network: ``thin`` (thinning across
+residual connections), ``export`` (ONNX graphs of CompactNets only) and the GPU's fused
+batch-norm + ReLU (each layer runs on its own).
+
+A checkpoint says which network it holds: its ``__config__`` JSON has an "arch" field for
+these two and none for a CompactNet.  ``config_from_json``, ``build_model`` and
+``load_model`` read either kind (run.py's --resume, --evaluate, --features, --finetune).
 """
 import json
 import math
@@ -63,6 +69,7 @@ from .regularizers import variant
 from .system.npz import read_npz, short_repr
 
 ARCHS = ("vgg11", "resnet18")
+CHOICES = ("compactnet",) + ARCHS   # run.py --arch
 STEMS = ("imagenet", "small")
 # VGG11 (configuration A): conv widths, "M" a 2×2/2 max-pool; VGG's fifth pool is the pyramid.
 VGG11_PLAN = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512)
@@ -209,18 +216,51 @@ class ArchConfig:
                              f"{self.arch} (it needs >= {need}x{need})")
         return side
 
+    def layer_shapes(self):
+        """The shape of every array of the network, from the configuration alone (nothing
+        built), as ``ModelConfig.layer_shapes``: a list of ``(layer name, params, buffers)`` in
+        ``named_layers`` order (each conv, its batch norm, then the classifier); params and
+        buffers are dicts name -> shape."""
+        out = []
+        for spec in self.conv_plan():
+            k = spec.out_channels
+            out.append((spec.name, {"W": (k, spec.in_channels, spec.kernel, spec.kernel)}, {}))
+            out.append((bn_name(spec.name), {"gamma": (k,), "beta": (k,)},
+                        {"running_mean": (k,), "running_var": (k,)}))
+        last = self.conv_plan()[-1].out_channels    # the last conv2 of ResNet18, never a projection
+        out.append(("classifier", {"W": (self.num_classes, last, self.regions), "b": (self.num_classes,)}, {}))
+        return out
+
     def state_shapes(self):
         """dict ``"<layer>.<name>"`` -> shape of every array ``state_arrays`` saves, from the
         configuration alone (nothing built)."""
-        shapes = {}
-        for spec in self.conv_plan():
-            k, bn = spec.out_channels, bn_name(spec.name)
-            shapes[f"{spec.name}.W"] = (k, spec.in_channels, spec.kernel, spec.kernel)
-            shapes.update({f"{bn}.{n}": (k,) for n in ("gamma", "beta", "running_mean", "running_var")})
-        last = self.conv_plan()[-1].out_channels    # the last conv2 of ResNet18, never a projection
-        shapes["classifier.W"] = (self.num_classes, last, self.regions)
-        shapes["classifier.b"] = (self.num_classes,)
-        return shapes
+        return {f"{name}.{k}": shape for name, params, buffers in self.layer_shapes()
+                for k, shape in {**params, **buffers}.items()}
+
+    def channel_spaces(self):
+        """Which feature maps each convolution reads and writes: ``(edges, head)``.
+
+        edges: one ``(reads, writes)`` pair of *space* names per conv, in ``conv_plan`` order;
+        head: the space the classifier reads.  A space is a set of feature maps that share
+        their channel index: "image" (the input), one conv's output in a chain (VGG11's
+        "conv3", a block's "layer2.0.conv1"), or a residual stream "layer<s>": the maps of
+        stage s, which the stem or the stage's first block writes, every block of the stage
+        adds to (its conv2 and its projection write into it) and every block reads.
+        ``graph_metrics`` follows dead channels through these spaces.
+        """
+        if self.arch == "vgg11":
+            names = [spec.name for spec in self.conv_plan()]
+            return list(zip(["image"] + names[:-1], names)), names[-1]
+        projected = {spec.name[:-len(".shortcut.conv")] for spec in self.conv_plan()
+                     if spec.name.endswith(".shortcut.conv")}
+        edges, stream = [("image", "layer1")], "layer1"
+        for name, _, _, _ in self.resnet_blocks():
+            added = name.split(".")[0]                       # "layer2.0" adds to "layer2"
+            edges += [(stream, f"{name}.conv1"), (f"{name}.conv1", added)]
+            if name in projected:
+                edges.append((stream, added))
+            stream = added
+        return edges, stream
 
     def to_json(self):
         d = asdict(self)
@@ -354,6 +394,7 @@ class ArchNet:
     zero_grad, release_caches, predict = CompactNet.zero_grad, CompactNet.release_caches, CompactNet.predict
     param_layers, thetas, parameter_count = CompactNet.param_layers, CompactNet.thetas, CompactNet.parameter_count
     state_arrays, load_state_arrays, save = CompactNet.state_arrays, CompactNet.load_state_arrays, CompactNet.save
+    replace_layer = CompactNet.replace_layer   # VGG11's lists; ResNet18 has its own
 
 
 class VGG11(ArchNet):
@@ -364,7 +405,7 @@ class VGG11(ArchNet):
     config: an ``ArchConfig`` of arch "vgg11" (or its fields as keyword arguments); seed: of
     the initial weights (He, as a CompactNet's); dtype: float32 or float64; input_grad:
     whether ``backward`` returns dL/dx.  ``layers`` is a list, as a CompactNet's, so layers
-    may be swapped in it (``use_sync_batchnorm``).
+    may be swapped in it (``replace_layer``, as ``use_sync_batchnorm`` does).
     """
 
     arch = "vgg11"
@@ -404,8 +445,8 @@ class ResNet18(ArchNet):
 
     config, seed, dtype, input_grad: as ``VGG11``.  ``blocks`` lists the basic blocks.
     ``layers``, ``convs`` and ``bns`` are tuples: each block holds its own layers, so swapping
-    one in these lists would not reach the data path, and trying to is an error
-    (``use_sync_batchnorm`` and ``thin.use_compact_convs`` do not apply to a ResNet yet).
+    one in these tuples would not reach the data path, and trying to is an error; a layer is
+    swapped with ``replace_layer`` (``use_sync_batchnorm``, ``transfer.new_classifier``).
     """
 
     arch = "resnet18"
@@ -423,14 +464,32 @@ class ResNet18(ArchNet):
         self.pool = GlobalAvgPool()
         self.classifier = SoftmaxClassifier(self.blocks[-1].conv2.out_channels, 1, cfg.num_classes,
                                             dtype=dtype, rng=rng)
+        self._collect()
+        self.training = True
+
+    def _collect(self):
+        """The tuples ``sequence``, ``layers``, ``convs`` and ``bns``, from the stem, the blocks
+        and the head, where the layers live."""
         self.sequence = tuple(self.stem + self.blocks + [self.pool, self.classifier])
         self.layers = tuple(self.stem + [layer for block in self.blocks for layer in block.layers]
                             + [self.pool, self.classifier])
-        self.convs, self.bns = (conv,), (bn,)
+        self.convs, self.bns = (self.stem[0],), (self.stem[1],)
         for block in self.blocks:   # conv_plan's order: conv1, conv2, then the projection
             self.convs += tuple(c for c in (block.conv1, block.conv2, block.shortcut_conv) if c is not None)
             self.bns += tuple(b for b in (block.bn1, block.bn2, block.shortcut_bn) if b is not None)
-        self.training = True
+
+    def replace_layer(self, old, new):
+        """Put the layer ``new`` where ``old`` is, in the stem, a block or the head, where the
+        data path reads it; the tuples follow (``CompactNet.replace_layer``).  Returns the model."""
+        self.stem = [new if layer is old else layer for layer in self.stem]
+        for block in self.blocks:
+            for attr, layer in list(vars(block).items()):
+                if layer is old:
+                    setattr(block, attr, new)
+        if self.classifier is old:
+            self.classifier = new
+        self._collect()
+        return self
 
 
 ARCHITECTURES = {"vgg11": VGG11, "resnet18": ResNet18}
@@ -442,18 +501,58 @@ def build_architecture(config, seed=0, dtype=np.float32, input_grad=False):
 
 
 def load_architecture(path, dtype=np.float32):
-    """Rebuild a network saved with ``save`` (or a training checkpoint of one).  The
-    configuration and every array are checked before it is built (``ArchConfig.from_json``,
-    ``model.check_state_arrays``); ``ValueError`` (one line) otherwise."""
+    """Rebuild a VGG11 or ResNet18 saved with ``save`` (or a training checkpoint of one),
+    checked as ``load_model``; ``ValueError`` (one line) for anything else."""
+    model = load_model(path, dtype)
+    if not isinstance(model, ArchNet):
+        raise ValueError(f"{path} holds a CompactNet, not a VGG11 or ResNet18")
+    return model
+
+
+def arch_of(config):
+    """The run.py --arch of a configuration: "compactnet" for a ``ModelConfig``, else its arch."""
+    return getattr(config, "arch", "compactnet")
+
+
+def config_from_json(text):
+    """The configuration a checkpoint's ``__config__`` holds: an ``ArchConfig`` when its JSON
+    object has an "arch" field, else a ``ModelConfig``; each checked by its own ``from_json``
+    (``ValueError``, one line: an unknown arch is "arch must be one of [...]")."""
+    try:
+        d = json.loads(text)
+    except ValueError:
+        raise ValueError("it is not valid JSON") from None
+    if isinstance(d, dict) and "arch" in d:
+        return ArchConfig.from_json(text)
+    return ModelConfig.from_json(text)
+
+
+def build_model(config, seed=0, dtype=np.float32, input_grad=False):
+    """The network of either kind of configuration: a ``CompactNet`` for a ``ModelConfig``,
+    a ``VGG11`` or ``ResNet18`` for an ``ArchConfig``."""
+    if isinstance(config, ArchConfig):
+        return build_architecture(config, seed=seed, dtype=dtype, input_grad=input_grad)
+    return CompactNet(config, seed=seed, dtype=dtype, input_grad=input_grad)
+
+
+def load_model(path, dtype=np.float32):
+    """``CompactNet.load`` for any network: the configuration (``config_from_json``) and every
+    array are checked before it is built; ``ValueError`` (one line) otherwise."""
     arrays = read_npz(path)
     if "__config__" not in arrays:
         raise ValueError(f"{path} holds no model configuration")
     try:
-        config = ArchConfig.from_json(str(arrays["__config__"]))
+        config = config_from_json(str(arrays["__config__"]))
     except ValueError as exc:
-        raise ValueError(f"{path} holds no VGG11 or ResNet18 configuration minicompact can use: {exc}") from None
+        raise ValueError(f"{path} holds a model configuration minicompact cannot use: {exc}") from None
     try:
         check_state_arrays(config.state_shapes(), arrays)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
-    return build_architecture(config, dtype=dtype).load_state_arrays(arrays)
+    return build_model(config, dtype=dtype).load_state_arrays(arrays)
+
+
+def conv_count(config):
+    """The convolutions (each with its batch norm) of either kind of configuration: L - 1 for
+    a CompactNet, 8 for VGG11, 20 for ResNet18 (17 + 3 projections)."""
+    return (len(config.layer_shapes()) - 1) // 2

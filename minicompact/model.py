@@ -377,6 +377,18 @@ class CompactNet:
             yield f"bn{l}", bn
         yield "classifier", self.classifier
 
+    def replace_layer(self, old, new):
+        """Put the layer ``new`` where ``old`` is: in ``layers`` (the data path) and in
+        ``convs``, ``bns`` or ``classifier`` (sync batch-norm, a fine-tune's new classifier).
+        Returns the model."""
+        for group in (self.layers, self.convs, self.bns):
+            for i, layer in enumerate(group):
+                if layer is old:
+                    group[i] = new
+        if self.classifier is old:
+            self.classifier = new
+        return self
+
     def thetas(self):
         """The dictionaries Θ^1..Θ^{L-1}, each (K^l, K^{l-1}, kh, kw) (views, not copies)."""
         return [conv.params["W"] for conv in self.convs]

@@ -35,6 +35,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from .architectures import build_model
 from .backend import device_of, get_array_module, to_cpu
 from .data.transforms import normalize
 from .layers.compact_conv import CompactConv2D, dense_fraction
@@ -272,9 +273,11 @@ def images_per_second(models, x, repeats=7):
 
 def load_dense(path):
     """(model, train_state, settings) from a run's checkpoint, checked whole before the model
-    is built (``checkpoint_check.read_checkpoint``); ``ValueError`` (one line) otherwise."""
+    is built (``checkpoint_check.read_checkpoint``); ``ValueError`` (one line) otherwise.
+    The model is the checkpoint's network: a ``CompactNet``, or a VGG11 or ResNet18
+    (``architectures.build_model``), which ``thin_model`` does not take yet."""
     config, arrays, _, state = read_checkpoint(path)  # CheckpointError is a ValueError
-    model = CompactNet(config).load_state_arrays(arrays)
+    model = build_model(config).load_state_arrays(arrays)
     return model.eval(), state, dict(state.get("settings") or {})
 
 

@@ -31,11 +31,11 @@ normalised that way.
 """
 import numpy as np
 
+from .architectures import build_model
 from .backend import get_array_module, to_cpu
 from .data.transforms import normalize
 from .layers import BatchNorm2D, SoftmaxClassifier
 from .linear_probe import fit_linear
-from .model import CompactNet
 from .optim import SGD
 from .system.npz import CheckpointError
 from .training.checkpoint_check import read_checkpoint
@@ -60,32 +60,31 @@ def read_source(path, dtype=np.float32):
     ``mean``, ``std`` and ``settings`` (image size, model, ρ) fine-tuning reuses.  Raises
     ``TransferError`` (one line) for a file that does not hold a model, checked whole before
     the model is built (``checkpoint_check.read_checkpoint``).  Whatever it loads (a thinned
-    model too) transfers.
+    model, a VGG11 or a ResNet18 too: ``architectures.build_model``) transfers.
     """
     try:
         config, arrays, _, state = read_checkpoint(path)
     except CheckpointError as exc:
         raise TransferError(str(exc)) from None
-    return CompactNet(config, dtype=dtype).load_state_arrays(arrays), state
+    return build_model(config, dtype=dtype).load_state_arrays(arrays), state
 
 
 def new_classifier(model, classes, seed=0):
     """Replace ``model``'s classifier by a new one for ``classes`` (names), in place.
 
-    Its input size comes from the last feature layer's weights, so a model whose layer widths
+    Its input size (K maps × R regions) is the old classifier's, so a model whose layer widths
     were changed after training (thinned) gets the right one; W ~ N(0, 2/(R·K)) and b = 0 as
     in training (sec. 5.1), drawn from ``seed``.  Returns the model.
     """
     if len(classes) < 2:
         raise TransferError(f"the target data has {len(classes)} class; a classifier needs at least 2")
     old = model.classifier
-    channels = model.convs[-1].params["W"].shape[0]
-    head = SoftmaxClassifier(channels, model.spp.num_regions, len(classes), dtype=old.params["W"].dtype,
+    _, channels, regions = old.params["W"].shape
+    head = SoftmaxClassifier(channels, regions, len(classes), dtype=old.params["W"].dtype,
                              rng=np.random.default_rng(seed))
     device = "cpu" if isinstance(old.params["W"], np.ndarray) else "gpu"
     head.to(device)
-    model.layers[model.layers.index(old)] = head
-    model.classifier = head
+    model.replace_layer(old, head)
     model.config.num_classes, model.config.classes = len(classes), list(classes)
     return model
 
@@ -135,8 +134,8 @@ def finetune_optimizer(model, device="cpu", frozen=0, lr=0.01, momentum=0.9, hea
 # -- features -------------------------------------------------------------------------------
 def pyramid_features(model, x):
     """x: (N, 3, H, W) normalised images → (N, K·R) pyramid features (the classifier's input),
-    in the model's current mode."""
-    for layer in model.layers[:-1]:
+    in the model's current mode (a ResNet18's: its K globally pooled maps, R = 1)."""
+    for layer in getattr(model, "sequence", model.layers)[:-1]:   # a ResNet's blocks hold its layers
         x = layer.forward(x)
     return x.reshape(x.shape[0], -1)
 

@@ -120,21 +120,29 @@ def test_forward_backward_shapes_and_dtypes():
         assert with_dx.backward(np.ones_like(scores)).shape == x.shape
 
 
-def test_vgg11_takes_sync_batchnorm_and_resnet18_refuses_it():
-    """use_sync_batchnorm swaps layers in ``layers`` and ``bns``: VGG11's forward runs that list;
-    ResNet18's blocks hold their own layers, so its tuples refuse the swap instead of training
-    batch norms that never run."""
+def test_both_take_sync_batchnorm_where_their_data_path_reads_it():
+    """use_sync_batchnorm swaps layers with ``replace_layer``: VGG11's forward runs its list;
+    ResNet18's blocks hold their own layers, so the swap reaches them and the tuples follow.
+    With one process a SyncBatchNorm2D computes the same bits, forward and backward."""
     from minicompact.distributed.comm import Communicator
     from minicompact.distributed.sync_batchnorm import SyncBatchNorm2D, use_sync_batchnorm
     x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
-    vgg = tiny("vgg11")
-    before = vgg.forward(x)
-    use_sync_batchnorm(vgg, Communicator())
-    assert all(isinstance(b, SyncBatchNorm2D) for b in vgg.bns)
-    assert sum(isinstance(layer, SyncBatchNorm2D) for layer in vgg.sequence) == 8
-    np.testing.assert_array_equal(vgg.forward(x), before)
-    with pytest.raises(TypeError):
-        use_sync_batchnorm(tiny("resnet18"), Communicator())
+    for arch, count in (("vgg11", 8), ("resnet18", 20)):
+        model, plain = tiny(arch), tiny(arch)
+        use_sync_batchnorm(model, Communicator())
+        assert all(isinstance(b, SyncBatchNorm2D) for b in model.bns) and len(model.bns) == count
+        assert sum(isinstance(layer, SyncBatchNorm2D) for layer in model.layers) == count
+        if arch == "resnet18":
+            assert all(isinstance(b.bn1, SyncBatchNorm2D) for b in model.blocks)
+        scores = model.forward(x)
+        np.testing.assert_array_equal(scores, plain.forward(x))
+        d = np.random.default_rng(1).standard_normal(scores.shape).astype(np.float32)
+        model.backward(d), plain.backward(d)
+        for (name, a), (_, b) in zip(model.named_layers(), plain.named_layers()):
+            for k in a.grads:
+                np.testing.assert_array_equal(a.grads[k], b.grads[k], err_msg=f"{arch} {name}.{k}")
+    with pytest.raises(TypeError):   # the tuples themselves still refuse a swap that would not reach the data
+        tiny("resnet18").bns[0] = None
 
 
 def test_config_errors():

@@ -152,6 +152,25 @@ def test_sync_bn_two_ranks_train_like_one_process_with_twice_the_batch(data, tmp
     assert "global batch 16), which 3 ranks cannot share equally" in err and "divides 16: 1, 2, 4, 8, 16" in err, err
 
 
+def test_resnet18_with_sync_bn_on_two_ranks_trains_like_one_process(data, tmp_path):
+    """--arch resnet18 data-parallel (docs/architectures.md): sync-BN reaches the batch norms
+    inside the blocks (``replace_layer``; without it each rank would normalise by its own half
+    batch), rank 1 joining their collectives in the last step, where it has no image.  Twenty
+    batch norms deep, float32 sums grouped by rank differ from one process's by up to 1e-4 of
+    an array's largest value (measured: 7e-5), so each array is compared at 1e-3 of it."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    resnet = [*TINY, "--arch", "resnet18", "--width-mult", "0.0625", "--epochs", 1]
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert main("--data", data, "--out", one, *resnet, "--batch-size", 16) == 0
+    code, out, err = launch(["--data", data, "--out", two, "--sync-bn", *resnet])
+    assert code == 0 and "resnet18 with compactnet's regularizers" in out and "(sync-BN)" in out, out + err
+    a, b = arrays(two / "last.npz"), arrays(one / "last.npz")
+    assert a.keys() == b.keys()
+    for key in (k for k in b if not k.startswith("__")):
+        assert np.abs(a[key] - b[key]).max() <= 1e-3 * np.abs(b[key]).max(), key
+    assert set(os.listdir(two)) == FILES
+
+
 def test_a_bad_flag_is_one_line_from_one_rank(tmp_path):
     code, out, err = launch(["--rho", "2"], cwd=tmp_path)
     assert code == 2 and not out and err == "run.py: error: --rho: rho must lie in [0, 1], got 2.0\n", err

@@ -12,6 +12,7 @@ import json
 import os
 
 from ..export import OPSET, compare, to_onnx
+from ..model import CompactNet
 from ..system.atomic import atomic_write
 from ..thin import load_dense
 from ..training.recipe import open_loaders
@@ -41,6 +42,9 @@ def export_run(path, out=None, overwrite=False, data=None, workers=0, log=print)
     onnx/onnxruntime.  In every such case nothing is left behind.
     """
     model, state, settings = load_dense(path)
+    if not isinstance(model, CompactNet):  # export.to_onnx writes a CompactNet's layers
+        raise ValueError(f"--export: {path} holds a {model.config.arch}; minicompact/export.py builds "
+                         "ONNX graphs of CompactNets only")
     train_set, val_set, resize, crop, mean, std = checkpoint_data(path, data, settings, state, model.config.classes)
     proto = to_onnx(model, crop, mean, std)
     names = export_names(path)

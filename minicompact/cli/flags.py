@@ -6,6 +6,7 @@ default 0.03 (a resumed run keeps its checkpoint's value unless the flag is type
 """
 import argparse
 
+from ..architectures import CHOICES
 from .console import HelpFormatter, Parser
 from .settings import PAPER, PRESET
 
@@ -31,6 +32,10 @@ def build_parser(given_only=False):
         p.add_argument(*flags, **kw)
     a("--data", metavar="ROOT", help="dataset root with train/ and val/ class folders; "
       "omitted: a generated demo dataset and a small preset (see README)")
+    a("--arch", choices=CHOICES, default="compactnet",
+      help="the network: compactnet (the paper's, --depth layers), or vgg11 / resnet18 trained with --model's "
+           "regularizers (VGG11_CC, ResNet18_CC of sec. 5.3.4, Table 3), whose depth is their own: --depth is "
+           "ignored (docs/architectures.md)")
     a("--depth", type=int, default=12, help="number of layers L (L-1 feature layers + classifier); paper's best: 12")
     a("--rho", type=float, default=0.03, help="regularization strength ρ = α = β_{L-1}; paper's best: 0.03")
     a("--model", choices=("compact", "compressed", "simple"), default="compact",
@@ -79,7 +84,8 @@ def build_parser(given_only=False):
     a("--sync-bn", action="store_true", help="with several ranks (mpiexec -n N): batch-norm statistics "
       "over the global batch, not each rank's own")
     a("--out", metavar="DIR", help="output folder for log.jsonl, checkpoints, report.json and figures "
-      "(default: runs/<model>-d<depth>-rho<rho>, or -2, -3, ... when that exists)")
+      "(default: runs/<model>-d<depth>-rho<rho>, runs/<arch>-<model>-rho<rho> for vgg11/resnet18, or -2, -3, ... "
+      "when that exists)")
     a("--overwrite", action="store_true", help="allow --out to replace the files of an earlier run there")
     a("--resume", metavar="CKPT", help="continue training from a checkpoint (e.g. OUT/last.npz), in its folder")
     a("--evaluate", metavar="CKPT", help="only evaluate a checkpoint (or a run's model.npz) on the val split; "

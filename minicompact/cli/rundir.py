@@ -133,6 +133,14 @@ def command_folder(out, default_base, names, overwrite, what):
     return out, created
 
 
+def run_name(arch, model, depth, rho):
+    """A run's default folder name, and a sweep point's: ``compact-d12-rho0.03``, or
+    ``resnet18-compact-rho0.03`` (VGG11 and ResNet18 have one depth each)."""
+    if arch == "compactnet":
+        return f"{model}-d{depth}-rho{rho:g}"
+    return f"{arch}-{model}-rho{rho:g}"
+
+
 def choose_output(s, how, checkpoint):
     """The run's output folder by the rule above: refuse to overwrite, claim, probe (one line
     on failure).  A default folder this creates is recorded in ``how.claimed``."""
@@ -146,7 +154,7 @@ def choose_output(s, how, checkpoint):
         out = run_dir
     else:
         base = (os.path.join(run_dir, "eval-" + os.path.splitext(os.path.basename(path))[0]) if s.evaluate
-                else os.path.join("runs", f"{'finetune-' if s.finetune else ''}{s.model}-d{s.depth}-rho{s.rho:g}"))
+                else os.path.join("runs", ("finetune-" if s.finetune else "") + run_name(s.arch, s.model, s.depth, s.rho)))
         try:
             out = claim_new_folder(base)
         except OSError as exc:

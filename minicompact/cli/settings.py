@@ -8,6 +8,9 @@ each before any data is read: each range is checked by the code that uses the va
 (``ModelConfig``, ``regularizers.variant``, ``objective.check_weights``, ``StepLR``); only
 limits of the command line itself (finite numbers, caps, relations between flags) live here.
 ``check_checkpoint`` says whether a checkpoint fits the data and the kind of run.
+``--arch vgg11|resnet18`` (docs/architectures.md) builds those networks instead of a
+CompactNet: their depth is their own, so ``--depth`` is ignored (noted when typed), and a
+checkpoint's network, read from its model configuration, decides the arch of a resumed run.
 ``resolve_strength`` applies the run-length rule of ``group_scale.py`` to the settings and
 builds the line run.py prints about it.
 """
@@ -16,6 +19,7 @@ import os
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
+from ..architectures import ArchConfig, arch_of, config_from_json
 from ..backend import gpu_available
 from ..data.sharding import steps_per_epoch
 from ..data.transforms import scaled_sizes
@@ -38,7 +42,7 @@ PAPER = dict(epochs=90, batch_size=256, lr=0.1, momentum=0.9, lr_step=30, warmup
 PRESET = dict(epochs=10, batch_size=32, lr=0.01, momentum=0.9, lr_step=8, warmup=2.0,
               image_size=32, width_mult=0.0625, stem="auto", workers=None)
 # Settings that change the arithmetic: a resumed run takes them from its checkpoint.
-MATH_KEYS = ("depth", "rho", "model", "batch_size", "lr", "momentum", "lr_step", "warmup", "cw",
+MATH_KEYS = ("arch", "depth", "rho", "model", "batch_size", "lr", "momentum", "lr_step", "warmup", "cw",
              "ctheta", "image_size", "width_mult", "stem", "reg_update", "loss", "seed",
              "compressed_beta", "sync_bn", "layer_widths", "finetune", "head_lr_mult", "keep_reg", "freeze",
              "group_scale")
@@ -118,7 +122,10 @@ def resolve_settings(args, given, checkpoint=None, ranks=1, ranks_per_node=1):
             fail(f"{path} holds a model without the run settings needed to "
                  f"{'resume' if args.resume else 'evaluate'} it (saved by CompactNet.save or an "
                  "older run.py?); use a file run.py wrote: last.npz, best.npz or model.npz")
+        keep_arch(s, args, given, checkpoint[0], path)
         for k in MATH_KEYS:
+            if k == "arch":
+                continue  # the model configuration's (keep_arch)
             if k in saved or k in BEFORE_THE_KEY:
                 value = saved.get(k, BEFORE_THE_KEY.get(k))
                 if k in given and getattr(s, k) != value:
@@ -146,9 +153,24 @@ def resolve_settings(args, given, checkpoint=None, ranks=1, ranks_per_node=1):
     if s.sync_bn and ranks == 1 and "sync_bn" in given:
         note("--sync-bn changes nothing with one process (its batch is the global batch)")
     s.stem = ModelConfig.stem_for(s.stem, s.image_size)
+    if s.arch != "compactnet":  # VGG11 and ResNet18 have one depth each (L = 9, 18)
+        depth = ArchConfig(arch=s.arch).depth
+        if "depth" in given and s.depth != depth and checkpoint is None:
+            note(f"--depth {s.depth} ignored: {s.arch} has its own depth (L = {depth})")
+        s.depth = depth
     if s.data and not how.data_from_checkpoint:
         s.data = os.path.abspath(s.data)  # so a resume from another folder finds it
     return s, how
+
+
+def keep_arch(s, args, given, arrays, path):
+    """A checkpoint's run continues with the network it holds (its model configuration says
+    which: ``architectures.arch_of``); an --arch typed for another is one line."""
+    arch = arch_of(config_from_json(str(arrays["__config__"])))  # checked by read_checkpoint
+    if "arch" in given and s.arch != arch:
+        fail(f"{path} holds a {arch}; --arch {s.arch} cannot {'resume' if args.resume else 'evaluate'} it "
+             "(leave --arch out: the checkpoint's network is used)")
+    s.arch = arch
 
 
 def keep_global_batch(s, was, ranks, path):
@@ -172,7 +194,11 @@ def keep_global_batch(s, was, ranks, path):
 
 
 def model_config(s, classes):
-    """The ``ModelConfig`` the settings ``s`` build for these class names."""
+    """The ``ModelConfig`` the settings ``s`` build for these class names (an ``ArchConfig``
+    for --arch vgg11 or resnet18)."""
+    if s.arch != "compactnet":
+        return ArchConfig(arch=s.arch, num_classes=len(classes), width_mult=s.width_mult, stem=s.stem,
+                          classes=list(classes))
     widths = getattr(s, "layer_widths", None)  # a thinned network's (minicompact/thin.py)
     return ModelConfig(depth=s.depth, num_classes=len(classes), width_mult=s.width_mult,
                        stem=s.stem, classes=list(classes),
@@ -185,7 +211,7 @@ def network_arguments(s):
     return dict(model=s.model, depth=s.depth, rho=s.rho, width_mult=s.width_mult, stem=s.stem, epochs=s.epochs,
                 lr=s.lr, momentum=s.momentum, lr_step=s.lr_step, warmup=s.warmup, cw=s.cw, ctheta=s.ctheta,
                 update=s.reg_update, group_scale=s.group_scale, compressed_beta=s.compressed_beta, loss=s.loss,
-                seed=s.seed, layer_widths=getattr(s, "layer_widths", None))
+                seed=s.seed, layer_widths=getattr(s, "layer_widths", None), arch=getattr(s, "arch", "compactnet"))
 
 
 def validate(s, how):
@@ -242,11 +268,10 @@ def validate(s, how):
         scaled_sizes(s.image_size)
     except ValueError as exc:
         fail(f"--image-size: {exc}")
-    config = ModelConfig(depth=s.depth, width_mult=s.width_mult, stem=s.stem)
     try:
-        config.check_image_size(s.image_size)
+        model_config(s, []).check_image_size(s.image_size)
     except ValueError as exc:
-        fail(f"--image-size: {exc}; use a larger --image-size or --stem small")
+        fail(f"--image-size: {exc}; use a larger --image-size{' or --stem small' if s.stem != 'small' else ''}")
     problem = missing_data_folder(s.data, how.data_from_checkpoint)
     if problem:
         fail(problem)
@@ -267,7 +292,7 @@ def check_checkpoint(s, how, checkpoint, train_set):
     path = s.resume or s.evaluate
     arrays, opt_state, state = checkpoint
     try:
-        saved = ModelConfig.from_json(str(arrays["__config__"]))
+        saved = config_from_json(str(arrays["__config__"]))
     except (TypeError, ValueError) as exc:
         fail(f"{path} holds a model configuration run.py cannot read ({exc})")
     if saved.classes != list(train_set.classes) or saved.num_classes != len(train_set.classes):
@@ -276,9 +301,9 @@ def check_checkpoint(s, how, checkpoint, train_set):
              f"({len(train_set.classes)} classes: {', '.join(train_set.classes[:3])}, ...)")
     built = model_config(s, train_set.classes)
     if saved != built and not s.finetune:  # a fine-tuned source need not be one run.py built
-        differ = [k for k in vars(built) if getattr(saved, k) != getattr(built, k)]
+        differ = [k for k in vars(built) if getattr(saved, k, None) != getattr(built, k)]
         fail(f"{path} holds a model run.py would not build from its settings "
-             f"({', '.join(f'{k} {getattr(saved, k)} vs {getattr(built, k)}' for k in differ)}); "
+             f"({', '.join(f'{k} {getattr(saved, k, None)} vs {getattr(built, k)}' for k in differ)}); "
              "was it saved by another program?")
     if not s.resume:
         return

@@ -10,6 +10,7 @@ import json
 import os
 
 from ..metrics import threshold_
+from ..model import CompactNet
 from ..system.atomic import atomic_write
 from ..thin import load_dense, measure_pair, thin_model
 from ..training.checkpoint import save_checkpoint
@@ -47,6 +48,9 @@ def thin_run(path, out=None, overwrite=False, data=None, workers=0, repeats=7, l
     is written) and one whose every filter is dead — all before any file is written.
     """
     dense, state, settings = load_dense(path)
+    if not isinstance(dense, CompactNet):  # docs/architectures.md
+        raise ValueError(f"--thin: {path} holds a {dense.config.arch}; --thin takes CompactNets only for now "
+                         "(thinning VGG11 and across ResNet18's residual connections: docs/architectures.md)")
     threshold = settings.get("threshold")
     zeroed = threshold_(dense.thetas() + [dense.classifier.params["W"]], threshold) if threshold else 0
     thin, record = thin_model(dense)

@@ -14,6 +14,7 @@ import numpy as np
 from ..data.folders import DatasetError, open_dataset
 from ..data.loader import BatchLoader
 from ..data.transforms import scaled_sizes
+from ..architectures import arch_of, conv_count, load_model, variant_for
 from ..model import CompactNet
 from ..objective import Penalty
 from ..regularizers import variant
@@ -32,20 +33,22 @@ def finetune_parts(s, classes, device, checkpoint=None, source=None):
     ``keep_reg``, ``new_stats``, and the usual lr, momentum, model, rho, ...); classes: the
     target's class names; device: "cpu" or "gpu".  checkpoint: when resuming (or
     evaluating), the fine-tuning run's own checkpoint, at ``s.resume`` or ``s.evaluate`` (the
-    model is loaded from it the way ``CompactNet.load`` does); else ``source``, the
-    ``transfer.read_source`` result (read here when None).
+    model is loaded from it the way ``CompactNet.load`` does, whichever network it holds:
+    ``architectures.load_model``); else ``source``, the ``transfer.read_source`` result (read
+    here when None).
     Returns (model, optimizer, regularizer or None, (mean, std) or None: estimate them).
     """
     stats = None
     if checkpoint is not None:
-        model = CompactNet.load(s.resume or s.evaluate)
+        model = load_model(s.resume or s.evaluate)
     else:
         model, stats = finetune_model(source or read_source(s.finetune), classes, s.seed, s.new_stats)
     optimizer = finetune_optimizer(model, device, s.freeze or 0, s.lr, s.momentum, s.head_lr_mult)
     regularizer = None
     if s.keep_reg:  # the paper fine-tunes without the group-sparse terms; --keep-reg keeps eq. 1
-        regularizer = Penalty(model, variant(s.model, s.depth, s.rho, s.compressed_beta),
-                              s.cw, s.ctheta, s.reg_update, s.momentum, s.group_scale)
+        reg = (variant(s.model, s.depth, s.rho, s.compressed_beta) if isinstance(model, CompactNet)
+               else variant_for(model, s.model, s.rho, s.compressed_beta))
+        regularizer = Penalty(model, reg, s.cw, s.ctheta, s.reg_update, s.momentum, s.group_scale)
     return model, optimizer, regularizer, stats
 
 
@@ -53,17 +56,22 @@ def finetune_settings(s, given, source_state, source_config):
     """Fill a fresh fine-tuning run's settings ``s`` in place from its source.
 
     given: the flags the user typed; source_state, source_config: the source checkpoint's
-    train state and ``ModelConfig``.  The architecture (depth, width, stem) is the source's;
-    the image size, model variant and ρ are the source run's unless given (they name the run
-    and, with ``keep_reg``, pick the regularizer).  Returns None.  Raises ``TransferError``
-    for a ``freeze`` beyond the source's depth or a ``head_lr_mult`` that is not positive.
+    train state and ``ModelConfig`` (or ``ArchConfig``).  The architecture (arch, depth,
+    width, stem) is the source's; the image size, model variant and ρ are the source run's
+    unless given (they name the run and, with ``keep_reg``, pick the regularizer).  Returns
+    None.  Raises ``TransferError`` for an --arch typed other than the source's, a ``freeze``
+    beyond the source's convs (a ResNet18's 20, projections counted, in ``conv_plan``
+    order) or a ``head_lr_mult`` that is not positive.
     """
     saved = source_state.get("settings") or {}
-    s.depth, s.width_mult, s.stem = source_config.depth, source_config.width_mult, source_config.stem
+    arch = arch_of(source_config)
+    if "arch" in given and s.arch != arch:
+        raise TransferError(f"{s.finetune} holds a {arch}; --arch {s.arch} cannot fine-tune it (leave --arch out)")
+    s.arch, s.depth, s.width_mult, s.stem = arch, source_config.depth, source_config.width_mult, source_config.stem
     for key in ("image_size", "model", "rho"):
         if key not in given and key in saved:
             setattr(s, key, saved[key])
-    n = source_config.depth - 1
+    n = conv_count(source_config)
     if not 0 <= (s.freeze or 0) <= n:
         raise TransferError(f"--freeze {s.freeze} is beyond the depth of {s.finetune} "
                             f"({n} feature layers: --freeze 0 to {n})")
@@ -143,8 +151,8 @@ def run_features(source_path, root, out=None, overwrite=False, image_size=None, 
                 mean, std = normalisation(train_set, resize, seed, cache=train.cache)
             else:
                 mean, std = state["mean"], state["std"]
-            log(f"run.py: features of {source_path} ({model.convs[-1].params['W'].shape[0]} maps x "
-                f"{model.spp.num_regions} regions) for {len(train_set)} train / {len(val_set)} val images, "
+            _, maps, regions = model.classifier.params["W"].shape
+            log(f"run.py: features of {source_path} ({maps} maps x {regions} regions) for {len(train_set)} train / {len(val_set)} val images, "
                 f"{len(train_set.classes)} classes, {crop}px crops; out: {out}")
             features = {name: extract_features(model, loader, mean, std)
                         for name, loader in (("train", train), ("val", val), ("ten_crop", ten))}

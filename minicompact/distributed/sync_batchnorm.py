@@ -105,13 +105,11 @@ class SyncBatchNorm2D(BatchNorm2D):
 
 
 def use_sync_batchnorm(model, comm):
-    """Replace every ``BatchNorm2D`` of ``model`` (a ``CompactNet``) by a ``SyncBatchNorm2D``
-    sharing its parameters and buffers; returns the model.  Safe before or after an
-    optimizer was built over ``model.param_layers``."""
-    for i, bn in enumerate(model.bns):
-        if isinstance(bn, SyncBatchNorm2D):
-            continue
-        sync = SyncBatchNorm2D.from_batchnorm(bn, comm)
-        model.bns[i] = sync
-        model.layers[model.layers.index(bn)] = sync
+    """Replace every ``BatchNorm2D`` of ``model`` (a ``CompactNet``, VGG11 or ResNet18) by a
+    ``SyncBatchNorm2D`` sharing its parameters and buffers, where the data path reads it
+    (``model.replace_layer``); returns the model.  Safe before or after an optimizer was
+    built over ``model.param_layers``."""
+    for bn in list(model.bns):
+        if not isinstance(bn, SyncBatchNorm2D):
+            model.replace_layer(bn, SyncBatchNorm2D.from_batchnorm(bn, comm))
     return model

@@ -75,13 +75,15 @@ class BasicBlock:
 
     def backward(self, dout):
         """dout: the output's shape → dx (N, C_in, H, W): the main branch's gradient plus the
-        shortcut's; fills the grads of every conv and batch norm."""
+        shortcut's; fills the grads of every conv and batch norm.  The shortcut goes first, so
+        the layers run backward in the reverse of ``named_layers`` (sync batch-norm's
+        collectives need that one order on every rank, ``SyncBatchNorm2D``)."""
         d = self.relu2.backward(dout)
         dmain, dshort = residual_add_backward(d)
-        dmain = self.conv2.backward(self.bn2.backward(dmain))
-        dmain = self.conv1.backward(self.bn1.backward(self.relu1.backward(dmain)))
         if self.shortcut_conv is not None:
             dshort = self.shortcut_conv.backward(self.shortcut_bn.backward(dshort))
+        dmain = self.conv2.backward(self.bn2.backward(dmain))
+        dmain = self.conv1.backward(self.bn1.backward(self.relu1.backward(dmain)))
         return dmain + dshort
 
     def named_layers(self):

@@ -2,6 +2,7 @@
 
     python -m minicompact.sweep --out SWEEP --depths 4,8,12 --rhos 0.01,0.03,0.1 \\
         --models compact,compressed,simple --jobs 2 -- --data ROOT --epochs 15
+    python -m minicompact.sweep --out SWEEP --archs compactnet,resnet18 --rhos 0.01,0.03 -- ...
 
 Every point is an ordinary ``run.py`` run in SWEEP/points/<point> (layout: ``points.py``),
 with the flags after ``--`` passed through; they are checked once (``run.py --check``) before
@@ -28,7 +29,7 @@ from .points import (Locked, SweepError, check_folder, check_near, check_sweep_f
                      parse_list, parse_run_args, point_dir, point_flags, point_lock, point_state,
                      read_point, shard)
 
-OWNED = ("--out", "--resume", "--evaluate", "--overwrite", "--depth", "--rho", "--model", "--check",
+OWNED = ("--out", "--resume", "--evaluate", "--overwrite", "--arch", "--depth", "--rho", "--model", "--check",
          "--cache-dir")
 RUN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "run.py")
 
@@ -42,9 +43,11 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser():
     p = Parser(
-        prog="python -m minicompact.sweep", description="Train a grid of run.py runs (depth x rho x "
+        prog="python -m minicompact.sweep", description="Train a grid of run.py runs (arch x depth x rho x "
         "model) and draw the paper's Figs. 6-9; flags after -- go to every run.py.")
     p.add_argument("--out", required=True, metavar="SWEEP", help="the sweep's folder")
+    p.add_argument("--archs", default="compactnet", help="comma-separated networks (run.py --arch): compactnet, "
+                   "vgg11, resnet18; vgg11 and resnet18 have one depth each, so --depths sweeps CompactNets only")
     p.add_argument("--depths", default="12", help="comma-separated depths L (default: 12)")
     p.add_argument("--rhos", default="0.03", help="comma-separated rho values; CompressedNet's beta")
     p.add_argument("--models", default="compact", help="comma-separated: compact, compressed, simple")
@@ -68,7 +71,8 @@ def split_argv(argv):
 
 
 def check_run_args(run_py, run_args, point):
-    """One line unless run.py accepts ``run_args`` for ``point`` (``run.py --check``)."""
+    """One line unless run.py accepts ``run_args`` for ``point`` (``run.py --check``; the caller
+    checks one point per arch: the image size a network needs is its own)."""
     # Parsed by run.py's own parser, so that an abbreviation (--dep 4) or --depth=4 is caught too.
     given = parse_run_args(run_args)[1]
     owned = [flag for flag in OWNED if flag[2:].replace("-", "_") in given]
@@ -248,7 +252,7 @@ def sweep(argv):
     say = print
     try:
         points = grid(parse_list(args.depths, int, "--depths"), parse_list(args.rhos, float, "--rhos"),
-                      parse_list(args.models, str, "--models"))
+                      parse_list(args.models, str, "--models"), parse_list(args.archs, str, "--archs"))
         if args.jobs < 1:
             raise SweepError(f"--jobs must be >= 1, got {args.jobs}")
         check_near(args.near)
@@ -258,7 +262,8 @@ def sweep(argv):
         check_folder(args.out, "--out")
         if not args.collect:
             check_folder(cache_dir, "--cache-dir")
-            check_run_args(args.run_py, run_args, points[0])
+            for arch in dict.fromkeys(p["arch"] for p in points):
+                check_run_args(args.run_py, run_args, next(p for p in points if p["arch"] == arch))
         check_sweep_file(args.out, run_args, create=not args.collect)
         try:
             for sub in ("points", "logs"):

@@ -6,6 +6,9 @@
 * pareto.png (Fig. 9): error against structural effective parameters, every point, with the
   operation modes of sec. 5.3.2 marked: B (best), C (fewest parameters within ``near`` points
   of the best error), M (fewest parameters matching another model's best);
+
+Figs. 6-8 draw the CompactNet points (over depth); Fig. 9 and the summary draw every point,
+a VGG11's or ResNet18's as a series of its own ("resnet18-compact", ``points.series``).
 * summary.md: the best point per model, the operation modes, and every point's row.
 
 Figures are matplotlib ``Figure`` objects written by ``plots.save_png``.
@@ -16,7 +19,7 @@ from matplotlib.figure import Figure
 
 from ..system.atomic import atomic_write
 from ..training.plots import save_png
-from .points import SweepError, operation_modes, point_dir, point_state, read_point, write_results
+from .points import SweepError, operation_modes, point_dir, point_state, read_point, series, write_results
 
 COLOURS = {"compact": "tab:red", "compressed": "tab:blue", "simple": "tab:green"}
 NAMES = {"compact": "CompactNet", "compressed": "CompressedNet", "simple": "SimpleNet"}
@@ -65,6 +68,9 @@ def heatmap(rows, path):
 
 
 def _per_depth_lines(rows, path, value, ylabel, title):
+    """Figs. 7 and 8: ``value`` of each model's best row per depth; None without rows."""
+    if not rows:
+        return None
     best = best_per_depth(rows)
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
@@ -85,7 +91,7 @@ def mode_labels(modes):
     out = []
     for model, m in modes.items():
         marks = [("B", m["B"])] + ([("C", m["C"])] if "C" in m else [])
-        marks += [(f"M({NAMES.get(o, o)[:4]})", r) for o, r in m.get("M", {}).items()]
+        marks += [(f"M({NAMES[o][:4] if o in NAMES else o})", r) for o, r in m.get("M", {}).items()]
         labels = {}
         for label, r in marks:
             labels.setdefault(r["point"], (r, []))[1].append(label)
@@ -97,8 +103,8 @@ def pareto(rows, modes, path):
     """Fig. 9: error against structural effective parameters, B/C/M marked."""
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
-    for model in sorted({r["model"] for r in rows}):
-        rs = [r for r in rows if r["model"] == model]
+    for model in sorted({series(r) for r in rows}):
+        rs = [r for r in rows if series(r) == model]
         ax.scatter([r["structural_params"] for r in rs], [r["val_top1_error"] for r in rs], s=18,
                    alpha=0.5, color=COLOURS.get(model), label=NAMES.get(model, model))
     # Each label on its own line of text, so that nearby points' labels never overlap.
@@ -152,11 +158,12 @@ def collect(sweep, points, near=2.0):
     files.append("results.csv")
     if rows:
         modes = operation_modes(rows, near)
-        for name in (heatmap(rows, os.path.join(sweep, "heatmap.png")),
-                     _per_depth_lines(rows, os.path.join(sweep, "best_per_depth.png"),
+        compactnets = [r for r in rows if r["arch"] == "compactnet"]   # Figs. 6-8 are over depth
+        for name in (heatmap(compactnets, os.path.join(sweep, "heatmap.png")),
+                     _per_depth_lines(compactnets, os.path.join(sweep, "best_per_depth.png"),
                                       lambda r: r["val_top1_error"], "top-1 error (%)",
                                       "Best error per depth, ρ tuned (Fig. 7)"),
-                     _per_depth_lines([r for r in rows if r["train_top1_error"] != ""],
+                     _per_depth_lines([r for r in compactnets if r["train_top1_error"] != ""],
                                       os.path.join(sweep, "gap.png"),
                                       lambda r: r["val_top1_error"] - r["train_top1_error"],
                                       "val − train top-1 error (points)", "Generalization gap (Fig. 8)"),

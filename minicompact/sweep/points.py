@@ -14,7 +14,10 @@ grid over depth L, ρ and model (the paper's sensitivity analysis, sec. 5.3.2, F
 
 Points: CompactNet at every (depth, ρ); CompressedNet has no ρ of its own (α = 0, Ψ with
 β = --compressed-beta), so the swept ρ is its β (sec. 5.3.2 tunes each model's strength); SimpleNet
-has no strength at all: one point per depth, ρ = 0.
+has no strength at all: one point per depth, ρ = 0.  Each network of ``--archs`` gets those
+points: "compactnet" (the default, named as ever: ``compact-d12-rho0.03``) over the depths,
+VGG11 and ResNet18 (run.py --arch, sec. 5.3.4) once, at their own depth
+(``resnet18-compact-rho0.03``).
 """
 import contextlib
 import csv
@@ -24,8 +27,10 @@ import math
 import os
 import socket
 
+from ..architectures import CHOICES, ArchConfig
 from ..system.atomic import atomic_write
 from ..cli.flags import parse
+from ..cli.rundir import run_name
 from ..system.processes import pid_alive
 
 MODELS = ("compact", "compressed", "simple")
@@ -45,39 +50,46 @@ def parse_list(text, kind, flag):
         raise SweepError(f"{flag} must be a comma-separated list of {kind.__name__}s, got {text!r}") from None
 
 
-def point_name(model, depth, rho):
-    """The folder name of a point: ``compact-d12-rho0.03`` (run.py's default name)."""
-    return f"{model}-d{depth}-rho{rho:g}"
+def point_name(model, depth, rho, arch="compactnet"):
+    """The folder name of a point, run.py's default name: ``compact-d12-rho0.03``, or
+    ``resnet18-compact-rho0.03`` (``rundir.run_name``)."""
+    return run_name(arch, model, depth, rho)
 
 
-def grid(depths, rhos, models):
-    """The points, in a fixed order: a list of dicts {name, model, depth, rho}.
+def grid(depths, rhos, models, archs=("compactnet",)):
+    """The points, in a fixed order: a list of dicts {name, arch, model, depth, rho}.
 
-    SimpleNet gets one point per depth (ρ = 0); duplicates are dropped.  Raises SweepError
-    for an empty grid, an unknown model or a ρ outside [0, 1].
+    SimpleNet gets one point per depth (ρ = 0); VGG11 and ResNet18 one per model and ρ, at
+    their own depth (9, 18); duplicates are dropped.  Raises SweepError for an empty grid, an
+    unknown arch or model or a ρ outside [0, 1].
     """
-    bad = [m for m in models if m not in MODELS]
-    if bad:
-        raise SweepError(f"--models: unknown model {bad[0]!r}; choose from {', '.join(MODELS)}")
+    for flag, given, known in (("--archs", archs, CHOICES), ("--models", models, MODELS)):
+        bad = [m for m in given if m not in known]
+        if bad:
+            raise SweepError(f"{flag}: unknown {flag[2:-1]} {bad[0]!r}; choose from {', '.join(known)}")
     out_of_range = [r for r in rhos if not 0.0 <= r <= 1.0]
     if out_of_range:
         raise SweepError(f"--rhos must lie in [0, 1], got {out_of_range[0]:g}")
     points, seen = [], set()
-    for model in models:
-        for depth in depths:
-            for rho in ([0.0] if model == "simple" else rhos):
-                name = point_name(model, depth, rho)
-                if name not in seen:
-                    seen.add(name)
-                    points.append(dict(name=name, model=model, depth=depth, rho=float(rho)))
+    for arch in archs:
+        arch_depths = depths if arch == "compactnet" else [ArchConfig(arch=arch).depth]
+        for model in models:
+            for depth in arch_depths:
+                for rho in ([0.0] if model == "simple" else rhos):
+                    name = point_name(model, depth, rho, arch)
+                    if name not in seen:
+                        seen.add(name)
+                        points.append(dict(name=name, arch=arch, model=model, depth=depth, rho=float(rho)))
     if not points:
-        raise SweepError("the grid is empty: give at least one --depths, --rhos and --models value")
+        raise SweepError("the grid is empty: give at least one --archs, --depths, --rhos and --models value")
     return points
 
 
 def point_flags(point):
-    """The run.py flags that place a point in the grid."""
-    flags = ["--model", point["model"], "--depth", str(point["depth"])]
+    """The run.py flags that place a point in the grid (a CompactNet point's as before --arch)."""
+    arch = point.get("arch", "compactnet")
+    flags = (["--model", point["model"], "--depth", str(point["depth"])] if arch == "compactnet"
+             else ["--arch", arch, "--model", point["model"]])
     if point["model"] == "compressed":
         return flags + ["--compressed-beta", f"{point['rho']:g}"]
     return flags + ["--rho", f"{point['rho']:g}"]
@@ -276,7 +288,8 @@ def _row(folder, point):
     acc, sp = after["accuracy"], after["sparsity"]
     eff = sp["effective_parameters"]
     last = history[-1] if history else {}
-    row = dict(point=point["name"], model=point["model"], depth=point["depth"], rho=point["rho"],
+    row = dict(point=point["name"], arch=point.get("arch", "compactnet"), model=point["model"],
+               depth=point["depth"], rho=point["rho"],
                epochs=report.get("epochs"),
                # errors in % to 4 decimals: 100·(1 − a) leaves float noise (28.500000000000004)
                train_top1_error=round(100 * (1 - last["train_top1"]), 4) if "train_top1" in last else "",
@@ -291,7 +304,7 @@ def _row(folder, point):
     return row
 
 
-FIELDS = ("point", "model", "depth", "rho", "epochs", "train_top1_error", "val_top1_error",
+FIELDS = ("point", "arch", "model", "depth", "rho", "epochs", "train_top1_error", "val_top1_error",
           "val_top1_error_10crop", "val_top5_error", "val_top5_error_10crop", "total_params",
           "nonzero_params", "structural_params", "layer_sparsity", "train_seconds")
 
@@ -306,11 +319,20 @@ def write_results(path, rows):
         w.writerows(rows)
 
 
+def series(row):
+    """The group of a results row in the operation modes and the figures: its model ("compact",
+    "compressed", "simple") for a CompactNet point, "<arch>-<model>" ("resnet18-compact") for
+    the others."""
+    arch = row.get("arch", "compactnet")
+    return row["model"] if arch == "compactnet" else f"{arch}-{row['model']}"
+
+
 def operation_modes(rows, near=2.0):
     """The operation modes of sec. 5.3.2 for each group-regularized model (Fig. 9).
 
     rows: results rows. near: the error margin, in points, that counts as "reaching" an error.
-    Returns {model: {"B": row, "C": row, "M": {other model: row}}}:
+    Returns {model: {"B": row, "C": row, "M": {other model: row}}}, a "model" being a row's
+    ``series`` (a VGG11 or ResNet18 with each regularizer is one of its own):
 
     * B (best performance): the model's lowest single-crop top-1 error;
     * C (compressed): its fewest structural effective parameters with an error within
@@ -321,13 +343,13 @@ def operation_modes(rows, near=2.0):
     """
     by_model = {}
     for r in rows:
-        by_model.setdefault(r["model"], []).append(r)
+        by_model.setdefault(series(r), []).append(r)
     best = {m: min(rs, key=lambda r: r["val_top1_error"]) for m, rs in by_model.items()}
     target = min(r["val_top1_error"] for r in best.values()) + near if best else None
     modes = {}
     for m, rs in by_model.items():
         modes[m] = {"B": best[m]}
-        if m == "simple":
+        if rs[0]["model"] == "simple":
             continue
         ok = [r for r in rs if r["val_top1_error"] <= target]
         if ok:

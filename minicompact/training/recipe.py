@@ -14,13 +14,15 @@ the demo's settings, one-line errors, run folders, resume, several ranks).
 
 * ``open_images``    the train and val splits of a folder, their loaders and the normalisation
 * ``build_network``  a CompactNet, CompressedNet or SimpleNet with SGD, its schedule and the
-                     regulariser of eq. 1 (its strength following the run's length)
+                     regulariser of eq. 1 (its strength following the run's length); or
+                     VGG11 / ResNet18 with the same regularisers (``arch``, sec. 5.3.4)
 * ``Images``, ``Network``  what the two hold; ``Trainer`` takes one of each
 """
 import contextlib
 from dataclasses import dataclass, field
 
 from .. import losses
+from ..architectures import ArchConfig, build_architecture, variant_for
 from ..data import transforms
 from ..data.folders import open_dataset
 from ..data.loader import BatchLoader
@@ -126,11 +128,16 @@ class Network:
 def build_network(images, model="compact", depth=8, rho=0.03, width_mult=0.25, stem="auto", epochs=10,
                   lr=0.01, momentum=0.9, lr_step=8, warmup=2.0, cw=1e-4, ctheta=1e-4, update="auto",
                   group_scale="auto", compressed_beta=0.1, loss="cross_entropy", seed=0, device="cpu",
-                  layer_widths=None):
+                  layer_widths=None, arch="compactnet"):
     """A ``Network`` for ``images`` (an ``Images``): CompactNet (Γ, eq. 6, and Ω, eq. 2, with
     ρ), CompressedNet (Ψ, eq. 7) or SimpleNet (ℓ2 only) — ``model`` "compact", "compressed"
     or "simple" — trained by SGD with momentum, ×0.1 every ``lr_step`` epochs after
     ``warmup`` epochs of linear warmup.
+
+    arch: "compactnet" (the paper's network, of ``depth`` layers), or "vgg11" / "resnet18"
+    (``architectures``: VGG11_CC and ResNet18_CC of sec. 5.3.4 with the "compact" model),
+    whose depth is their own (``depth`` is not used) and whose regulariser is ``model``'s,
+    one β per conv (``variant_for``).
 
     update, group_scale "auto": the group-lasso parts of C_W and C_Θ are scaled to the run's
     length and the update rule chosen by it (``group_scale.for_run``: the paper's schedule
@@ -142,11 +149,19 @@ def build_network(images, model="compact", depth=8, rho=0.03, width_mult=0.25, s
         k, rule, _ = for_run(len(images.train_set), images.train.batch_size, lr, lr_step, epochs, warmup)
         group_scale = (k, k) if group_scale == "auto" else group_scale
         update = rule if update == "auto" else update
-    config = ModelConfig(depth=depth, num_classes=len(images.classes), width_mult=width_mult,
-                         stem=ModelConfig.stem_for(stem, images.crop), classes=images.classes,
-                         layer_widths=None if layer_widths is None else tuple(layer_widths))
-    net = CompactNet(config, seed=seed).to(device)
-    penalty = Penalty(net, variant(model, depth, rho, compressed_beta=compressed_beta), cw, ctheta, update,
-                      momentum, group_scale)
+    stem = ModelConfig.stem_for(stem, images.crop)
+    if arch == "compactnet":
+        config = ModelConfig(depth=depth, num_classes=len(images.classes), width_mult=width_mult, stem=stem,
+                             classes=images.classes, layer_widths=None if layer_widths is None else tuple(layer_widths))
+        net = CompactNet(config, seed=seed).to(device)
+        reg = variant(model, depth, rho, compressed_beta=compressed_beta)
+    else:
+        if layer_widths is not None:
+            raise ValueError(f"layer_widths are a thinned CompactNet's; {arch} has none")
+        config = ArchConfig(arch=arch, num_classes=len(images.classes), width_mult=width_mult, stem=stem,
+                            classes=images.classes)
+        net = build_architecture(config, seed=seed).to(device)
+        reg = variant_for(net, model, rho, compressed_beta=compressed_beta)
+    penalty = Penalty(net, reg, cw, ctheta, update, momentum, group_scale)
     return Network(net, SGD(net.param_layers, lr=lr, momentum=momentum),
                    StepLR(lr, step_size=lr_step, gamma=0.1, warmup_epochs=warmup), penalty, loss_function(loss))

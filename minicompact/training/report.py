@@ -11,7 +11,9 @@ import os
 import numpy as np
 
 from ..backend import to_cpu
+from ..graph_metrics import network_sparsity
 from ..metrics import sparsity_report, threshold_
+from ..model import CompactNet
 from ..system.atomic import atomic_write
 from .checkpoint import save_checkpoint
 from .plots import plot_curves, plot_sparsity
@@ -42,7 +44,11 @@ def apply_threshold(model, threshold):
 
 
 def model_sparsity(model):
-    """``metrics.sparsity_report`` of a CompactNet's dictionaries Θ^l and classifier W."""
+    """``metrics.sparsity_report`` of a CompactNet's dictionaries Θ^l and classifier W; for a
+    VGG11 or ResNet18, ``graph_metrics.network_sparsity`` (dead channels followed through its
+    residual streams, one row per conv named as ``named_layers`` names it)."""
+    if not isinstance(model, CompactNet):
+        return network_sparsity(model)
     W = model.classifier.params["W"]
     return sparsity_report(model.thetas(), W, model.classifier.params["b"].size)
 
@@ -68,7 +74,7 @@ def write_report(trainer, tencrop_loader, out_dir, threshold=1e-5, header=None):
     trainer: a ``training.trainer.Trainer`` (its model, val loader and history are used);
     tencrop_loader: a ten-crop ``BatchLoader`` of the val split (None: centre crops only);
     threshold: sec. 5.2.1's (the paper's 1e-5); header: dict of fields put at the top of the
-    report (run.py: model, depth, rho); out_dir None: write nothing, only return the
+    report (run.py: arch, model, depth, rho); out_dir None: write nothing, only return the
     report (the other ranks of a data-parallel run, which evaluate their shards with rank 0).
     """
     model = trainer.model
@@ -107,8 +113,8 @@ def dead_structure_line(sparsity, total):
     """
     eff, layers = sparsity["effective_parameters"], sparsity["layers"]
     gone = total - eff["structural"]
-    lost = [(f"conv{l + 1}", k - a, k) for l, (a, k) in enumerate(zip(eff["alive_channels"], eff["channels"]))
-            if a < k][::-1]
+    names = [n for n in layers if n != "classifier"]   # conv1, ... or a ResNet's layer2.0.conv1, ...
+    lost = [(n, k - a, k) for n, a, k in zip(names, eff["alive_channels"], eff["channels"]) if a < k][::-1]
     convs = [(n, m) for n, m in layers.items() if n != "classifier"]
     name, most = max(convs, key=lambda nm: nm[1]["average_compactness_alive"])
     maps = sparsity["feature_maps_per_class"]
@@ -140,8 +146,11 @@ def format_report(report, out_dir=None):
     acc = report["after_threshold"]["accuracy"]
     sp = report["after_threshold"]["sparsity"]
     eff = sp["effective_parameters"]
+    arch = report.get("arch", "compactnet")
+    net = (f"{report['model']}net" if arch == "compactnet" else f"{arch} with {report['model']}net's regularizers")
+    width = max([12] + [len(name) + 2 for name in sp["layers"]])
     lines = [
-        f"\nresults ({report['model']}net, depth {report['depth']}, rho {report['rho']:g}, "
+        f"\nresults ({net}, depth {report['depth']}, rho {report['rho']:g}, "
         f"after zeroing |w| < {report['threshold']:g}):",
         f"  top-1 error: {acc['single_crop']['top1_error']:.1f}% single crop, "
         f"{acc['ten_crop']['top1_error']:.1f}% ten crops;  top-5 error: "
@@ -151,9 +160,9 @@ def format_report(report, out_dir=None):
         f"{eff['structural']:,} effective after removing dead structure; "
         f"overall sparsity {100 * sp['overall_sparsity']:.1f}%",
         f"  {dead_structure_line(sp, report['total_parameters'])}",
-        f"  {'layer':<12}{'dict. sparsity':>16}{'avg. compactness':>18}{'layer sparsity':>16}"]
+        f"  {'layer':<{width}}{'dict. sparsity':>16}{'avg. compactness':>18}{'layer sparsity':>16}"]
     for name, m in sp["layers"].items():
-        lines.append(f"  {name:<12}{100 * m['dictionary_sparsity']:>15.1f}%"
+        lines.append(f"  {name:<{width}}{100 * m['dictionary_sparsity']:>15.1f}%"
                      f"{100 * m['average_compactness']:>17.1f}%{100 * m['layer_sparsity']:>15.1f}%")
     lines.append(f"  report: report.json, model.npz, curves.png, sparsity.png in {out_dir or 'the output folder'}")
     return "\n".join(lines)
