@@ -124,9 +124,13 @@ def blank(nb):
 
 
 def kernel_env(extra=None):
-    """The kernel's environment: ours, this checkout's root first on PYTHONPATH, plus ``extra``."""
+    """The kernel's environment: ours, this checkout's root first on PYTHONPATH, one BLAS
+    thread unless the environment says otherwise (the lessons' small products gain nothing
+    from more, and lose much when the cores are busy), plus ``extra``."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(name, "1")
     env.update(extra or {})
     return env
 

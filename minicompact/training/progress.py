@@ -4,7 +4,7 @@ Drawn only by rank 0 and only on a terminal (run.py decides); the figures it sho
 the running sums the loop reads once per log interval, so drawing it costs no device sync.
 """
 try:
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # the text bar: run.py draws it only on a terminal
 except ImportError:  # pragma: no cover - tqdm is in requirements.txt
     tqdm = None
 
