@@ -150,8 +150,9 @@ def test_the_training_lesson_holds_on_the_cifar_photos(path):
 
 def test_lessons_have_exercises_to_implement():
     names = {n for p in NOTEBOOKS for n in exercises(nbformat.read(p, as_version=4))}
-    assert {"my_im2col", "my_batchnorm_backward", "my_group_soft_threshold",
-            "my_sgd_momentum_step"} <= names, names
+    assert {"my_im2col", "my_conv_backward", "my_batchnorm_backward", "my_max_pool_backward",
+            "my_softmax_cross_entropy_grad", "my_gamma_subgradient", "my_group_soft_threshold",
+            "my_sgd_momentum_step", "my_layer_metrics", "my_winograd_tile"} <= names, names
 
 
 @pytest.mark.parametrize("path", WITH_EXERCISES, ids=[os.path.basename(p)[:-6] for p in WITH_EXERCISES])
