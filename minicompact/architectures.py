@@ -51,7 +51,7 @@ these two and none for a CompactNet.  ``config_from_json``, ``build_model`` and
 """
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -64,9 +64,9 @@ from .layers.conv import Conv2D
 from .layers.global_pool import GlobalAvgPool
 from .layers.pooling import MaxPool2D, SpatialPyramidPool
 from .layers.residual import BasicBlock
-from .model import MAX_NUMBERS, CompactNet, ModelConfig, check_state_arrays
+from .model import MAX_NUMBERS, CompactNet, ModelConfig, json_fields, read_model_file
 from .regularizers import variant
-from .system.npz import read_npz, short_repr
+from .system.npz import short_repr
 
 ARCHS = ("vgg11", "resnet18")
 CHOICES = ("compactnet",) + ARCHS   # run.py --arch
@@ -272,15 +272,7 @@ class ArchConfig:
         """The configuration ``to_json`` wrote, checked before anything is built: ``ValueError``
         (one line) for text that is not a JSON object, an unknown field or one of the wrong type
         or range, and a model of more than ``model.MAX_NUMBERS`` numbers."""
-        try:
-            d = json.loads(text)
-        except ValueError:
-            raise ValueError("it is not valid JSON") from None
-        if not isinstance(d, dict):
-            raise ValueError("it is not a JSON object")
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown field {unknown[0]!r}")
+        d = json_fields(text, cls)
         def integer(lo):
             return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo
 
@@ -538,17 +530,7 @@ def build_model(config, seed=0, dtype=np.float32, input_grad=False):
 def load_model(path, dtype=np.float32):
     """``CompactNet.load`` for any network: the configuration (``config_from_json``) and every
     array are checked before it is built; ``ValueError`` (one line) otherwise."""
-    arrays = read_npz(path)
-    if "__config__" not in arrays:
-        raise ValueError(f"{path} holds no model configuration")
-    try:
-        config = config_from_json(str(arrays["__config__"]))
-    except ValueError as exc:
-        raise ValueError(f"{path} holds a model configuration minicompact cannot use: {exc}") from None
-    try:
-        check_state_arrays(config.state_shapes(), arrays)
-    except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from None
+    config, arrays = read_model_file(path, config_from_json)
     return build_model(config, dtype=dtype).load_state_arrays(arrays)
 
 

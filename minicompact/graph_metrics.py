@@ -35,7 +35,7 @@ is approximate: ``metrics.effective_parameters``).
 import numpy as np
 
 from .backend import to_cpu
-from .metrics import feature_maps_per_class, layer_metrics
+from .metrics import layers_report
 
 
 def used_groups(weight):
@@ -129,16 +129,7 @@ def graph_sparsity_report(names, thetas, edges, W, head, bias_count):
     """
     thetas = [to_cpu(t) for t in thetas]
     W = to_cpu(W)
-    layers = {name: layer_metrics(t, "conv") for name, t in zip(names, thetas)}
-    layers["classifier"] = layer_metrics(W, "classifier")
-    params = sum(m["params"] for m in layers.values())
-    zeros = sum(m["zero_params"] for m in layers.values())
-    return {
-        "overall_sparsity": zeros / params,
-        "layers": layers,
-        "feature_maps_per_class": [int(n) for n in feature_maps_per_class(W)],
-        "effective_parameters": graph_effective_parameters(thetas, edges, W, head, bias_count),
-    }
+    return layers_report(names, thetas, W, graph_effective_parameters(thetas, edges, W, head, bias_count))
 
 
 def network_sparsity(model):

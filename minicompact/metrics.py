@@ -204,7 +204,16 @@ def sparsity_report(thetas, W, bias_count, threshold=None):
         thetas = [t.copy() for t in thetas]
         W = W.copy()
         threshold_(thetas + [W], threshold)
-    layers = {f"conv{l + 1}": layer_metrics(t, "conv") for l, t in enumerate(thetas)}
+    names = [f"conv{l + 1}" for l in range(len(thetas))]
+    return layers_report(names, thetas, W, effective_parameters(thetas, W, bias_count))
+
+
+def layers_report(names, thetas, W, effective):
+    """``sparsity_report``'s dict from CPU arrays read as they are: one ``layer_metrics`` row
+    per name (``names[l]`` for Θ^l, then "classifier" for W), the overall sparsity, the
+    feature maps each class reads, and ``effective`` (an effective-parameter count's dict:
+    the chain's, or ``graph_metrics``' for networks with residual streams)."""
+    layers = {name: layer_metrics(t, "conv") for name, t in zip(names, thetas)}
     layers["classifier"] = layer_metrics(W, "classifier")
     params = sum(m["params"] for m in layers.values())
     zeros = sum(m["zero_params"] for m in layers.values())
@@ -212,5 +221,5 @@ def sparsity_report(thetas, W, bias_count, threshold=None):
         "overall_sparsity": zeros / params,
         "layers": layers,
         "feature_maps_per_class": [int(n) for n in feature_maps_per_class(W)],
-        "effective_parameters": effective_parameters(thetas, W, bias_count),
+        "effective_parameters": effective,
     }

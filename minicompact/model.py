@@ -186,15 +186,7 @@ class ModelConfig:
         not number ``num_classes``, and a model of more than ``MAX_NUMBERS`` numbers — counted
         from ``state_shapes``, so a declared size of 10^9 filters allocates nothing.
         """
-        try:
-            d = json.loads(text)
-        except ValueError:
-            raise ValueError("it is not valid JSON") from None
-        if not isinstance(d, dict):
-            raise ValueError("it is not a JSON object")
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown field {unknown[0]!r}")
+        d = json_fields(text, cls)
         _check_fields(d)
         for key in ("widths", "levels", "layer_widths"):
             if d.get(key) is not None:
@@ -206,6 +198,40 @@ class ModelConfig:
                              f"{max(config.filter_counts())} filters, {config.num_classes} classes); "
                              f"minicompact loads at most {MAX_NUMBERS:.0e}")
         return config
+
+
+def json_fields(text, cls):
+    """The dict a saved configuration's JSON ``text`` holds, every key a field of the
+    dataclass ``cls``: ``ValueError`` (one line) for text that is not a JSON object or a key
+    that is not a field.  Each configuration then checks the fields' types and ranges."""
+    try:
+        d = json.loads(text)
+    except ValueError:
+        raise ValueError("it is not valid JSON") from None
+    if not isinstance(d, dict):
+        raise ValueError("it is not a JSON object")
+    unknown = sorted(set(d) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown field {unknown[0]!r}")
+    return d
+
+
+def read_model_file(path, parse):
+    """(config, arrays) of a saved model, both checked before anything is built: ``parse``
+    (a configuration class's ``from_json``) reads its "__config__", and every array must have
+    the shape the configuration gives it.  ``ValueError`` (one line naming ``path``) otherwise."""
+    arrays = read_npz(path)
+    if "__config__" not in arrays:
+        raise ValueError(f"{path} holds no model configuration")
+    try:
+        config = parse(str(arrays["__config__"]))
+    except ValueError as exc:
+        raise ValueError(f"{path} holds a model configuration minicompact cannot use: {exc}") from None
+    try:
+        check_state_arrays(config.state_shapes(), arrays)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    return config, arrays
 
 
 def _check_fields(d):
@@ -446,15 +472,5 @@ class CompactNet:
         """Rebuild a model saved with ``save`` (or from a training checkpoint).  The
         configuration and every array are checked before the model is built (``from_json``,
         ``check_state_arrays``); ``ValueError`` (one line) otherwise."""
-        arrays = read_npz(path)
-        if "__config__" not in arrays:
-            raise ValueError(f"{path} holds no model configuration")
-        try:
-            config = ModelConfig.from_json(str(arrays["__config__"]))
-        except ValueError as exc:
-            raise ValueError(f"{path} holds a model configuration minicompact cannot use: {exc}") from None
-        try:
-            check_state_arrays(config.state_shapes(), arrays)
-        except ValueError as exc:
-            raise ValueError(f"{path}: {exc}") from None
+        config, arrays = read_model_file(path, ModelConfig.from_json)
         return cls(config, dtype=dtype).load_state_arrays(arrays)
