@@ -41,9 +41,10 @@ training.Trainer, checkpoints) both networks offer under the same names: ``forwa
 is CompactNet's own methods, borrowed (they read only ``layers``, ``named_layers()``,
 ``convs`` and ``config``).  ``ArchConfig.channel_spaces`` says which feature maps each conv
 reads and writes, so that ``graph_metrics`` counts the dead structure of a ResNet's residual
-streams (``training.write_report``).  Not yet for either network: ``thin`` (thinning across
-residual connections), ``export`` (ONNX graphs of CompactNets only) and the GPU's fused
-batch-norm + ReLU (each layer runs on its own).
+streams (``training.write_report``), and ``thin_graph`` removes it, across residual connections,
+into a network of explicit per-conv widths (``ArchConfig.layer_widths``).  Not yet for either
+network: ``export`` (ONNX graphs of CompactNets only) and the GPU's fused batch-norm + ReLU
+(each layer runs on its own).
 
 A checkpoint says which network it holds: its ``__config__`` JSON has an "arch" field for
 these two and none for a CompactNet.  ``config_from_json``, ``build_model`` and
@@ -106,6 +107,10 @@ class ArchConfig:
 
     arch: "vgg11" or "resnet18"; stem: "imagenet" or "small" (``stem_for`` decides "auto"
     from the image size); levels: VGG11's pyramid (None: (1, 2, 4)); ResNet18 has none.
+    layer_widths: a thinned network's filters per conv, in ``conv_plan`` order (``thin.py``);
+    None: the widths of the rule (``width_mult``).  Convs that write one residual stream
+    (``channel_spaces``) have one width; a block's projection exists where the rule's
+    network has one, whatever the widths.
     """
 
     arch: str = "resnet18"
@@ -115,6 +120,7 @@ class ArchConfig:
     stem: str = "imagenet"
     levels: tuple = None
     classes: list = field(default_factory=list)
+    layer_widths: tuple = None
 
     stem_for = staticmethod(ModelConfig.stem_for)
 
@@ -135,7 +141,24 @@ class ArchConfig:
                 raise ValueError(f"pyramid levels must be positive integers, got {self.levels}")
         if self.classes and len(self.classes) != self.num_classes:
             raise ValueError(f"num_classes is {self.num_classes} but it names {len(self.classes)} classes")
+        if self.layer_widths is not None:
+            self._space_widths()
         return self
+
+    def _space_widths(self):
+        """{space: width} of ``layer_widths`` (``channel_spaces``'s spaces, "image" included);
+        ``ValueError`` (one line) for the wrong count, a width < 1, or two convs writing one
+        residual stream with different widths."""
+        lw, rule = self.layer_widths, self.rule_plan()
+        if len(lw) != len(rule) or not all(isinstance(k, (int, np.integer)) and k >= 1 for k in lw):
+            raise ValueError(f"layer_widths must be {len(rule)} integers >= 1 (one per convolution of "
+                             f"{self.arch}), got {list(lw)}")
+        widths = {"image": self.in_channels}
+        for spec, (_, writes), k in zip(rule, self.channel_spaces()[0], lw):
+            if widths.setdefault(writes, int(k)) != k:
+                raise ValueError(f"layer_widths give {spec.name} {k} filters, but it adds into "
+                                 f"{writes!r}, which another conv gives {widths[writes]}")
+        return widths
 
     @property
     def pyramid_levels(self):
@@ -166,8 +189,18 @@ class ArchConfig:
 
     def conv_plan(self):
         """Every convolution as a ``ConvSpec``, in ``thetas()`` order (data order; within a
-        ResNet block conv1, conv2, then the projection).  The one place the architectures'
-        convolutions are listed: the networks, ``state_shapes`` and ``variant_for`` read it."""
+        ResNet block conv1, conv2, then the projection), with ``layer_widths`` when given.
+        The one place the architectures' convolutions are listed: the networks,
+        ``state_shapes`` and ``variant_for`` read it."""
+        rule = self.rule_plan()
+        if self.layer_widths is None:
+            return rule
+        widths = self._space_widths()
+        return [spec._replace(in_channels=widths[reads], out_channels=int(k))
+                for spec, (reads, _), k in zip(rule, self.channel_spaces()[0], self.layer_widths)]
+
+    def rule_plan(self):
+        """``conv_plan`` at the widths of the rule (``width_mult``), ``layer_widths`` aside."""
         if self.arch == "vgg11":
             specs, channels = [], self.in_channels
             for width in (w for w in self.vgg_plan() if w != "M"):
@@ -249,9 +282,9 @@ class ArchConfig:
         ``graph_metrics`` follows dead channels through these spaces.
         """
         if self.arch == "vgg11":
-            names = [spec.name for spec in self.conv_plan()]
+            names = [spec.name for spec in self.rule_plan()]
             return list(zip(["image"] + names[:-1], names)), names[-1]
-        projected = {spec.name[:-len(".shortcut.conv")] for spec in self.conv_plan()
+        projected = {spec.name[:-len(".shortcut.conv")] for spec in self.rule_plan()
                      if spec.name.endswith(".shortcut.conv")}
         edges, stream = [("image", "layer1")], "layer1"
         for name, _, _, _ in self.resnet_blocks():
@@ -265,6 +298,10 @@ class ArchConfig:
     def to_json(self):
         d = asdict(self)
         d["levels"] = None if self.levels is None else list(self.levels)
+        if self.layer_widths is None:
+            del d["layer_widths"]      # an unthinned network's file reads as before
+        else:
+            d["layer_widths"] = [int(k) for k in self.layer_widths]
         return json.dumps(d)
 
     @classmethod
@@ -287,12 +324,16 @@ class ArchConfig:
                                                and all(map(integer(1), v)) and max(v) <= 1000),
                        "null or a list of integers >= 1"),
             "classes": (lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v), "a list of names"),
+            "layer_widths": (lambda v: v is None or (isinstance(v, list) and len(v) <= 1000
+                                                     and all(map(integer(1), v)) and max(v, default=1) <= 100_000),
+                             "null or a list of integers >= 1"),
         }
         for key, (ok, what) in rules.items():
             if key in d and not ok(d[key]):
                 raise ValueError(f"{key} must be {what}, got {short_repr(d[key])}")
-        if d.get("levels") is not None:
-            d["levels"] = tuple(d["levels"])
+        for key in ("levels", "layer_widths"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
         config = cls(**d).validate()
         numbers = sum(math.prod(shape) for shape in config.state_shapes().values())
         if numbers > MAX_NUMBERS:
@@ -451,8 +492,13 @@ class ResNet18(ArchNet):
                       padding=stem.kernel // 2, dtype=dtype, rng=rng, need_input_grad=input_grad)
         bn = BatchNorm2D(stem.out_channels, dtype=dtype)
         self.stem = [conv, bn, ReLU()] + ([MaxPool2D(3, stride=2, padding=1)] if cfg.stem == "imagenet" else [])
-        self.blocks = [BasicBlock(c_in, c_out, stride, dtype=dtype, rng=rng)
-                       for _, c_in, c_out, stride in cfg.resnet_blocks()]
+        specs = {spec.name: spec for spec in cfg.conv_plan()}
+        self.blocks = []
+        for name, _, _, stride in cfg.resnet_blocks():
+            c1, c2 = specs[f"{name}.conv1"], specs[f"{name}.conv2"]
+            self.blocks.append(BasicBlock(c1.in_channels, c2.out_channels, stride, dtype=dtype, rng=rng,
+                                          mid_channels=c1.out_channels,
+                                          projection=f"{name}.shortcut.conv" in specs))
         self.pool = GlobalAvgPool()
         self.classifier = SoftmaxClassifier(self.blocks[-1].conv2.out_channels, 1, cfg.num_classes,
                                             dtype=dtype, rng=rng)

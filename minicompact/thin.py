@@ -30,6 +30,9 @@ dense and thin model on the same images, and over a whole split by ``evaluate_pa
 
 The first layer's input channels (the image's colours) are never removed: the data would
 have to change with them.
+
+A VGG11 or ResNet18 goes to ``thin_graph.thin_network``, which does the same across residual
+connections (channels joined by an addition are removed together or not at all).
 """
 from dataclasses import replace
 
@@ -43,6 +46,7 @@ from .losses import accuracy_topk
 from .metrics import alive_channels, threshold_
 from .model import CompactNet
 from .training.checkpoint_check import read_checkpoint
+from .thin_graph import thin_network
 from .training.trainer import scores
 
 
@@ -63,7 +67,11 @@ def thin_model(model, threshold=None):
     parameters before/after, how many filters were all zero, constant or unread, and how
     many constants were folded), "removed" (channels removed in all), "changed" (False when
     nothing was removed).  Raises ``ValueError`` (one line) when a whole layer is dead.
+    A VGG11 or ResNet18 (``architectures``) is thinned by ``thin_graph.thin_network``, across
+    its residual connections, and returns the same.
     """
+    if not isinstance(model, CompactNet):
+        return thin_network(model, threshold)
     # Copies (state_arrays returns NumPy arrays themselves): the model is never modified.
     arrays = {k: np.array(v, copy=True) for k, v in model.state_arrays().items()}
     L1 = len(model.convs)
@@ -275,7 +283,7 @@ def load_dense(path):
     """(model, train_state, settings) from a run's checkpoint, checked whole before the model
     is built (``checkpoint_check.read_checkpoint``); ``ValueError`` (one line) otherwise.
     The model is the checkpoint's network: a ``CompactNet``, or a VGG11 or ResNet18
-    (``architectures.build_model``), which ``thin_model`` does not take yet."""
+    (``architectures.build_model``)."""
     config, arrays, _, state = read_checkpoint(path)  # CheckpointError is a ValueError
     model = build_model(config).load_state_arrays(arrays)
     return model.eval(), state, dict(state.get("settings") or {})
@@ -285,11 +293,12 @@ def measure_pair(dense, thin, center, ten_crop, mean, std, repeats=7):
     """Accuracy and speed of a network and its thinning on the same images: what
     ``run.py --thin`` reports.
 
-    dense, thin: ``CompactNet``s in evaluation mode (thin from ``thin_model(dense)``);
+    dense, thin: networks in evaluation mode (thin from ``thin_model(dense)``);
     center, ten_crop: ``BatchLoader``s of the val split ("center" and "tencrop" mode); mean,
     std: the normalisation (3,); repeats: timed calls per model.  The first centre batch is
     the one every model is timed on and on which ``choose_convs`` picks, layer by layer, the
-    convs of a copy of thin that run as ``CompactConv2D`` ("thin_compact").
+    convs of a copy of thin that run as ``CompactConv2D`` ("thin_compact"; CompactNets only:
+    for a VGG11 or ResNet18 "compact_convs" is empty and "thin_compact" is thin).
     Returns a dict: "accuracy" ({"single_crop", "ten_crop"}: ``evaluate_pair``'s dicts),
     "compact_convs" (``choose_convs``'s records), "speed" (batch, image_size, repeats,
     images_per_s of "dense", "thin" and "thin_compact", the speed-ups over dense and the
@@ -303,10 +312,11 @@ def measure_pair(dense, thin, center, ten_crop, mean, std, repeats=7):
                 "ten_crop": evaluate_pair(dense, thin, ten_crop, mean, std)}
     xp = get_array_module(dense.classifier.params["W"])
     x = normalize(first, mean, std, xp)
-    fast = CompactNet(thin.config, dtype=thin.classifier.params["W"].dtype).load_state_arrays(thin.state_arrays())
-    fast.to(device_of(thin.classifier.params["W"])).eval()
-    convs = choose_convs(fast, x)
-    timed = {"dense": dense, "thin": thin}
+    timed, convs = {"dense": dense, "thin": thin}, []
+    if isinstance(thin, CompactNet):   # choose_convs walks a CompactNet's chain of layers
+        fast = CompactNet(thin.config, dtype=thin.classifier.params["W"].dtype).load_state_arrays(thin.state_arrays())
+        fast.to(device_of(thin.classifier.params["W"])).eval()
+        convs = choose_convs(fast, x)
     if any(c["choice"] == "compact" for c in convs):
         timed["thin_compact"] = fast                     # else it is the same network as thin
     speed = images_per_second(timed, x, repeats)

@@ -60,7 +60,7 @@ FLOORS = {
     # images and processes
     "minicompact.data": 4, "minicompact.distributed": 4,
     # the training loop, and the maths that works on trained models
-    "minicompact.training": 5, "minicompact.thin": 5, "minicompact.transfer": 5, "minicompact.export": 5,
+    "minicompact.training": 5, "minicompact.thin": 5, "minicompact.thin_graph": 5, "minicompact.transfer": 5, "minicompact.export": 5,
     # the command line, the sweep over it, the script
     "minicompact.cli": 6, "minicompact.sweep": 7, "run": 8,
 }

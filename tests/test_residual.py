@@ -8,8 +8,8 @@ from minicompact.gradcheck import GradientCheckError, check_layer
 from minicompact.layers.residual import BasicBlock, residual_add_backward, residual_add_forward
 
 
-def block(c_in, c_out, stride, seed=0, dtype=np.float64):
-    return BasicBlock(c_in, c_out, stride, dtype=dtype, rng=np.random.default_rng(seed))
+def block(c_in, c_out, stride, seed=0, dtype=np.float64, **kwargs):
+    return BasicBlock(c_in, c_out, stride, dtype=dtype, rng=np.random.default_rng(seed), **kwargs)
 
 
 def test_residual_add_sends_the_gradient_to_both_branches():
@@ -38,6 +38,15 @@ def test_structure_and_output_shape(c_in, c_out, stride, projection):
     assert set(b.params) == set(b.grads)
 
 
+def test_a_thinned_block_keeps_its_projection_and_refuses_a_wrong_identity():
+    b = block(3, 3, 2, mid_channels=2, projection=True)
+    assert b.conv1.params["W"].shape == (2, 3, 3, 3) and b.conv2.params["W"].shape == (3, 2, 3, 3)
+    assert b.shortcut_conv is not None and "mid_channels=2" in repr(b)
+    assert block(3, 3, 1, projection=True).shortcut_conv is not None   # kept although widths match
+    with pytest.raises(ValueError, match="identity shortcut needs stride 1 and C_in = C_out"):
+        block(3, 4, 1, projection=False)
+
+
 def test_identity_block_computes_relu_of_main_plus_x():
     b = block(3, 3, 1)
     x = np.random.default_rng(2).standard_normal((2, 3, 5, 5))
@@ -45,10 +54,11 @@ def test_identity_block_computes_relu_of_main_plus_x():
     np.testing.assert_allclose(b.forward(x), np.maximum(main + x, 0), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("c_in, c_out, stride", [(3, 3, 1), (3, 4, 2)])
-def test_block_gradients_with_batchnorm_in_training_mode(c_in, c_out, stride, xp):
-    """dL/dx and every conv and batch-norm parameter of the block, float64, random dout."""
-    b = block(c_in, c_out, stride, seed=3)
+@pytest.mark.parametrize("c_in, c_out, stride, mid", [(3, 3, 1, None), (3, 4, 2, None), (3, 3, 1, 2)])
+def test_block_gradients_with_batchnorm_in_training_mode(c_in, c_out, stride, mid, xp):
+    """dL/dx and every conv and batch-norm parameter of the block, float64, random dout; also a
+    thinned block whose conv1 has fewer filters than conv2 (``mid_channels``)."""
+    b = block(c_in, c_out, stride, seed=3, mid_channels=mid)
     if xp is not np:
         for layer in b.layers:
             layer.to("gpu")

@@ -1,6 +1,6 @@
 """run.py --arch vgg11|resnet18 (issue 30, step 2): VGG11_CC and ResNet18_CC through run.py, the
-training API and the sweep; the dead structure of residual streams (``graph_metrics``); the
-commands that do not take them yet, each refused in one line."""
+training API and the sweep; the dead structure of residual streams (``graph_metrics``); --thin
+across residual connections and what takes a thin network; refusals, each in one line."""
 import csv
 import json
 
@@ -95,8 +95,6 @@ def test_refusals_are_one_line(runs, data, tmp_path, capsys):
                   match="holds a resnet18; --arch vgg11 cannot resume it")
     _expect_error(capsys, "--evaluate", whole / "last.npz", "--arch", "compactnet",
                   match="holds a resnet18; --arch compactnet cannot evaluate it")
-    _expect_error(capsys, "--thin", whole / "model.npz", match="--thin takes CompactNets only")
-    _expect_error(capsys, "--export", runs["vgg11"][0] / "model.npz", match="ONNX graphs of CompactNets only")
     _expect_error(capsys, "--data", data, "--arch", "vgg11", "--image-size", 16,
                   match="leaves 2x2 feature maps before the spatial pyramid of vgg11")
     _expect_error(capsys, "--arch", "resnet50", match="invalid choice: 'resnet50'")
@@ -106,6 +104,49 @@ def test_refusals_are_one_line(runs, data, tmp_path, capsys):
     for command in ("--evaluate", "--resume", "--thin", "--features"):
         extra = ("--data", data) if command == "--features" else ()
         _expect_error(capsys, command, tmp_path / "unknown.npz", *extra, match="arch must be one of")
+
+
+# Dead structure put into a run's model file: in the ResNet, channel 1 of the stream layer1 read
+# by no conv (coupled: it goes from the stem, both blocks' conv2 and four readers at once) and
+# filter 0 of layer3.0.conv1 (free: it goes alone); in VGG11, conv3's filter 0.
+KILLED = {"resnet18": {"layer1.0.conv1.W": (slice(None), 1), "layer1.1.conv1.W": (slice(None), 1),
+                       "layer2.0.conv1.W": (slice(None), 1), "layer2.0.shortcut.conv.W": (slice(None), 1),
+                       "layer3.0.conv1.W": (0,)},
+          "vgg11": {"conv3.W": (0,)}}
+THINNED = {"resnet18": [3, 4, 3, 4, 3, 8, 8, 8, 8, 8, 15, 16, 16, 16, 16, 32, 32, 32, 32, 32],
+           "vgg11": [4, 8, 15, 16, 32, 32, 32, 32]}
+
+
+@pytest.mark.parametrize("arch", list(SIZE))
+def test_thin_writes_a_narrower_network_that_evaluates_resumes_and_finetunes(arch, runs, data, tmp_path, capsys):
+    source = tmp_path / "run"
+    source.mkdir()
+    z = dict(np.load(runs[arch][0] / "model.npz"))
+    for key, index in KILLED[arch].items():
+        z[key][index] = 0
+    np.savez(source / "model.npz", **z)
+    np.savez(source / "last.npz", **dict(np.load(runs[arch][0] / "last.npz")))
+    capsys.readouterr()
+    assert main("--thin", source / "model.npz", "--workers", 0) == 0
+    printed = capsys.readouterr().out
+    assert f"-> {THINNED[arch]}" in printed and "compact convs" not in printed
+    report = json.loads((source / "thin" / "thin-report.json").read_text())
+    assert report["widths_after"] == THINNED[arch] and report["compact_convs"] == []
+    assert report["accuracy"]["single_crop"]["same_prediction"] >= 0.9     # borders only
+    thin_path = source / "thin" / "thin.npz"
+    thin = load_model(thin_path)
+    assert list(thin.config.layer_widths) == THINNED[arch] and thin.parameter_count() == report["params_after"]
+    assert main("--evaluate", thin_path, "--workers", 0, "--no-progress") == 0
+    evaluated = json.loads((source / "thin" / "eval-thin" / "report.json").read_text())
+    assert evaluated["total_parameters"] == report["params_after"]
+    assert main("--resume", thin_path, "--epochs", 3, "--workers", 0, "--no-progress") == 0
+    assert list(load_model(source / "thin" / "last.npz").config.layer_widths) == THINNED[arch]
+    tuned = tmp_path / "ft"
+    assert main("--finetune", thin_path, "--data", data, "--epochs", 1, "--out", tuned, *FLAGS) == 0
+    assert list(load_model(tuned / "model.npz").config.layer_widths) == THINNED[arch]
+    capsys.readouterr()
+    assert main("--thin", thin_path, "--workers", 0) == 0                    # a fixed point
+    assert "nothing to remove" in capsys.readouterr().out
 
 
 def test_features_and_finetune_take_resnet18(runs, data, tmp_path, capsys):

@@ -196,10 +196,10 @@ def keep_global_batch(s, was, ranks, path):
 def model_config(s, classes):
     """The ``ModelConfig`` the settings ``s`` build for these class names (an ``ArchConfig``
     for --arch vgg11 or resnet18)."""
+    widths = getattr(s, "layer_widths", None)  # a thinned network's (minicompact/thin.py)
     if s.arch != "compactnet":
         return ArchConfig(arch=s.arch, num_classes=len(classes), width_mult=s.width_mult, stem=s.stem,
-                          classes=list(classes))
-    widths = getattr(s, "layer_widths", None)  # a thinned network's (minicompact/thin.py)
+                          classes=list(classes), layer_widths=None if widths is None else tuple(widths))
     return ModelConfig(depth=s.depth, num_classes=len(classes), width_mult=s.width_mult,
                        stem=s.stem, classes=list(classes),
                        layer_widths=None if widths is None else tuple(widths))

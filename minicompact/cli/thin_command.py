@@ -10,7 +10,6 @@ import json
 import os
 
 from ..metrics import threshold_
-from ..model import CompactNet
 from ..system.atomic import atomic_write
 from ..thin import load_dense, measure_pair, thin_model
 from ..training.checkpoint import save_checkpoint
@@ -48,15 +47,12 @@ def thin_run(path, out=None, overwrite=False, data=None, workers=0, repeats=7, l
     is written) and one whose every filter is dead — all before any file is written.
     """
     dense, state, settings = load_dense(path)
-    if not isinstance(dense, CompactNet):  # docs/architectures.md
-        raise ValueError(f"--thin: {path} holds a {dense.config.arch}; --thin takes CompactNets only for now "
-                         "(thinning VGG11 and across ResNet18's residual connections: docs/architectures.md)")
     threshold = settings.get("threshold")
     zeroed = threshold_(dense.thetas() + [dense.classifier.params["W"]], threshold) if threshold else 0
     thin, record = thin_model(dense)
     if not record["changed"]:
         raise NothingToRemove(f"{path}: nothing to remove: every channel of its {len(dense.convs)} "
-                              f"feature layers is alive (widths {record['widths_before']}); nothing written")
+                              f"convolutions is alive (widths {record['widths_before']}); nothing written")
     train_set, val_set, resize, crop, mean, std = checkpoint_data(path, data, settings, state, dense.config.classes)
     seed = settings.get("seed", 0)
     folder, created = _output_folder(path, out, overwrite)
@@ -90,6 +86,8 @@ def thin_run(path, out=None, overwrite=False, data=None, workers=0, repeats=7, l
 
 
 def _compact_line(r):
+    if not r["compact_convs"]:
+        return ""                 # not tried: a VGG11 or ResNet18 (thin.measure_pair)
     chosen = [c["layer"] for c in r["compact_convs"] if c["choice"] == "compact"]
     if not chosen:
         return "; compact convs: no layer measured faster (not used)"

@@ -41,9 +41,11 @@ class BasicBlock:
     """conv 3×3 → BN → ReLU → conv 3×3 → BN, plus the shortcut, then ReLU (module docstring).
 
     in_channels, out_channels: C_in, C_out; stride: of the first conv and of the projection;
-    dtype, rng: of the initial weights (``Conv2D``, He-initialised; BN γ = 1, β = 0).
-    The projection (``shortcut_conv``, ``shortcut_bn``) exists when stride != 1 or
-    C_in != C_out; otherwise both are None and the shortcut is x itself.
+    dtype, rng: of the initial weights (``Conv2D``, He-initialised; BN γ = 1, β = 0);
+    mid_channels: conv1's filters (default C_out; a thinned block's may be fewer);
+    projection: whether the shortcut is a projection (``shortcut_conv``, ``shortcut_bn``);
+    default: when stride != 1 or C_in != C_out.  Without one both are None and the
+    shortcut is x itself, which needs stride 1 and C_in = C_out.
 
     Not a ``Layer``: a block holds layers and owns no array; ``layers`` lists them, and a
     network puts them in its own flat ``layers`` (modes, devices, optimizer, checkpoints).
@@ -51,15 +53,22 @@ class BasicBlock:
     (the arrays themselves, not copies), which ``gradcheck.check_layer`` perturbs in place.
     """
 
-    def __init__(self, in_channels, out_channels, stride=1, dtype=np.float32, rng=None):
+    def __init__(self, in_channels, out_channels, stride=1, dtype=np.float32, rng=None,
+                 mid_channels=None, projection=None):
         rng = np.random.default_rng() if rng is None else rng
-        self.conv1 = Conv2D(in_channels, out_channels, 3, stride=stride, padding=1, dtype=dtype, rng=rng)
-        self.bn1 = BatchNorm2D(out_channels, dtype=dtype)
+        mid = out_channels if mid_channels is None else mid_channels
+        if projection is None:
+            projection = stride != 1 or in_channels != out_channels
+        elif not projection and (stride != 1 or in_channels != out_channels):
+            raise ValueError(f"an identity shortcut needs stride 1 and C_in = C_out, got stride {stride}, "
+                             f"{in_channels} -> {out_channels}")
+        self.conv1 = Conv2D(in_channels, mid, 3, stride=stride, padding=1, dtype=dtype, rng=rng)
+        self.bn1 = BatchNorm2D(mid, dtype=dtype)
         self.relu1 = ReLU()
-        self.conv2 = Conv2D(out_channels, out_channels, 3, stride=1, padding=1, dtype=dtype, rng=rng)
+        self.conv2 = Conv2D(mid, out_channels, 3, stride=1, padding=1, dtype=dtype, rng=rng)
         self.bn2 = BatchNorm2D(out_channels, dtype=dtype)
         self.shortcut_conv = self.shortcut_bn = None
-        if stride != 1 or in_channels != out_channels:
+        if projection:
             self.shortcut_conv = Conv2D(in_channels, out_channels, 1, stride=stride, padding=0,
                                         dtype=dtype, rng=rng)
             self.shortcut_bn = BatchNorm2D(out_channels, dtype=dtype)
@@ -109,5 +118,6 @@ class BasicBlock:
 
     def __repr__(self):
         c = self.conv1
-        return (f"BasicBlock({c.in_channels}, {c.out_channels}, stride={c.stride}"
+        return (f"BasicBlock({c.in_channels}, {self.conv2.out_channels}, stride={c.stride}"
+                + (f", mid_channels={c.out_channels}" if c.out_channels != self.conv2.out_channels else "")
                 + (", projection" if self.shortcut_conv is not None else "") + ")")

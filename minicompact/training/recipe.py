@@ -143,7 +143,8 @@ def build_network(images, model="compact", depth=8, rho=0.03, width_mult=0.25, s
     length and the update rule chosen by it (``group_scale.for_run``: the paper's schedule
     keeps eq. 1 as written and subgradient steps; a shorter run gets a larger scale and
     proximal steps).  Otherwise update is "subgradient" or "proximal" and group_scale a pair
-    (k_W, k_Θ) or None (eq. 1 as written).  layer_widths: a thinned network's K^l.
+    (k_W, k_Θ) or None (eq. 1 as written).  layer_widths: a thinned network's K^l (for
+    vgg11 and resnet18, its filters per conv: ``ArchConfig.layer_widths``).
     """
     if "auto" in (update, group_scale):
         k, rule, _ = for_run(len(images.train_set), images.train.batch_size, lr, lr_step, epochs, warmup)
@@ -156,10 +157,8 @@ def build_network(images, model="compact", depth=8, rho=0.03, width_mult=0.25, s
         net = CompactNet(config, seed=seed).to(device)
         reg = variant(model, depth, rho, compressed_beta=compressed_beta)
     else:
-        if layer_widths is not None:
-            raise ValueError(f"layer_widths are a thinned CompactNet's; {arch} has none")
         config = ArchConfig(arch=arch, num_classes=len(images.classes), width_mult=width_mult, stem=stem,
-                            classes=images.classes)
+                            classes=images.classes, layer_widths=None if layer_widths is None else tuple(layer_widths))
         net = build_architecture(config, seed=seed).to(device)
         reg = variant_for(net, model, rho, compressed_beta=compressed_beta)
     penalty = Penalty(net, reg, cw, ctheta, update, momentum, group_scale)
