@@ -42,9 +42,9 @@ is CompactNet's own methods, borrowed (they read only ``layers``, ``named_layers
 ``convs`` and ``config``).  ``ArchConfig.channel_spaces`` says which feature maps each conv
 reads and writes, so that ``graph_metrics`` counts the dead structure of a ResNet's residual
 streams (``training.write_report``), and ``thin_graph`` removes it, across residual connections,
-into a network of explicit per-conv widths (``ArchConfig.layer_widths``).  Not yet for either
-network: ``export`` (ONNX graphs of CompactNets only) and the GPU's fused batch-norm + ReLU
-(each layer runs on its own).
+into a network of explicit per-conv widths (``ArchConfig.layer_widths``); ``export`` writes
+either as an ONNX graph.  Not yet for either network: the GPU's fused batch-norm + ReLU (each
+layer runs on its own).
 
 A checkpoint says which network it holds: its ``__config__`` JSON has an "arch" field for
 these two and none for a CompactNet.  ``config_from_json``, ``build_model`` and

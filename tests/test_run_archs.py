@@ -2,6 +2,7 @@
 training API and the sweep; the dead structure of residual streams (``graph_metrics``); --thin
 across residual connections and what takes a thin network; refusals, each in one line."""
 import csv
+import importlib.util
 import json
 
 import numpy as np
@@ -147,6 +148,9 @@ def test_thin_writes_a_narrower_network_that_evaluates_resumes_and_finetunes(arc
     capsys.readouterr()
     assert main("--thin", thin_path, "--workers", 0) == 0                    # a fixed point
     assert "nothing to remove" in capsys.readouterr().out
+    if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnx"):
+        assert main("--export", thin_path, "--workers", 0) == 0              # checked by ONNX Runtime
+        assert (source / "thin" / "thin.onnx").is_file()
 
 
 def test_features_and_finetune_take_resnet18(runs, data, tmp_path, capsys):

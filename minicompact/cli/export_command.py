@@ -1,4 +1,5 @@
-"""``run.py --export CKPT``: a run's network as an ONNX model, checked with ONNX Runtime.
+"""``run.py --export CKPT``: a run's network (a CompactNet, VGG11 or ResNet18) as an ONNX model,
+checked with ONNX Runtime.
 
 Writes ``<name>.onnx`` and ``<name>-onnx.json`` (CKPT model.npz → model.onnx) into CKPT's
 folder, or ``--out DIR``; never over an earlier export unless ``--overwrite``.  The graph is
@@ -11,8 +12,8 @@ import contextlib
 import json
 import os
 
+from ..architectures import arch_of
 from ..export import OPSET, compare, to_onnx
-from ..model import CompactNet
 from ..system.atomic import atomic_write
 from ..thin import load_dense
 from ..training.recipe import open_loaders
@@ -32,8 +33,8 @@ def export_names(path):
 
 
 def export_run(path, out=None, overwrite=False, data=None, workers=0, log=print):
-    """Export the checkpoint ``path`` (a run's model.npz, best.npz or last.npz, or a thin.npz)
-    to ONNX, check it on the run's val images, write the model and its report.
+    """Export the checkpoint ``path`` (a run's model.npz, best.npz or last.npz of any --arch,
+    or a thin.npz) to ONNX, check it on the run's val images, write the model and its report.
 
     out: the folder (default: the checkpoint's own); data: the dataset root when it moved.
     Returns (report dict, path of the .onnx file).  ``ValueError`` (one line) for a file that
@@ -42,9 +43,6 @@ def export_run(path, out=None, overwrite=False, data=None, workers=0, log=print)
     onnx/onnxruntime.  In every such case nothing is left behind.
     """
     model, state, settings = load_dense(path)
-    if not isinstance(model, CompactNet):  # export.to_onnx writes a CompactNet's layers
-        raise ValueError(f"--export: {path} holds a {model.config.arch}; minicompact/export.py builds "
-                         "ONNX graphs of CompactNets only")
     train_set, val_set, resize, crop, mean, std = checkpoint_data(path, data, settings, state, model.config.classes)
     proto = to_onnx(model, crop, mean, std)
     names = export_names(path)
@@ -69,6 +67,7 @@ def export_run(path, out=None, overwrite=False, data=None, workers=0, log=print)
             f.write(proto.SerializeToString())
         report = to_python({
             "source": os.path.abspath(path), "onnx": os.path.abspath(onnx_path), "opset": OPSET,
+            "network": arch_of(model.config),
             "crop": crop, "mean": list(mean), "std": list(std), "classes": list(model.config.classes),
             "input": "image: uint8 (N, 3, crop, crop) RGB centre crops; normalised inside the graph",
             "outputs": ["scores (N, classes)", "probabilities (N, classes), soft-max"],
