@@ -6,7 +6,8 @@
     python bench/bench_thin.py --layer 128 128 16 --density 0.5  # one conv: random zero groups
 
 A model file: thins it (``minicompact.thin.thin_model``, after the run's threshold),
-decides per conv layer whether ``CompactConv2D`` is faster (``choose_convs``) and prints
+decides per conv layer whether ``CompactConv2D`` is faster (``choose_convs``; CompactNets
+only: a VGG11 or ResNet18 is timed dense and thin) and prints
 images/s of inference (evaluation mode, one random batch of the run's image size) for the
 three networks, timed in alternating order (A, B, C, A, B, C, ...) and reported as the
 median over --pairs rounds; the peak memory one forward allocates (``tracemalloc``, which
@@ -68,9 +69,11 @@ def bench_model(args):
     size = args.image_size or settings.get("image_size", 32)
     batch = args.batch or settings.get("batch_size", 32)
     x = np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
-    fast = CompactNet(thin.config).load_state_arrays(thin.state_arrays()).eval()
-    convs = choose_convs(fast, x, repeats=args.pairs)
-    models = {"dense": dense.eval(), "thin": thin, "thin+compact": fast}
+    models, convs = {"dense": dense.eval(), "thin": thin}, []
+    if isinstance(thin, CompactNet):        # choose_convs walks a CompactNet's chain
+        fast = CompactNet(thin.config).load_state_arrays(thin.state_arrays()).eval()
+        convs = choose_convs(fast, x, repeats=args.pairs)
+        models["thin+compact"] = fast
     print(f"{args.model}: widths {record['widths_before']} -> {record['widths_after']}, "
           f"parameters {record['params_before']:,} -> {record['params_after']:,}; "
           f"batch {batch} x {size} px; load average before {os.getloadavg()[0]:.1f}")
@@ -79,7 +82,8 @@ def bench_model(args):
     for k, m in models.items():
         print(f"{k:<14}{batch / secs[k]:>10.0f}{secs['dense'] / secs[k]:>9.2f}x"
               f"{peak_bytes(m, x) / 2**20:>10.1f}{param_bytes(m) / 2**20:>11.3f}")
-    print(f"{'layer':<8}{'groups':>7}{'computed':>10}{'dense ms':>10}{'compact ms':>12}  choice")
+    if convs:
+        print(f"{'layer':<8}{'groups':>7}{'computed':>10}{'dense ms':>10}{'compact ms':>12}  choice")
     for c in convs:
         d = "-" if c["dense_ms"] is None else f"{c['dense_ms']:.2f}"
         k = "-" if c["compact_ms"] is None else f"{c['compact_ms']:.2f}"
