@@ -5,8 +5,10 @@ convs form a graph (``ArchConfig.channel_spaces``): each reads one *space* of fe
 writes one, and a ResNet's residual stream "layer<s>" is one space that the stem or the
 stage's projection and every block's conv2 add into, and that every block, the next stage
 and (last) the classifier read.  ``graph_metrics.alive_in_graph`` says which channels of
-each space are alive; a channel of a stream is therefore removed only when it is dead for
-every writer and every reader at once (*coupled* channels), while the channels between a
+each space are alive.  A channel of a stream is one map for all of them (*coupled*): it dies
+only as a whole, when no writer moves it (every writer's filter is dead: the sum is a
+constant) or no reader reads it, and it then leaves every writer's filters and every reader's
+inputs at once; one writer's dead filter alone removes nothing.  The channels between a
 block's two convs are free, as in a chain.  VGG11 is a chain of spaces, thinned exactly as a
 CompactNet is.
 
