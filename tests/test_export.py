@@ -14,6 +14,7 @@ from minicompact import export                                      # noqa: E402
 from minicompact.architectures import ArchConfig, bn_name, build_architecture  # noqa: E402
 from minicompact.layers import BatchNorm2D, Conv2D                   # noqa: E402
 from minicompact.model import CompactNet, ModelConfig               # noqa: E402
+from minicompact.thin import thin_model                              # noqa: E402
 from test_run import TINY, main, write_folder                        # noqa: E402
 from test_thin_run import kill_some                                  # noqa: E402
 
@@ -107,6 +108,25 @@ def test_vgg11_and_resnet18_graphs_compute_what_the_model_computes(arch, stem, c
         ops = [n.op_type for n in proto.graph.node]
         assert ops.count("Add") == 8 and ops.count("MaxPool") == (stem == "imagenet")
         assert dims["layer2.0.shortcut.conv.W"] == [8, 4, 1, 1] and "layer2.1.shortcut.conv.W" not in dims
+
+
+def test_a_resnet18_thinned_across_its_residual_connections():
+    """``thin_model`` removes channel 1 of the stream layer2 from its three writers and three
+    readers, and one filter inside a block: the thin ResNet18 (explicit ``layer_widths``)
+    exports as a narrower graph that computes what it computes."""
+    model = arch_net("resnet18", "small")
+    theta = dict(zip([s.name for s in model.config.conv_plan()], model.thetas()))
+    for name in ("layer2.1.conv1", "layer3.0.conv1", "layer3.0.shortcut.conv"):
+        theta[name][:, 1] = 0
+    theta["layer4.1.conv1"][5] = 0
+    thin, record = thin_model(model)
+    assert record["removed"] == 2 and thin.config.layer_widths is not None
+    proto = export.to_onnx(thin, 32, MEAN, STD)
+    got = export.compare(thin, proto, images(32), MEAN, STD)
+    assert got["same_top1"] == 12 and got["max_rel_diff"] < 1e-5, got
+    dims = {t.name: list(t.dims) for t in proto.graph.initializer}
+    assert dims["layer2.0.shortcut.conv.W"] == [7, 4, 1, 1] and dims["layer3.0.conv1.W"][1] == 7
+    assert dims["layer4.1.conv1.W"][0] == 31 and dims["layer4.1.conv2.W"][1] == 31
 
 
 def test_a_wrong_graph_is_caught():
