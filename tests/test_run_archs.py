@@ -148,6 +148,13 @@ def test_thin_writes_a_narrower_network_that_evaluates_resumes_and_finetunes(arc
     capsys.readouterr()
     assert main("--thin", thin_path, "--workers", 0) == 0                    # a fixed point
     assert "nothing to remove" in capsys.readouterr().out
+    if arch == "resnet18":            # a dead filter alone in its residual channel removes nothing
+        z = dict(np.load(runs[arch][0] / "model.npz"))
+        z["layer1.0.conv2.W"][1] = 0
+        np.savez(tmp_path / "one-dead.npz", **z)
+        assert main("--thin", tmp_path / "one-dead.npz", "--workers", 0) == 0
+        said = capsys.readouterr().out
+        assert "nothing to remove" in said and "other convs keep alive: 1;" in said
     if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnx"):
         assert main("--export", thin_path, "--workers", 0) == 0              # checked by ONNX Runtime
         assert (source / "thin" / "thin.onnx").is_file()

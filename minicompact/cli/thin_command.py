@@ -51,8 +51,11 @@ def thin_run(path, out=None, overwrite=False, data=None, workers=0, repeats=7, l
     zeroed = threshold_(dense.thetas() + [dense.classifier.params["W"]], threshold) if threshold else 0
     thin, record = thin_model(dense)
     if not record["changed"]:
+        kept = sum(r.get("dead_kept", 0) for r in record["layers"])
+        why = (f"; dead filters kept because they add into residual channels that other convs keep "
+               f"alive: {kept}") if kept else ""
         raise NothingToRemove(f"{path}: nothing to remove: every channel of its {len(dense.convs)} "
-                              f"convolutions is alive (widths {record['widths_before']}); nothing written")
+                              f"convolutions is alive (widths {record['widths_before']}){why}; nothing written")
     train_set, val_set, resize, crop, mean, std = checkpoint_data(path, data, settings, state, dense.config.classes)
     seed = settings.get("seed", 0)
     folder, created = _output_folder(path, out, overwrite)
