@@ -41,6 +41,7 @@ import numpy as np
 from .architectures import build_model
 from .backend import device_of, get_array_module, to_cpu
 from .data.transforms import normalize
+from .folding import BN_ARRAYS, conv_record, fold_classifier, fold_conv
 from .layers.compact_conv import CompactConv2D, dense_fraction
 from .losses import accuracy_topk
 from .metrics import alive_channels, threshold_
@@ -87,55 +88,22 @@ def thin_model(model, threshold=None):
         raise _dead_error(l, thetas[l - 1].shape[0])
 
     out, layers = {}, []
-    prev_alive, prev_const = None, None                 # of layer l-1: (K,) bool, (K,) float64
-    for l in range(1, L1 + 1):
-        T = thetas[l - 1]
-        a = alive[l - 1]
-        bn = model.bns[l - 1]
-        gamma, beta = arrays[f"bn{l}.gamma"].astype(np.float64), arrays[f"bn{l}.beta"].astype(np.float64)
-        mean, var = arrays[f"bn{l}.running_mean"].astype(np.float64), arrays[f"bn{l}.running_var"]
-        if prev_alive is None:
-            delta = np.zeros(T.shape[0])
-            inputs = slice(None)                         # the image: every colour stays
-        else:
-            # δ_j = Σ_{k dead} c_k Σ_taps Θ[j, k]: the constant the removed inputs added
-            tap_sums = T[:, ~prev_alive].astype(np.float64).sum(axis=(2, 3))      # (K, dead)
-            delta = tap_sums @ prev_const[~prev_alive]
-            inputs = prev_alive
-        scale = gamma / np.sqrt(var.astype(np.float64) + bn.eps)
-        const = np.maximum(0.0, (delta - mean) * scale + beta)    # c_k of a dead filter k
-        const[a] = 0.0
-        group_zero = ~T.reshape(T.shape[0], T.shape[1], -1).any(axis=2)
-        all_zero = group_zero.all(axis=1)
-        reads_alive = (~group_zero[:, inputs]).any(axis=1) if prev_alive is not None else ~all_zero
-        out[f"conv{l}.W"] = T[a][:, inputs]
-        out[f"bn{l}.gamma"], out[f"bn{l}.beta"] = arrays[f"bn{l}.gamma"][a], arrays[f"bn{l}.beta"][a]
-        out[f"bn{l}.running_mean"] = (mean - delta)[a].astype(arrays[f"bn{l}.running_mean"].dtype)
-        out[f"bn{l}.running_var"] = var[a]
-        folded = 0 if prev_alive is None else int(np.count_nonzero(
-            (np.abs(tap_sums[a]) > 0) & (prev_const[~prev_alive] != 0)[None, :]))
-        k_in = T.shape[1]
-        layers.append({
-            "layer": f"conv{l}", "filters_before": int(T.shape[0]), "filters_after": int(a.sum()),
-            "inputs_before": int(k_in), "inputs_after": int(k_in if prev_alive is None else prev_alive.sum()),
-            "params_before": int(T.size + 2 * T.shape[0]),
-            "params_after": int(out[f"conv{l}.W"].size + 2 * a.sum()),
-            "zero_filters": int(all_zero.sum()),
-            "constant_filters": int((~a & ~all_zero & ~reads_alive).sum()),
-            "unread_filters": int((~a & ~all_zero & reads_alive).sum()),
-            "folded_constants": folded})
-        prev_alive, prev_const = a, const
+    keep_in = np.ones(model.config.in_channels, dtype=bool)     # the image: every colour stays
+    const = np.zeros(model.config.in_channels)                  # the value of each removed channel
+    for l, (T, a, bn) in enumerate(zip(thetas, alive, model.bns), start=1):
+        folded, bn_const, count = fold_conv(T, {k: arrays[f"bn{l}.{k}"] for k in BN_ARRAYS}, keep_in, const,
+                                            a, bn.eps)
+        out[f"conv{l}.W"] = folded.pop("W")
+        out.update({f"bn{l}.{k}": v for k, v in folded.items()})
+        row = conv_record(f"conv{l}", T, keep_in, a, a, out[f"conv{l}.W"], count)
+        del row["dead_kept"]                                    # none along a chain
+        layers.append(row)
+        keep_in, const = a, np.maximum(0.0, bn_const)           # c_k after ReLU and max-pool
 
     # The classifier: drop the maps no class reads or that are constant; fold c_k into b.
-    shift = W[:, ~prev_alive, :].astype(np.float64).sum(axis=2) @ prev_const[~prev_alive]    # (Y,)
-    out["classifier.W"] = W[:, prev_alive, :]
-    out["classifier.b"] = (b.astype(np.float64) + shift).astype(b.dtype)
-    layers.append({
-        "layer": "classifier", "filters_before": int(W.shape[0]), "filters_after": int(W.shape[0]),
-        "inputs_before": int(W.shape[1]), "inputs_after": int(prev_alive.sum()),
-        "params_before": int(W.size + b.size), "params_after": int(out["classifier.W"].size + b.size),
-        "folded_constants": int(np.count_nonzero(
-            (prev_const[~prev_alive] != 0) & W[:, ~prev_alive, :].any(axis=(0, 2))))})
+    classifier, row = fold_classifier(W, b, keep_in, const)
+    out.update({f"classifier.{k}": v for k, v in classifier.items()})
+    layers.append(row)
 
     widths = tuple(int(a.sum()) for a in alive)
     config = _with_widths(model.config, widths)

@@ -36,53 +36,9 @@ import numpy as np
 from .architectures import bn_name, build_model
 from .backend import device_of
 from .graph_metrics import alive_in_graph
+from .folding import BN_ARRAYS, conv_record, fold_classifier, fold_conv
 from .metrics import threshold_
 
-BN_ARRAYS = ("gamma", "beta", "running_mean", "running_var")
-
-
-def fold_conv(T, bn, keep_in, const_in, keep_out, eps):
-    """One conv and its batch norm without their removed channels, and the constant each
-    filter outputs when it reads only removed (constant) channels (module docstring).
-
-    T: Θ (K, C, kh, kw); bn: dict of the batch norm's arrays ("gamma", "beta",
-    "running_mean", "running_var"), each (K,); keep_in: bool (C,), the input channels kept;
-    const_in: float64 (C,), the value of each removed input channel (read where ~keep_in);
-    keep_out: bool (K,), the filters kept; eps: the batch norm's ε.
-    Returns (arrays, bn_const, folded): arrays, the conv's "W" (K', C', kh, kw) and its batch
-    norm's four (K',) arrays, in their own dtypes; bn_const, float64 (K,): the batch norm's
-    output (γ (δ − μ)/√(σ² + ε) + β) of a filter whose kept inputs are all zero;
-    folded: how many (kept filter, removed input) pairs added a nonzero constant.
-    """
-    tap_sums = T[:, ~keep_in].astype(np.float64).sum(axis=(2, 3))          # (K, removed)
-    delta = tap_sums @ const_in[~keep_in]
-    mean = bn["running_mean"].astype(np.float64)
-    scale = bn["gamma"].astype(np.float64) / np.sqrt(bn["running_var"].astype(np.float64) + eps)
-    bn_const = (delta - mean) * scale + bn["beta"].astype(np.float64)
-    arrays = {"W": T[keep_out][:, keep_in],
-              "gamma": bn["gamma"][keep_out], "beta": bn["beta"][keep_out],
-              "running_mean": (mean - delta)[keep_out].astype(bn["running_mean"].dtype),
-              "running_var": bn["running_var"][keep_out]}
-    folded = int(np.count_nonzero((tap_sums[keep_out] != 0) & (const_in[~keep_in] != 0)[None, :]))
-    return arrays, bn_const, folded
-
-
-def _filter_record(spec, T, keep_in, keep_out, alive, thin_W, folded):
-    """One row of the record ``thin_network`` returns (``thin.thin_model``'s keys, plus
-    "dead_kept": dead filters kept because their residual channel lives)."""
-    groups = T.reshape(T.shape[0], T.shape[1], -1).any(axis=2)
-    all_zero = ~groups.any(axis=1)
-    reads_kept = groups[:, keep_in].any(axis=1)
-    removed = ~keep_out
-    return {"layer": spec.name, "filters_before": int(T.shape[0]), "filters_after": int(keep_out.sum()),
-            "inputs_before": int(T.shape[1]), "inputs_after": int(keep_in.sum()),
-            "params_before": int(T.size + 2 * T.shape[0]),
-            "params_after": int(thin_W.size + 2 * keep_out.sum()),
-            "zero_filters": int((removed & all_zero).sum()),
-            "constant_filters": int((removed & ~all_zero & ~reads_kept).sum()),
-            "unread_filters": int((removed & ~all_zero & reads_kept).sum()),
-            "dead_kept": int((keep_out & ~alive).sum()),
-            "folded_constants": folded}
 
 
 def thin_network(model, threshold=None):
@@ -122,7 +78,7 @@ def thin_network(model, threshold=None):
                                             const[reads], spaces[writes], eps[spec.name])
         out[f"{spec.name}.W"] = folded.pop("W")
         out.update({f"{bn}.{k}": v for k, v in folded.items()})
-        layers.append(_filter_record(spec, T, spaces[reads], spaces[writes], alive, out[f"{spec.name}.W"], count))
+        layers.append(conv_record(spec.name, T, spaces[reads], spaces[writes], alive, out[f"{spec.name}.W"], count))
         # What the removed channels of the written space hold (module docstring).
         if spec.name.endswith(".conv2"):                  # a block's main branch, before its sum
             main = bn_const
@@ -133,15 +89,9 @@ def thin_network(model, threshold=None):
         else:                                             # ReLU (then a max-pool) of a constant
             const[writes] = np.maximum(0.0, bn_const)
 
-    shift = W[:, ~spaces[head], :].astype(np.float64).sum(axis=2) @ const[head][~spaces[head]]     # (Y,)
-    out["classifier.W"] = W[:, spaces[head], :]
-    out["classifier.b"] = (b.astype(np.float64) + shift).astype(b.dtype)
-    layers.append({
-        "layer": "classifier", "filters_before": int(W.shape[0]), "filters_after": int(W.shape[0]),
-        "inputs_before": int(W.shape[1]), "inputs_after": int(spaces[head].sum()),
-        "params_before": int(W.size + b.size), "params_after": int(out["classifier.W"].size + b.size),
-        "folded_constants": int(np.count_nonzero((const[head][~spaces[head]] != 0)
-                                                 & W[:, ~spaces[head], :].any(axis=(0, 2))))})
+    classifier, row = fold_classifier(W, b, spaces[head], const[head])
+    out.update({f"classifier.{k}": v for k, v in classifier.items()})
+    layers.append(row)
 
     widths = tuple(int(spaces[writes].sum()) for _, writes in edges)
     rule = tuple(spec.out_channels for spec in config.rule_plan())

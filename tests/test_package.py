@@ -54,7 +54,7 @@ FLOORS = {
     "minicompact.layers.residual": 2, "minicompact.layers.global_pool": 2,
     # the model and the maths of eq. 1: regularizers, losses, metrics, the optimizer, probes
     "minicompact.model": 3, "minicompact.regularizers": 3, "minicompact.losses": 3, "minicompact.metrics": 3,
-    "minicompact.architectures": 3, "minicompact.graph_metrics": 3,
+    "minicompact.architectures": 3, "minicompact.graph_metrics": 3, "minicompact.folding": 3,
     "minicompact.group_scale": 3, "minicompact.objective": 3, "minicompact.optim": 3,
     "minicompact.linear_probe": 3, "minicompact.reference": 3, "minicompact.exercises": 3,
     # images and processes
