@@ -190,8 +190,10 @@ def test_build_network_takes_an_arch(data):
         trainer.fit()
         report = write_report(trainer, images.ten_crop, None)
     assert "layer4.1.conv2" in report["after_threshold"]["sparsity"]["layers"]
-    with pytest.raises(ValueError, match="layer_widths"):
-        build_network(images, arch="vgg11", layer_widths=[4] * 8)
+    thin = build_network(images, arch="vgg11", width_mult=1 / 16, layer_widths=[4, 8, 15, 16, 32, 32, 32, 31])
+    assert [c.out_channels for c in thin.model.convs] == [4, 8, 15, 16, 32, 32, 32, 31]   # a thinned VGG11's
+    with pytest.raises(ValueError, match="layer_widths must be 8 integers"):
+        build_network(images, arch="vgg11", layer_widths=[4] * 7)
 
 
 # ----------------------------------------------------------------------------- dead structure
