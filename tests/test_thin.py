@@ -16,9 +16,15 @@ CLASSES = 5
 def random_model(seed=1, dtype=np.float64, depth=4):
     """A depth-4 net (8, 16, 32 filters) with batch-norm statistics far from their init, so
     that a dead filter's constant c = ReLU(β - μ·γ/σ) is not zero."""
-    rng = np.random.default_rng(seed)
     m = CompactNet(ModelConfig(depth=depth, num_classes=CLASSES, width_mult=1 / 16, stem="small"),
                    seed=seed, dtype=dtype)
+    return far_from_init(m, seed)
+
+
+def far_from_init(m, seed):
+    """``m``'s batch norms given γ, β and running statistics far from their init (β > 0), in
+    evaluation mode: a dead filter's constant after batch norm is then not zero."""
+    rng = np.random.default_rng(seed)
     for bn in m.bns:
         k = bn.channels
         bn.params["gamma"][:] = rng.uniform(0.5, 1.5, k)

@@ -8,6 +8,7 @@ from minicompact.architectures import ArchConfig, build_model, load_model
 from minicompact.graph_metrics import alive_in_graph, graph_effective_parameters
 from minicompact.losses import softmax_cross_entropy
 from minicompact.thin import compare_predictions, thin_model
+from test_thin import far_from_init
 
 CLASSES = 5
 
@@ -16,16 +17,9 @@ def network(arch="resnet18", seed=1, stem="small"):
     """A float64 net at widths ×1/16 (ResNet18: streams of 4, 8, 16, 32 maps) in evaluation
     mode, with batch-norm statistics far from their init, so that a dead filter's constant
     after batch norm is not zero."""
-    rng = np.random.default_rng(seed)
     m = build_model(ArchConfig(arch=arch, num_classes=CLASSES, width_mult=1 / 16, stem=stem),
                     seed=seed, dtype=np.float64)
-    for bn in m.bns:
-        k = bn.channels
-        bn.params["gamma"][:] = rng.uniform(0.5, 1.5, k)
-        bn.params["beta"][:] = rng.uniform(0.1, 1.0, k)
-        bn.buffers["running_mean"][:] = rng.normal(0, 0.3, k)
-        bn.buffers["running_var"][:] = rng.uniform(0.5, 2.0, k)
-    return m.eval()
+    return far_from_init(m, seed)
 
 
 def conv(m, name):
