@@ -65,7 +65,7 @@ from .layers.conv import Conv2D
 from .layers.global_pool import GlobalAvgPool
 from .layers.pooling import MaxPool2D, SpatialPyramidPool
 from .layers.residual import BasicBlock
-from .model import MAX_NUMBERS, CompactNet, ModelConfig, json_fields, read_model_file
+from .model import CompactNet, ModelConfig, config_from_fields, json_fields, read_model_file
 from .regularizers import variant
 from .system.npz import short_repr
 
@@ -331,15 +331,7 @@ class ArchConfig:
         for key, (ok, what) in rules.items():
             if key in d and not ok(d[key]):
                 raise ValueError(f"{key} must be {what}, got {short_repr(d[key])}")
-        for key in ("levels", "layer_widths"):
-            if d.get(key) is not None:
-                d[key] = tuple(d[key])
-        config = cls(**d).validate()
-        numbers = sum(math.prod(shape) for shape in config.state_shapes().values())
-        if numbers > MAX_NUMBERS:
-            raise ValueError(f"it declares a model of {numbers:.3g} numbers; minicompact loads at "
-                             f"most {MAX_NUMBERS:.0e}")
-        return config
+        return config_from_fields(cls, d, ("levels", "layer_widths"))
 
 
 def variant_for(config, name, rho, compressed_beta=0.1):

@@ -188,16 +188,8 @@ class ModelConfig:
         """
         d = json_fields(text, cls)
         _check_fields(d)
-        for key in ("widths", "levels", "layer_widths"):
-            if d.get(key) is not None:
-                d[key] = tuple(d[key])
-        config = cls(**d).validate()
-        numbers = sum(math.prod(shape) for shape in config.state_shapes().values())
-        if numbers > MAX_NUMBERS:
-            raise ValueError(f"it declares a model of {numbers:.3g} numbers (widest layer "
-                             f"{max(config.filter_counts())} filters, {config.num_classes} classes); "
-                             f"minicompact loads at most {MAX_NUMBERS:.0e}")
-        return config
+        return config_from_fields(cls, d, ("widths", "levels", "layer_widths"), lambda c: (
+            f" (widest layer {max(c.filter_counts())} filters, {c.num_classes} classes)"))
 
 
 def json_fields(text, cls):
@@ -214,6 +206,21 @@ def json_fields(text, cls):
     if unknown:
         raise ValueError(f"unknown field {unknown[0]!r}")
     return d
+
+
+def config_from_fields(cls, d, sequences, detail=lambda config: ""):
+    """``cls(**d)``, its fields checked already, with the lists named in ``sequences`` as
+    tuples, validated, and refused (``ValueError``, one line; ``detail(config)`` adds to it)
+    when ``state_shapes`` declares more than ``MAX_NUMBERS`` numbers: nothing is allocated."""
+    for key in sequences:
+        if d.get(key) is not None:
+            d[key] = tuple(d[key])
+    config = cls(**d).validate()
+    numbers = sum(math.prod(shape) for shape in config.state_shapes().values())
+    if numbers > MAX_NUMBERS:
+        raise ValueError(f"it declares a model of {numbers:.3g} numbers{detail(config)}; "
+                         f"minicompact loads at most {MAX_NUMBERS:.0e}")
+    return config
 
 
 def read_model_file(path, parse):

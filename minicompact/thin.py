@@ -95,9 +95,7 @@ def thin_model(model, threshold=None):
                                             a, bn.eps)
         out[f"conv{l}.W"] = folded.pop("W")
         out.update({f"bn{l}.{k}": v for k, v in folded.items()})
-        row = conv_record(f"conv{l}", T, keep_in, a, a, out[f"conv{l}.W"], count)
-        del row["dead_kept"]                                    # none along a chain
-        layers.append(row)
+        layers.append(conv_record(f"conv{l}", T, keep_in, a, a, out[f"conv{l}.W"], count))
         keep_in, const = a, np.maximum(0.0, bn_const)           # c_k after ReLU and max-pool
 
     # The classifier: drop the maps no class reads or that are constant; fold c_k into b.

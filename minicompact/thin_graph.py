@@ -19,15 +19,12 @@ reading only dead channels): the other writers keep the channel alive, and the d
 still adds its constant there (after batch norm, before the block's ReLU), so it stays as a
 zero row whose batch norm makes that constant.
 
-Folding the constants, as ``thin.py`` does along a chain.  A removed channel that an alive
+Folding the constants (``folding.py``, as along a chain).  A removed channel that an alive
 filter reads is constant (``graph_metrics``: it is alive otherwise), and its value follows the
 data path: after conv1 of a block c = max(0, bn(u)); at a block's output the sum of the two
-branches' constants, then the ReLU; after the stem the ReLU (and its max-pool, which keeps
-a constant).  A reader's pre-BN map then receives δ_j = Σ_{k removed} c_k Σ_taps Θ[j, k], which
-its batch norm absorbs as μ_j ← μ_j − δ_j; the classifier's biases absorb
-Σ_k c_k Σ_r W[y, k, r] (the pyramid or the global average of a constant map is that constant).
-Exact except within kh//2 pixels of a zero-padded border (``thin.py``'s module docstring);
-1×1 projections and the classifier fold exactly.
+branches' constants, then the ReLU; after the stem the ReLU (and its max-pool, which keeps a
+constant).  Exact except within kh//2 pixels of a zero-padded border (``thin.py``'s module
+docstring); 1×1 projections and the classifier fold exactly.
 """
 from dataclasses import replace
 
@@ -35,10 +32,9 @@ import numpy as np
 
 from .architectures import bn_name, build_model
 from .backend import device_of
-from .graph_metrics import alive_in_graph
 from .folding import BN_ARRAYS, conv_record, fold_classifier, fold_conv
+from .graph_metrics import alive_in_graph
 from .metrics import threshold_
-
 
 
 def thin_network(model, threshold=None):

@@ -3,6 +3,7 @@ computes, in ONNX Runtime, for dense and thinned CompactNets and for VGG11 and R
 convs included); refusals are one line and leave no file.  Skipped when the optional
 onnx/onnxruntime packages are not installed."""
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,8 +12,7 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 from minicompact import export                                      # noqa: E402
-from minicompact.architectures import ArchConfig, bn_name, build_architecture  # noqa: E402
-from minicompact.layers import BatchNorm2D, Conv2D                   # noqa: E402
+from minicompact.architectures import ArchConfig, build_architecture  # noqa: E402
 from minicompact.model import CompactNet, ModelConfig               # noqa: E402
 from minicompact.thin import thin_model                              # noqa: E402
 from test_run import TINY, main, write_folder                        # noqa: E402
@@ -39,17 +39,6 @@ def trained_looking(depth, stem, seed=0):
                                                   classes=list("abcde")), seed=seed), seed)
 
 
-def narrow(model, name, reader, k, seed=0):
-    """Make the conv ``name`` k filters wide, its batch norm and the conv ``reader`` that reads
-    it following, as thinning leaves a network: widths no configuration rule gives."""
-    layers, rng = dict(model.named_layers()), np.random.default_rng(seed)
-    conv, bn, next_conv = layers[name], layers[bn_name(name)], layers[reader]
-    model.replace_layer(conv, Conv2D(conv.in_channels, k, conv.kernel_size, conv.stride, conv.padding, rng=rng))
-    model.replace_layer(bn, BatchNorm2D(k))
-    model.replace_layer(next_conv, Conv2D(k, next_conv.out_channels, next_conv.kernel_size, next_conv.stride,
-                                          next_conv.padding, rng=rng))
-
-
 # Widths x1/16: VGG11 4..32 filters, ResNet18's stages 4, 8, 16, 32.  Narrowed: VGG11's conv3 (of
 # 8) and, in ResNet18, the first conv of a projection block and of an identity block (of 8 and 16).
 NARROWED = {"vgg11": [("conv3", "conv4")],
@@ -57,12 +46,14 @@ NARROWED = {"vgg11": [("conv3", "conv4")],
 
 
 def arch_net(arch, stem, narrowed=False, seed=0):
-    """A VGG11 or ResNet18 at widths x1/16 with non-trivial batch norms, ``NARROWED`` to 3 filters."""
-    m = build_architecture(ArchConfig(arch=arch, num_classes=5, width_mult=1 / 16, stem=stem,
-                                      classes=list("abcde")), seed=seed)
-    for name, reader in NARROWED[arch] if narrowed else ():
-        narrow(m, name, reader, 3, seed)
-    return with_statistics(m, seed)
+    """A VGG11 or ResNet18 at widths x1/16 with non-trivial batch norms; narrowed: the convs of
+    ``NARROWED`` 3 filters wide (``ArchConfig.layer_widths``, as thinning leaves a network)."""
+    config = ArchConfig(arch=arch, num_classes=5, width_mult=1 / 16, stem=stem, classes=list("abcde"))
+    if narrowed:
+        widths = {spec.name: spec.out_channels for spec in config.rule_plan()}
+        widths.update({name: 3 for name, _ in NARROWED[arch]})
+        config = replace(config, layer_widths=tuple(widths.values()))
+    return with_statistics(build_architecture(config, seed=seed), seed)
 
 
 def images(crop, n=6, batches=2, seed=1):
